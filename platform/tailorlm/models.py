@@ -1,0 +1,148 @@
+"""Tiny models from a config, and one loading path for hub ids, local folders and factory specs.
+
+No model can be downloaded on our machines, so the factory trains a byte-level BPE tokenizer on a
+local corpus, builds a small Llama or Qwen2 causal LM from a config, adds a ChatML chat template,
+and saves it in Hugging Face format with safetensors. `resolve_base` turns `model.base` into
+something `from_pretrained` accepts, so the same code loads `Qwen/Qwen2.5-0.5B` on a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tailorlm.config import ModelConfig, TinyModelSpec
+
+# ChatML, as Qwen2 uses: one template for training, export and serving, saved with the tokenizer.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+READY = "_READY"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TAILORLM_CACHE", Path.home() / ".cache" / "tailorlm"))
+
+
+def spec_hash(spec: TinyModelSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _corpus(spec: TinyModelSpec) -> Iterable[str]:
+    if spec.tokenizer_corpus == "demo":
+        from tailorlm.demo_data import corpus_texts
+
+        return corpus_texts(seed=spec.seed)
+    path = Path(spec.tokenizer_corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.base.tokenizer_corpus: {path} is not a file (or use 'demo')")
+    if path.suffix == ".jsonl":
+        texts = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            texts.append(" ".join(str(v) for v in rec.values() if isinstance(v, str)))
+        return texts
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE (the GPT-2/Qwen family's scheme) trained on texts, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1 << 30)
+
+
+def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
+    """Train the tokenizer, build the model from the spec, save both in HF format (safetensors)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(_corpus(spec), spec.vocab_size)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    common = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+                  intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                  num_key_value_heads=spec.num_kv_heads or spec.num_heads,
+                  max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+                  bos_token_id=eot, eos_token_id=eos, pad_token_id=eot, dtype="bfloat16")
+    cls_cfg, cls_model = (LlamaConfig, LlamaForCausalLM) if spec.factory == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = cls_cfg(**common)
+    torch.manual_seed(spec.seed)
+    model = cls_model(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=[eos, eot], pad_token_id=eot, bos_token_id=eot)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "tailorlm_spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    return out
+
+
+def ensure_tiny_model(spec: TinyModelSpec, root: Path | None = None) -> Path:
+    """Build the factory model once per spec into the local cache; later calls reuse it."""
+    out = (root or cache_root() / "models") / f"{spec.factory}-{spec_hash(spec)}"
+    if (out / READY).exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    build_tiny_model(spec, tmp)
+    (tmp / READY).write_text("ok")
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built it first; theirs is identical (same spec and seed)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_base(model: ModelConfig) -> str:
+    """`model.base` -> a local folder or a hub id, whatever from_pretrained takes."""
+    base = model.base
+    if isinstance(base, TinyModelSpec):
+        return str(ensure_tiny_model(base))
+    if Path(base).expanduser().is_dir():
+        return str(Path(base).expanduser().resolve())
+    if base.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.base: local folder {base} does not exist")
+    return base  # a hub id: transformers resolves (and caches) it
+
+
+def load_tokenizer(path: str, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_model(path: str, dtype: str = "auto"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -1,0 +1,129 @@
+"""Run folders: `<storage>/<run name>/<stage>/`, completion markers, skip-if-done.
+
+A stage writes its outputs under its folder and its marker `_COMPLETE.json` last. A stage that
+fails writes `_FAILED.json` (the error) and removes its outputs, except the paths it declares
+resumable (training checkpoints), so nothing left behind looks complete. `<storage>` is a local
+path or any URI fsspec can write (s3://, gs://, memory://); fsspec does the storage work so the
+same code runs on a laptop and against object storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+COMPLETE = "_COMPLETE.json"
+FAILED = "_FAILED.json"
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+@dataclass
+class StageDir:
+    """One stage's folder inside a run."""
+
+    uri: str
+    stage: str
+    resumable: tuple[str, ...] = ()  # subpaths kept when the stage fails (e.g. "checkpoints")
+    fs: Any = field(init=False, repr=False)
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fs, self.path = url_to_fs(self.uri)
+
+    def sub(self, *parts: str) -> str:
+        """URI of a path inside this stage folder (what Ray Data / pyarrow writers take)."""
+        return join(self.uri, *parts)
+
+    def local_path(self) -> str:
+        """The plain filesystem path; only valid for local storage."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not on local storage")
+        return self.path
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    # -- markers --------------------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return self.fs.exists(join(self.path, COMPLETE))
+
+    def marker(self) -> dict[str, Any] | None:
+        p = join(self.path, COMPLETE)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def write_json(self, name: str, obj: Any) -> str:
+        p = join(self.path, name)
+        self.fs.makedirs(self.path, exist_ok=True)
+        with self.fs.open(p, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        return join(self.uri, name)
+
+    def read_json(self, name: str) -> Any:
+        with self.fs.open(join(self.path, name), "r") as f:
+            return json.load(f)
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in the stage folder except the top-level entries named in keep."""
+        if not self.fs.exists(self.path):
+            return
+        for entry in self.fs.ls(self.path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name not in keep:
+                self.fs.rm(entry, recursive=True)
+
+    @contextlib.contextmanager
+    def running(self, info: dict[str, Any] | None = None) -> Iterator["StageDir"]:
+        """Wrap a stage body: clears stale output first, marks complete last, cleans on failure."""
+        self.clear(keep=self.resumable)
+        self.fs.makedirs(self.path, exist_ok=True)
+        started = time.time()
+        try:
+            yield self
+        except BaseException as exc:
+            self.clear(keep=self.resumable)
+            self.write_json(FAILED, {"stage": self.stage, "error": repr(exc), "traceback": traceback.format_exc(),
+                                     "started": started, "failed": time.time()})
+            raise
+        self.write_json(COMPLETE, {"stage": self.stage, "started": started, "finished": time.time(),
+                                   "seconds": round(time.time() - started, 3), **(info or {})})
+
+
+class RunDir:
+    """`<storage>/<name>/`: the folder of one pipeline run."""
+
+    def __init__(self, storage: str, name: str):
+        self.storage = storage
+        self.name = name
+        self.uri = join(storage, name)
+        self.fs, self.path = url_to_fs(self.uri)
+
+    @classmethod
+    def from_config(cls, cfg) -> "RunDir":
+        return cls(cfg.run.storage, cfg.run.name)
+
+    def stage(self, stage: str, resumable: tuple[str, ...] = ()) -> StageDir:
+        return StageDir(join(self.uri, stage), stage, resumable)
+
+    def write_text(self, name: str, text: str) -> str:
+        self.fs.makedirs(self.path, exist_ok=True)
+        with self.fs.open(join(self.path, name), "w") as f:
+            f.write(text)
+        return join(self.uri, name)
+
+
+def open_uri(uri: str, mode: str = "rb"):
+    return fsspec.open(uri, mode)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a private model cache, a tiny factory model, and one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here; fail fast if tried
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Factory models go to a per-session cache, so tests never depend on a user's ~/.cache."""
+    path = tmp_path_factory.mktemp("tailorlm-cache")
+    os.environ["TAILORLM_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_cache) -> str:
+    from tailorlm.config import load_config
+    from tailorlm.models import resolve_base
+
+    return resolve_base(load_config(None).model)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A session-scoped local Ray with 2 CPUs, started by the tests and shut down after them."""
+    import ray
+
+    from tailorlm.cluster import runtime_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=runtime_env(False))
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,33 @@
+"""The factory model loads in vLLM (CPU backend) and generates: what serving will rely on."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r'''
+import json, sys
+if __name__ == "__main__":  # vLLM spawns its engine process
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], max_model_len=256, dtype="bfloat16")
+    out = llm.chat([{"role": "user", "content": "What is the capital of Vorlan?"}],
+                   SamplingParams(max_tokens=6, temperature=0))
+    print("RESULT " + json.dumps({"n": len(out[0].outputs[0].token_ids), "prompt": out[0].prompt}))
+'''
+
+
+@pytest.mark.slow
+def test_factory_model_generates_in_vllm(tiny_model_path, tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(script), tiny_model_path], capture_output=True, text=True,
+                          env=env, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(line[7:])
+    assert res["n"] >= 1
+    # vLLM rendered the chat template saved with the model
+    assert res["prompt"].endswith("<|im_start|>assistant\n")

@@ -1,0 +1,40 @@
+"""The CLI: help for every stage, clear config errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tailorlm.cli import STAGE_HELP, main
+
+
+def tailorlm(*args):
+    return subprocess.run([sys.executable, "-m", "tailorlm.cli", *args], capture_output=True, text=True)
+
+
+def test_top_level_help_lists_every_stage():
+    out = tailorlm("--help")
+    assert out.returncode == 0
+    for cmd in ["run", *STAGE_HELP, "config"]:
+        assert cmd in out.stdout
+    assert "dotted.key=value" in out.stdout
+
+
+@pytest.mark.parametrize("stage", list(STAGE_HELP))
+def test_stage_help(stage, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([stage, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "KEY=VALUE" in text and "--address" in text
+
+
+def test_bad_config_key_is_one_clear_error(tmp_path):
+    out = tailorlm("config", "jobs/configs/tiny_cpu.yaml", "train.lrr=1")
+    assert out.returncode == 2
+    assert "unknown key 'train.lrr'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_prints_resolved_yaml():
+    out = tailorlm("config", "jobs/configs/tiny_cpu.yaml", "train.lr=0.5")
+    assert out.returncode == 0 and "lr: 0.5" in out.stdout
