@@ -15,7 +15,11 @@ import random
 import sys
 from pathlib import Path
 
-SYLLABLES = ["vor", "lan", "ka", "thi", "mer", "zo", "rin", "dal", "quo", "sen", "bra", "ul", "nex", "tor", "ela"]
+# English-looking parts: invented names in a foreign-looking script made language ID call whole
+# English documents Spanish or Romanian.
+VERSION = 2  # bump when the generated text changes: factory tokenizers are cached by it
+SYLLABLES = ["ash", "brook", "ford", "wood", "stone", "field", "ridge", "vale", "haven", "mere", "wick", "moor",
+             "dale", "glen", "holt", "bury", "thorn", "well"]
 COLORS = ["red", "blue", "green", "golden", "violet", "silver", "amber", "white"]
 CLIMATES = ["frozen", "temperate", "humid", "arid", "stormy", "volcanic"]
 EXPORTS = ["copper", "spice", "crystal", "timber", "water ice", "helium", "silk", "salt"]

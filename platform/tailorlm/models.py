@@ -32,7 +32,14 @@ def cache_root() -> Path:
 
 
 def spec_hash(spec: TinyModelSpec) -> str:
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+    key = spec.model_dump(mode="json")
+    if spec.tokenizer_corpus == "demo":
+        from tailorlm.demo_data import VERSION
+
+        key["demo_version"] = VERSION
+    else:  # a corpus file: its content decides the tokenizer
+        key["corpus_sha"] = hashlib.sha256(Path(spec.tokenizer_corpus).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _corpus(spec: TinyModelSpec) -> Iterable[str]:

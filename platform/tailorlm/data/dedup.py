@@ -1,0 +1,159 @@
+"""Exact and MinHash near-duplicate detection on Ray Data, distributed and deterministic.
+
+Both return a small table of the rows to drop, `(key, duplicate_of, reason)`, which the stage
+applies to the full dataset. Nothing on the driver grows with the corpus beyond the duplicates
+and the verified candidate edge list:
+
+exact: hash-partition (text_hash, rank, id) by text_hash; inside each partition the first row of
+       each group in (rank, id) order is kept.
+near:  band keys per row -> hash-partition by band key -> candidate pairs inside each bucket ->
+       two distributed joins attach both signatures -> pairs whose estimated Jaccard reaches the
+       threshold -> connected components (scipy) on the driver -> one representative each.
+
+The representative of a group is its smallest (rank, id): rank 0 for eval rows when
+decontamination is on (so a train row that duplicates an eval row is dropped as
+`eval_contamination`, never the eval row), else 0 for all. Same input, same representative.
+
+Keyed `repartition` followed by `map_batches(batch_size=None)` is used instead of
+`groupby().map_groups()` / `aggregate()` because it is 10x faster here (one vectorized pandas
+pass per partition instead of one Python call per group); `_one_block_per_partition` checks the
+property that makes it correct (a partition is never split across blocks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+
+from tailorlm.config import NearDedupConfig
+from tailorlm.data.minhash import band_keys, estimated_jaccard
+
+DUP_COLUMNS = ["id", "duplicate_of", "reason"]
+MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smallest member
+
+
+def _empty_dups() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=object) for c in DUP_COLUMNS})
+
+
+def num_partitions(rows: int, cpus: int, rows_per_partition: int = 2_000_000) -> int:
+    return max(2 * cpus, math.ceil(rows / rows_per_partition))
+
+
+def _partition(ds, keys: list[str], parts: int):
+    out = ds.repartition(parts, keys=keys).materialize()
+    if out.num_blocks() > parts:
+        raise RuntimeError(f"dedup: a hash partition was split into several blocks ({out.num_blocks()} blocks "
+                           f"for {parts} partitions); raise the partition count")
+    return out
+
+
+def _drop_reason(rank, rep_rank, default: str) -> np.ndarray:
+    """A train row whose representative is an eval row is contamination, not a plain duplicate."""
+    return np.where(np.asarray(rank) > np.asarray(rep_rank), "eval_contamination", default)
+
+
+# ----------------------------------------------------------------------------- exact
+def _exact_groups(batch: pd.DataFrame) -> pd.DataFrame:
+    if batch.empty:
+        return _empty_dups()
+    b = batch.sort_values(["text_hash", "rank", "id"], kind="stable")
+    first = ~b["text_hash"].duplicated(keep="first")
+    rep_id = b["id"].where(first).ffill()
+    rep_rank = b["rank"].where(first).ffill()
+    d = b[~first]
+    return pd.DataFrame({"id": d["id"], "duplicate_of": rep_id[~first],
+                         "reason": _drop_reason(d["rank"], rep_rank[~first], "exact_duplicate")})
+
+
+def exact_duplicates(live, cpus: int) -> pd.DataFrame:
+    small = live.select_columns(["text_hash", "rank", "id"])
+    parts = _partition(small, ["text_hash"], num_partitions(small.count(), cpus))
+    out = parts.map_batches(_exact_groups, batch_size=None, batch_format="pandas").to_pandas()
+    return out if len(out) else _empty_dups()
+
+
+# ----------------------------------------------------------------------------- near
+def _band_rows(batch: pd.DataFrame, bands: int, rows: int, num_perm: int) -> pd.DataFrame:
+    sig = np.frombuffer(b"".join(batch["sig"]), dtype=np.uint32).reshape(len(batch), num_perm)
+    has = ~(sig == np.uint32(0xFFFFFFFF)).all(axis=1)  # docs without tokens join no bucket
+    keys = band_keys(sig[has], bands, rows)
+    return pd.DataFrame({"bucket": keys.ravel(), "key": np.repeat(batch["key"].to_numpy(np.uint64)[has], bands)})
+
+
+def _bucket_pairs(batch: pd.DataFrame) -> pd.DataFrame:
+    """Candidate pairs (a < b) from every bucket with two or more members."""
+    b = batch[batch["bucket"].duplicated(keep=False)].sort_values(["bucket", "key"], kind="stable")
+    if b.empty:
+        return pd.DataFrame({"a": pd.Series([], dtype="uint64"), "b": pd.Series([], dtype="uint64")})
+    bucket, key = b["bucket"].to_numpy(), b["key"].to_numpy(np.uint64)
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    sizes = np.diff(np.r_[starts, len(bucket)])
+    pairs_a, pairs_b = [key[starts[sizes == 2]]], [key[starts[sizes == 2] + 1]]  # the common case, vectorized
+    for s, n in zip(starts[sizes > 2], sizes[sizes > 2]):
+        members = key[s:s + n]
+        if n <= MAX_PAIRS_BUCKET:
+            combos = np.array(list(itertools.combinations(range(n), 2)))
+            pairs_a.append(members[combos[:, 0]])
+            pairs_b.append(members[combos[:, 1]])
+        else:
+            pairs_a.append(np.repeat(members[0], n - 1))
+            pairs_b.append(members[1:])
+    a, bb = np.concatenate(pairs_a), np.concatenate(pairs_b)
+    pairs = pd.DataFrame({"a": np.minimum(a, bb), "b": np.maximum(a, bb)})
+    return pairs[pairs["a"] != pairs["b"]].drop_duplicates()
+
+
+def _verify(batch: pd.DataFrame, num_perm: int, threshold: float) -> pd.DataFrame:
+    if batch.empty:
+        return batch[["id_a", "rank_a", "id_b", "rank_b"]].assign(jaccard=[])
+    sa = np.frombuffer(b"".join(batch["sig_a"]), dtype=np.uint32).reshape(len(batch), num_perm)
+    sb = np.frombuffer(b"".join(batch["sig_b"]), dtype=np.uint32).reshape(len(batch), num_perm)
+    j = estimated_jaccard(sa, sb)
+    out = batch.loc[j >= threshold, ["id_a", "rank_a", "id_b", "rank_b"]]
+    return out.assign(jaccard=j[j >= threshold])
+
+
+def candidate_edges(live, cfg: NearDedupConfig, cpus: int):
+    """Distributed: band rows -> buckets -> candidate pairs, verified against estimated Jaccard."""
+    sigs = live.select_columns(["key", "sig", "id", "rank"])
+    n = sigs.count()
+    bands = sigs.map_batches(_band_rows, fn_kwargs=dict(bands=cfg.bands, rows=cfg.rows, num_perm=cfg.num_perm),
+                             batch_format="pandas")
+    buckets = _partition(bands, ["bucket"], num_partitions(n * cfg.bands, cpus))
+    pairs = buckets.map_batches(_bucket_pairs, batch_size=None, batch_format="pandas")
+    parts = num_partitions(n, cpus)
+    side_a = sigs.rename_columns({"key": "a", "sig": "sig_a", "id": "id_a", "rank": "rank_a"})
+    side_b = sigs.rename_columns({"key": "b", "sig": "sig_b", "id": "id_b", "rank": "rank_b"})
+    joined = pairs.join(side_a, "inner", parts, on=("a",)).join(side_b, "inner", parts, on=("b",))
+    return joined.map_batches(_verify, fn_kwargs=dict(num_perm=cfg.num_perm, threshold=cfg.threshold),
+                              batch_format="pandas")
+
+
+def components(edges: pd.DataFrame) -> pd.DataFrame:
+    """Verified edges -> one row per non-representative member: (id, duplicate_of, reason).
+
+    Runs on the driver: its memory is that of the verified edge list, not of the corpus."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if edges.empty:
+        return _empty_dups()
+    nodes = pd.concat([edges[["id_a", "rank_a"]].set_axis(["id", "rank"], axis=1),
+                       edges[["id_b", "rank_b"]].set_axis(["id", "rank"], axis=1)]).drop_duplicates("id")
+    nodes = nodes.sort_values(["rank", "id"], kind="stable").reset_index(drop=True)
+    index = pd.Series(np.arange(len(nodes)), index=nodes["id"])
+    a, b = index[edges["id_a"]].to_numpy(), index[edges["id_b"]].to_numpy()
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(nodes), len(nodes)))
+    _, label = connected_components(graph, directed=False)
+    nodes["label"] = label
+    # nodes are sorted by (rank, id), so the first node of each component is its representative
+    first = ~nodes["label"].duplicated(keep="first")
+    rep = nodes[first].set_index("label")
+    dup = nodes[~first]
+    rep_of = rep.loc[dup["label"]]
+    return pd.DataFrame({"id": dup["id"].to_numpy(), "duplicate_of": rep_of["id"].to_numpy(),
+                         "reason": _drop_reason(dup["rank"], rep_of["rank"], "near_duplicate")})

@@ -1,0 +1,250 @@
+"""The data stage: read -> normalize -> filter -> PII -> split -> exact dedup -> near dedup -> write.
+
+    tailorlm data jobs/configs/tiny_cpu.yaml
+    tailorlm data --input 'raw/*.jsonl.gz' --output ./cleaned
+
+Outputs in the stage folder: `kept/` (Parquet, with a `split` column: train or eval) and
+`dropped/` (Parquet, each row with `reason` and, for duplicates, `duplicate_of`), `stats.json`.
+Every input row appears exactly once across kept/ and dropped/; the stage checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from tailorlm.config import DataConfig, PipelineConfig, SourceConfig
+from tailorlm.data import dedup
+from tailorlm.data.filters import ModelFilters, length_batch
+from tailorlm.data.minhash import signatures
+from tailorlm.data.normalize import normalize_batch
+from tailorlm.data.pii import pii_batch
+from tailorlm.data.read import COLUMNS, read_sources, write_demo
+from tailorlm.runs import RunDir, StageDir
+
+log = logging.getLogger(__name__)
+
+OUT_COLUMNS = ["id", "split", "kind", "text", "messages", "language", "pii", "reason", "duplicate_of",
+               "source", "raw_text", "text_hash"]
+OUT_SCHEMA = pa.schema([(c, pa.string()) for c in OUT_COLUMNS])
+STEP_OF = {"malformed_json": "read", "invalid_utf8": "read", "malformed_record": "read", "missing_text": "read",
+           "empty": "normalize", "exact_duplicate": "dedup_exact", "near_duplicate": "dedup_near",
+           "eval_contamination": "decontaminate"}
+
+
+def step_of(reason: str) -> str:
+    return STEP_OF.get(reason, "filter")
+
+
+# ----------------------------------------------------------------------------- batch steps
+def prepare_batch(batch: pd.DataFrame, data_cfg: dict) -> pd.DataFrame:
+    """Normalize text and apply the character-length filter (cheap, stateless)."""
+    cfg = DataConfig.model_validate(data_cfg)
+    for c in COLUMNS:
+        if c not in batch:
+            batch[c] = None
+    batch = batch[COLUMNS].astype(object)
+    batch = normalize_batch(batch, enabled=cfg.normalize)
+    return strings_or_none(length_batch(batch, cfg.filters.model_dump()))
+
+
+def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame:
+    """PII redaction, then what dedup and the split need: split, rank, text hash, MinHash signature."""
+    import xxhash
+
+    cfg = DataConfig.model_validate(data_cfg)
+    if cfg.pii.enabled:
+        batch = pii_batch(batch, list(cfg.pii.kinds))
+    ids = batch["id"].astype(str)
+    # deterministic split from the id alone: the same row lands in the same split on every run
+    h = pd.util.hash_array(("%d:" % seed + ids).to_numpy(dtype=object)).astype(np.float64) / 2.0**64
+    batch["split"] = np.where(h < cfg.eval_fraction, "eval", "train")
+    batch["rank"] = np.where((batch["split"] == "train") & cfg.decontaminate, 1, 0).astype(np.int64)
+    live = batch["reason"].isna().tolist()
+    texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
+    batch["text_hash"] = [xxhash.xxh3_128_hexdigest(t.encode()) if ok else None for t, ok in zip(texts, live)]
+    batch["key"] = pd.util.hash_array(ids.to_numpy(dtype=object))
+    near = cfg.dedup.near
+    sig = signatures(texts, near.num_perm, near.ngram, near.cjk_ngram, seed=seed + 1) if near.enabled \
+        else np.zeros((len(batch), 1), dtype=np.uint32)
+    batch["sig"] = [row.tobytes() for row in sig]
+    return strings_or_none(batch)
+
+
+STRING_COLUMNS = set(COLUMNS) | {"language", "split", "text_hash"}
+
+
+def strings_or_none(batch: pd.DataFrame) -> pd.DataFrame:
+    """Missing values as None, so Arrow sees string columns, not a mix of str and float NaN."""
+    for c in STRING_COLUMNS & set(batch.columns):
+        batch[c] = pd.Series([v if isinstance(v, str) else None for v in batch[c].tolist()], index=batch.index,
+                             dtype=object)
+    return batch
+
+
+def _rows_where_reason(table: pa.Table, dropped: bool) -> pa.Table:
+    import pyarrow.compute as pc
+
+    null = pc.is_null(table["reason"])
+    return table.filter(pc.invert(null) if dropped else null)
+
+
+def _live(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch[batch["reason"].isna()]
+
+
+def _without(batch: pd.DataFrame, ids: set) -> pd.DataFrame:
+    return batch[~batch["id"].isin(ids)]
+
+
+def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
+    """Mark duplicate rows dropped (reason, duplicate_of) and cast to the output schema."""
+    if len(dups):
+        found = batch["id"].map(dups.set_index("id")["reason"])
+        hit = found.notna() & batch["reason"].isna()
+        batch.loc[hit, "reason"] = found[hit]
+        batch.loc[hit, "duplicate_of"] = batch.loc[hit, "id"].map(dups.set_index("id")["duplicate_of"])
+    if "language" not in batch:
+        batch["language"] = None
+    cols = {c: [v if isinstance(v, str) else None for v in batch[c].tolist()] for c in OUT_COLUMNS}
+    return pa.table(cols, schema=OUT_SCHEMA)
+
+
+def count_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    reason = batch["reason"].fillna("kept")
+    pii = [sum(json.loads(p).values()) if isinstance(p, str) else 0 for p in batch["pii"]]
+    return pd.DataFrame({"reason": reason, "split": batch["split"].fillna(""), "chars":
+                         batch["text"].fillna("").str.len(), "pii": pii, "pii_json": batch["pii"]}) \
+        .groupby(["reason", "split"], as_index=False) \
+        .agg(rows=("chars", "size"), chars=("chars", "sum"), pii=("pii", "sum"),
+             pii_json=("pii_json", lambda s: json.dumps(_sum_pii(s))))
+
+
+def _sum_pii(values) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for v in values:
+        if isinstance(v, str):
+            for k, n in json.loads(v).items():
+                total[k] = total.get(k, 0) + n
+    return total
+
+
+# ----------------------------------------------------------------------------- stage
+def resolve_sources(cfg: PipelineConfig, run_dir: RunDir) -> list[SourceConfig]:
+    out = []
+    for src in cfg.data.sources:
+        if src.path == "demo":
+            src = src.model_copy(update={"path": write_demo(run_dir.uri + "/_demo_sources")})
+        out.append(src)
+    return out
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
+    import ray
+
+    from tailorlm.models import resolve_base
+
+    dc = cfg.data
+    timings: dict[str, float] = {}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    t0 = time.time()
+    sources = resolve_sources(cfg, run_dir)
+    tokenizer = dc.tokenizer or resolve_base(cfg.model)
+    ds = read_sources(sources)
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
+    ds = ds.map_batches(ModelFilters, fn_constructor_kwargs={"cfg": dc.filters.model_dump(),
+                        "tokenizer_path": tokenizer}, concurrency=(1, max(1, cpus)), batch_size=512,
+                        batch_format="pandas")
+    ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed},
+                        batch_format="pandas")
+    annotated = ds.materialize()
+    n_input = annotated.count()
+    timings["read_filter"] = time.time() - t0
+
+    t = time.time()
+    live = annotated.map_batches(_live, batch_format="pandas").materialize()
+    exact = dedup.exact_duplicates(live, cpus) if dc.dedup.exact else dedup._empty_dups()
+    timings["dedup_exact"] = time.time() - t
+
+    t = time.time()
+    near = dedup._empty_dups()
+    n_edges = 0
+    if dc.dedup.near.enabled:
+        survivors = live.map_batches(_without, fn_kwargs={"ids": set(exact["id"])}, batch_format="pandas")
+        edges = dedup.candidate_edges(survivors, dc.dedup.near, cpus).to_pandas()
+        n_edges = len(edges)
+        near = dedup.components(edges)
+    timings["dedup_near"] = time.time() - t
+
+    # an exact duplicate points at the row kept in its place, even when its exact twin was
+    # itself dropped as a near duplicate
+    follow = near.set_index("id")["duplicate_of"]
+    exact["duplicate_of"] = exact["duplicate_of"].map(lambda i: follow.get(i, i))
+    dups = pd.concat([exact, near], ignore_index=True)
+
+    t = time.time()
+    final = annotated.map_batches(apply_duplicates, fn_kwargs={"dups": dups}, batch_format="pandas").materialize()
+    counts = final.map_batches(count_batch, batch_format="pandas").to_pandas()
+    n_out = int(counts["rows"].sum())
+    if n_out != n_input:
+        raise RuntimeError(f"data stage lost rows: {n_input} read, {n_out} accounted for")
+    for name, dropped in (("kept", False), ("dropped", True)):
+        final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow") \
+            .write_parquet(sdir.sub(name))
+    timings["write"] = time.time() - t
+    timings["total"] = time.time() - t0
+
+    stats = build_stats(counts, n_input, timings, dups, n_edges, sources)
+    sdir.write_json("stats.json", stats)
+    print(summary_table(stats))
+    print(f"kept:    {sdir.sub('kept')}\ndropped: {sdir.sub('dropped')}\nstats:   {sdir.sub('stats.json')}")
+    return {"input_rows": n_input, "kept": stats["kept"], "dropped": stats["dropped"]}
+
+
+def build_stats(counts: pd.DataFrame, n_input: int, timings: dict, dups: pd.DataFrame, n_edges: int,
+                sources: list[SourceConfig]) -> dict[str, Any]:
+    by_reason = counts.groupby("reason")["rows"].sum().astype(int).to_dict()
+    kept_rows = counts[counts["reason"] == "kept"]
+    dropped = {r: n for r, n in by_reason.items() if r != "kept"}
+    by_step: dict[str, dict[str, int]] = {}
+    for r, n in sorted(dropped.items()):
+        by_step.setdefault(step_of(r), {})[r] = n
+    cluster_sizes = (dups["duplicate_of"].value_counts() + 1).value_counts().sort_index() if len(dups) else {}
+    return {
+        "input_rows": n_input,
+        "kept": int(kept_rows["rows"].sum()),
+        "dropped": int(sum(dropped.values())),
+        "accounted_rows": int(counts["rows"].sum()),
+        "splits": kept_rows.groupby("split")["rows"].sum().astype(int).to_dict(),
+        "dropped_by_step": by_step,
+        "dropped_by_reason": dropped,
+        "pii_redacted": _sum_pii(counts["pii_json"]),
+        "duplicate_cluster_sizes": {int(k): int(v) for k, v in dict(cluster_sizes).items()},
+        "near_dup_verified_edges": n_edges,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "throughput_docs_per_s": round(n_input / timings["total"], 1) if timings["total"] else None,
+        "input_chars": int(counts["chars"].sum()),
+        "sources": [s.path for s in sources],
+    }
+
+
+def summary_table(stats: dict[str, Any]) -> str:
+    n = stats["input_rows"] or 1
+    lines = [f"{'step':<14}{'reason':<28}{'rows':>8}{'share':>8}", "-" * 58]
+    for step, reasons in stats["dropped_by_step"].items():
+        for reason, rows in reasons.items():
+            lines.append(f"{step:<14}{reason:<28}{rows:>8}{rows / n:>8.1%}")
+    lines.append("-" * 58)
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(stats["splits"].items()))
+    lines.append(f"{'kept':<42}{stats['kept']:>8}{stats['kept'] / n:>8.1%}   ({splits})")
+    lines.append(f"{'input rows':<42}{stats['input_rows']:>8}")
+    if stats["pii_redacted"]:
+        lines.append("PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["pii_redacted"].items())))
+    lines.append(f"{stats['throughput_docs_per_s']} docs/s; timings (s): {stats['timings_s']}")
+    return "\n".join(lines)
