@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -94,6 +95,10 @@ def _adhoc_data_config(args):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
+        # `tailorlm data --input X --output Y key=value`: no config, the first override took its slot
+        args.overrides.insert(0, args.config)
+        args.config = None
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tailorlm.config import ConfigError, dump_yaml

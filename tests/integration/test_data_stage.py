@@ -1,0 +1,139 @@
+"""The data stage for real on a local Ray: every row accounted for, reasons, dedup, determinism."""
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tailorlm.cli import main as cli_main
+from tailorlm.config import load_config
+from tailorlm.data.read import SourceError
+from tailorlm.pipeline import run_stage
+
+pytestmark = pytest.mark.integration
+
+DOC = ("The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
+       "return with their catch while the market opens beside the old stone bridge near the church.")
+OTHER = ("A small railway connects the valley villages with the coast, and in winter the line is kept open "
+         "by crews who clear the snow from the tracks before the first train leaves the station at dawn.")
+ZH = "泽菲尔星表中的一颗行星。这里的天空是红色的，它有三颗卫星。它的首都是一座古老的城市，许多商人每年都会来到这里进行贸易。"
+THIRD = ("Every spring the orchard on the hill fills with blossom, and the beekeepers carry their hives up "
+         "the narrow path so that the bees can work the trees while the weather stays warm and dry.")
+FOURTH = ("The old library keeps its maps in wide wooden drawers, and scholars come from distant cities to "
+          "study the coastline as it was drawn by sailors who charted these waters two centuries ago.")
+DE = "Der kleine Hafen liegt an der Mündung eines breiten Flusses, und jeden Morgen kehren die Fischerboote zurück."
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    recs = [
+        {"id": "d0-orig", "text": DOC},
+        {"id": "d1-exact", "text": DOC},
+        {"id": "d2-ws", "text": DOC.replace(" ", "   ", 5)},                    # exact after normalization
+        {"id": "d3-case", "text": DOC.upper()},                                 # near (case)
+        {"id": "d4-subst", "text": DOC.replace("morning", "evening")},          # near (one word)
+        {"id": "other", "text": OTHER},
+        {"id": "pii", "text": THIRD.replace("hill", "hill (call 415-555-0132, mail ops@bees.example)")},
+        {"id": "zh", "text": ZH},
+        {"id": "de", "text": DE},
+        {"id": "junk", "text": "$$$ ### %%% &&& *** $$$ ### %%% &&& *** $$$ ### %%%"},
+        {"id": "empty", "text": "   "},
+        {"id": "null", "text": None},
+        {"instruction": "Describe the harbor town of Ashbrook in one sentence please.", "input": "",
+         "output": "Ashbrook is a river-mouth harbor town with a market beside an old stone bridge."},
+    ]
+    with open(d / "a.jsonl", "w") as fh:
+        for r in recs:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.write('{"id": "broken", "text": \n')
+    pq.write_table(pa.table({"id": ["pq1"], "text": [FOURTH]}), d / "b.parquet")
+    return d, len(recs) + 1 + 1
+
+
+def _cfg(tmp_path, corpus_dir, *extra):
+    return load_config(None, [f"run.storage={tmp_path}", f"data.sources=[{{path: '{corpus_dir}'}}]",
+                              "data.filters.min_tokens=1", "data.filters.quality_min_words=10",
+                              "data.eval_fraction=0.0", "data.dedup.near.threshold=0.7", *extra])
+
+
+def _read(stage_dir):
+    return pd.read_parquet(stage_dir / "kept"), pd.read_parquet(stage_dir / "dropped")
+
+
+def test_data_stage_accounts_for_every_row(ray_local, tmp_path, corpus):
+    corpus_dir, n_rows = corpus
+    cfg = _cfg(tmp_path, corpus_dir)
+    run_stage(cfg, "data", echo=lambda s: None)
+    sdir = tmp_path / "demo" / "data"
+    kept, dropped = _read(sdir)
+    ids = kept["id"].tolist() + dropped["id"].tolist()
+    assert len(ids) == n_rows and len(set(ids)) == n_rows
+    reason = dict(zip(dropped["id"], dropped["reason"]))
+    dup_of = dict(zip(dropped["id"], dropped["duplicate_of"]))
+    assert reason["d1-exact"] == "exact_duplicate" and dup_of["d1-exact"] == "d0-orig"
+    assert reason["d2-ws"] == "exact_duplicate" and dup_of["d2-ws"] == "d0-orig"
+    assert reason["d3-case"] == "near_duplicate" and dup_of["d3-case"] == "d0-orig"
+    assert reason["d4-subst"] == "near_duplicate" and dup_of["d4-subst"] == "d0-orig"
+    assert reason["de"] == "language:de"
+    assert reason["junk"] == "quality:symbols"
+    assert reason["empty"] == "empty" and reason["null"] == "missing_text"
+    assert reason[f"{corpus_dir}/a.jsonl#13"] == "malformed_json"
+    assert {"d0-orig", "other", "zh", "pq1", "pii"} <= set(kept["id"])
+    assert set(dup_of[i] for i in dup_of if isinstance(dup_of[i], str)) <= set(kept["id"])
+    pii_row = kept[kept["id"] == "pii"].iloc[0]
+    assert "[PHONE]" in pii_row["text"] and "[EMAIL]" in pii_row["text"] and "415-555" in pii_row["raw_text"]
+    alpaca = kept[kept["kind"] == "alpaca"].iloc[0]
+    assert json.loads(alpaca["messages"])[1]["role"] == "assistant"
+    stats = json.loads((sdir / "stats.json").read_text())
+    assert stats["input_rows"] == stats["accounted_rows"] == n_rows
+    assert stats["kept"] == len(kept) and stats["dropped"] == len(dropped)
+    assert stats["dropped_by_step"]["dedup_exact"]["exact_duplicate"] == 2
+    assert stats["pii_redacted"] == {"email": 1, "phone": 1}
+    assert (sdir / "_COMPLETE.json").exists()
+
+    # deterministic: a forced rerun keeps the same rows and picks the same representatives
+    run_stage(cfg, "data", force=True, echo=lambda s: None)
+    kept2, dropped2 = _read(sdir)
+    assert sorted(kept2["id"]) == sorted(kept["id"])
+    assert dict(zip(dropped2["id"], dropped2["duplicate_of"].fillna(""))) == \
+        dict(zip(dropped["id"], dropped["duplicate_of"].fillna("")))
+
+
+def test_decontamination_keeps_eval_row(ray_local, tmp_path, corpus):
+    corpus_dir, _ = corpus
+    # the split is a hash of the id: with half the rows in eval, check the rule wherever they land
+    cfg = _cfg(tmp_path, corpus_dir, "data.eval_fraction=0.5", "data.dedup.exact=false")
+    run_stage(cfg, "data", echo=lambda s: None)
+    kept, dropped = _read(tmp_path / "demo" / "data")
+    split = dict(zip(kept["id"], kept["split"]))
+    group = ["d0-orig", "d1-exact", "d2-ws", "d3-case", "d4-subst"]
+    survivors = [i for i in group if i in split]
+    assert len(survivors) == 1
+    contaminated = dropped[dropped["reason"] == "eval_contamination"]
+    if split[survivors[0]] == "eval":
+        # every train member of the group was dropped as contamination, pointing at the eval row
+        assert len(contaminated) >= 1 and set(contaminated["duplicate_of"]) <= {survivors[0]}
+    assert set(kept["split"]) <= {"train", "eval"}
+
+
+def test_missing_input_fails_without_output(ray_local, tmp_path):
+    cfg = load_config(None, [f"run.storage={tmp_path}", f"data.sources=[{{path: '{tmp_path}/nope.jsonl'}}]"])
+    with pytest.raises(SourceError, match="does not exist"):
+        run_stage(cfg, "data", echo=lambda s: None)
+    sdir = tmp_path / "demo" / "data"
+    assert not (sdir / "_COMPLETE.json").exists() and not (sdir / "kept").exists()
+    assert (sdir / "_FAILED.json").exists()
+
+
+def test_adhoc_cli_writes_to_output(ray_local, tmp_path, corpus):
+    corpus_dir, n_rows = corpus
+    out = tmp_path / "cleaned"
+    rc = cli_main(["data", "--input", f"{corpus_dir}/*.jsonl", "--output", str(out), "data.filters.min_tokens=1"])
+    assert rc == 0
+    kept, dropped = _read(out)
+    assert len(kept) + len(dropped) == n_rows - 1  # the parquet file is not in the glob
+    assert (out / "stats.json").exists() and (out / "_COMPLETE.json").exists()
+    assert cli_main(["data", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
