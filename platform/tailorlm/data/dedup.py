@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tailorlm.config import NearDedupConfig
-from tailorlm.data.minhash import band_keys, estimated_jaccard
+from tailorlm.data.minhash import band_keys, estimated_jaccard, signatures
 
 DUP_COLUMNS = ["id", "duplicate_of", "reason"]
 MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smallest member
@@ -54,6 +54,22 @@ def _partition(ds, keys: list[str], parts: int):
 def _drop_reason(rank, rep_rank, default: str) -> np.ndarray:
     """A train row whose representative is an eval row is contamination, not a plain duplicate."""
     return np.where(np.asarray(rank) > np.asarray(rep_rank), "eval_contamination", default)
+
+
+def add_signatures(batch: pd.DataFrame, cfg: NearDedupConfig, live: list[bool], seed: int) -> pd.DataFrame:
+    """`key` (uint64 of the id) and `sig` (MinHash bytes) columns; rows not live get an empty one."""
+    texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
+    batch["key"] = pd.util.hash_array(batch["id"].astype(str).to_numpy(dtype=object))
+    sig = signatures(texts, cfg.num_perm, cfg.ngram, cfg.cjk_ngram, seed=seed) if cfg.enabled \
+        else np.zeros((len(batch), 1), dtype=np.uint32)
+    batch["sig"] = [row.tobytes() for row in sig]
+    return batch
+
+
+def near_duplicates(live, cfg: NearDedupConfig, cpus: int) -> tuple[pd.DataFrame, int]:
+    """Rows to drop as near duplicates, and the number of verified edges."""
+    edges = candidate_edges(live, cfg, cpus).to_pandas()
+    return components(edges), len(edges)
 
 
 # ----------------------------------------------------------------------------- exact

@@ -22,7 +22,6 @@ import pyarrow as pa
 from tailorlm.config import DataConfig, PipelineConfig, SourceConfig
 from tailorlm.data import dedup
 from tailorlm.data.filters import ModelFilters, length_batch
-from tailorlm.data.minhash import signatures
 from tailorlm.data.normalize import normalize_batch
 from tailorlm.data.pii import pii_batch
 from tailorlm.data.read import COLUMNS, read_sources, write_demo
@@ -69,11 +68,7 @@ def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame
     live = batch["reason"].isna().tolist()
     texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
     batch["text_hash"] = [xxhash.xxh3_128_hexdigest(t.encode()) if ok else None for t, ok in zip(texts, live)]
-    batch["key"] = pd.util.hash_array(ids.to_numpy(dtype=object))
-    near = cfg.dedup.near
-    sig = signatures(texts, near.num_perm, near.ngram, near.cjk_ngram, seed=seed + 1) if near.enabled \
-        else np.zeros((len(batch), 1), dtype=np.uint32)
-    batch["sig"] = [row.tobytes() for row in sig]
+    batch = dedup.add_signatures(batch, cfg.dedup.near, live, seed=seed + 1)
     return strings_or_none(batch)
 
 
@@ -177,9 +172,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     n_edges = 0
     if dc.dedup.near.enabled:
         survivors = live.map_batches(_without, fn_kwargs={"ids": set(exact["id"])}, batch_format="pandas")
-        edges = dedup.candidate_edges(survivors, dc.dedup.near, cpus).to_pandas()
-        n_edges = len(edges)
-        near = dedup.components(edges)
+        near, n_edges = dedup.near_duplicates(survivors, dc.dedup.near, cpus)
     timings["dedup_near"] = time.time() - t
 
     # an exact duplicate points at the row kept in its place, even when its exact twin was
