@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # stage -> (implementation "module:function", config sections it reads, resumable subfolders)
 STAGE_IMPLS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "data": ("tailorlm.data.stage:run", ("model", "data"), ()),
+    "train": ("tailorlm.train.stage:run", ("model", "data", "train"), ("ray", "ray_inputs.json")),
 }
 
 

@@ -1,0 +1,205 @@
+"""The per-worker training loop: an explicit DeepSpeed loop, read top to bottom.
+
+Runs inside each Ray Train worker (TorchTrainer has already set up torch.distributed: gloo on
+CPU, NCCL on GPU). Every evaluation reports metrics and a safetensors checkpoint to Ray Train,
+which keeps the best k by eval loss and hands the latest back after a failure or a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from tailorlm.config import PipelineConfig
+
+
+def build_shm_comm_once() -> None:
+    """DeepSpeed JIT-builds its CPU shared-memory comm op on first use; two workers building it
+    at once crashed a run, so build it under a file lock before deepspeed.initialize."""
+    from filelock import FileLock
+
+    from tailorlm.models import cache_root
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_root() / "deepspeed_shm_comm.lock")):
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+        ShareMemCommBuilder().load(verbose=False)
+
+
+def build_model(cfg: PipelineConfig, base_path: str):
+    import torch
+
+    from tailorlm.models import load_model
+
+    tc = cfg.train
+    torch.manual_seed(cfg.run.seed)  # identical LoRA init on every rank
+    model = load_model(base_path, dtype="float32")  # DeepSpeed casts to bf16/fp16 and keeps fp32 masters
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if tc.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lc = tc.lora
+        target = "all-linear" if lc.target_modules == "all-linear" else list(lc.target_modules)
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=target, task_type="CAUSAL_LM"))
+        if tc.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
+    """Token-weighted eval loss over this worker's eval shard, summed across workers."""
+    import torch
+    import torch.distributed as dist
+
+    from tailorlm.train.formats import IGNORE, collate
+
+    engine.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            b = {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}
+            n = (b["labels"][:, 1:] != IGNORE).sum()
+            loss = engine(**b).loss
+            sums += torch.tensor([loss.item() * n.item(), n.item()], dtype=torch.float64)
+    engine.train()
+    if dist.is_initialized():
+        t = sums.to(engine.device)
+        dist.all_reduce(t)
+        sums = t.cpu()
+    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(sums[1].item())}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import psutil
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from tailorlm.train import checkpoint as ckpt_io
+    from tailorlm.train.ds_config import deepspeed_config, lr_lambda
+    from tailorlm.train.formats import IGNORE, collate
+
+    cfg = PipelineConfig.model_validate(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    total_steps, pad_id = config["total_steps"], config["pad_id"]
+    if not tc.use_gpu:
+        build_shm_comm_once()
+
+    # -- model, DeepSpeed engine, schedule ------------------------------------------------------
+    model = build_model(cfg, config["base_path"])
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(tc, world),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total_steps)))
+    torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, reproducibly
+
+    # -- resume ---------------------------------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": []}
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            state = ckpt_io.load(engine, d, rank, world, tc.deepspeed.stage)
+        scheduler.load_state_dict(state["scheduler"])
+        engine.global_steps = state["step"]
+        engine.micro_steps = state["step"] * tc.grad_accum
+        if rank == 0:
+            print(f"[train] resumed at step {state['step']} (epoch {state['epoch']}, "
+                  f"micro-batch {state['micro_in_epoch']})")
+    history: list[dict] = state["history"]
+    step, epoch = state["step"], state["epoch"]
+
+    writer = None
+    if rank == 0 and config.get("tensorboard_dir"):
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(config["tensorboard_dir"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    proc = psutil.Process()
+
+    def eval_and_checkpoint(final: bool) -> None:
+        metrics = evaluate(engine, eval_shard, pad_id, tc.micro_batch_size)
+        metrics.update(step=step, epoch=epoch, final=final)
+        history.append({k: v for k, v in metrics.items() if k != "final"})
+        state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history,
+                     scheduler=scheduler.state_dict())
+        with tempfile.TemporaryDirectory() as d:
+            ckpt_io.save(engine, d, rank, world, tc.deepspeed.stage, state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        if writer:
+            for k in ("eval_loss", "eval_ppl"):
+                writer.add_scalar(k, metrics[k], step)
+        if rank == 0:
+            print(f"[train] step {step}/{total_steps} eval_loss {metrics['eval_loss']:.4f} "
+                  f"ppl {metrics['eval_ppl']:.2f}")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    micro = state["micro_in_epoch"]
+    tokens, t_last = 0, time.time()
+    while step < total_steps:
+        batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=256, local_shuffle_seed=cfg.run.seed + epoch)
+        for i, batch in enumerate(batches):
+            if i < micro:  # resuming mid-epoch: skip what the checkpointed run already consumed
+                continue
+            b = {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}
+            loss = engine(**b).loss
+            engine.backward(loss)
+            engine.step()
+            micro = i + 1
+            tokens += int((b["labels"] != IGNORE).sum())
+            if micro % tc.grad_accum:  # engine.step() only stepped the optimizer at the boundary
+                continue
+            step += 1
+            if writer:
+                dt = max(time.time() - t_last, 1e-9)
+                grad_norm = engine.get_global_grad_norm()
+                writer.add_scalar("train_loss", loss.item(), step)
+                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("tokens_per_s", tokens * world / dt, step)
+                writer.add_scalar("rss_mib", proc.memory_info().rss / 2**20, step)
+                if grad_norm is not None:
+                    writer.add_scalar("grad_norm", float(grad_norm), step)
+                history.append({"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                                "tokens_per_s": tokens * world / dt})
+                tokens, t_last = 0, time.time()
+            if step % tc.eval_every == 0 or step == total_steps:
+                eval_and_checkpoint(final=step == total_steps)
+            if step >= total_steps:
+                break
+        else:
+            epoch, micro = epoch + 1, 0
+            continue
+        break
+
+    if writer:
+        writer.close()
+
+
+def write_history(history: list[dict], uri: str) -> None:
+    import fsspec
+
+    with fsspec.open(uri, "w") as fh:
+        for h in history:
+            fh.write(json.dumps(h) + "\n")
+
+
+def local_dir_for(uri: str) -> str | None:
+    """A local folder for a storage URI, or None when the storage is remote."""
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    return path if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else None
