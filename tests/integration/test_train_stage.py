@@ -1,0 +1,114 @@
+"""The train stage for real: Ray Train + DeepSpeed on 2 CPU workers, checkpoints, kill and resume."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tailorlm.config import load_config
+from tailorlm.demo_data import planets, qa_pairs
+from tailorlm.pipeline import run_stage
+from tailorlm.runs import COMPLETE
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _write_data_stage(root: Path) -> None:
+    """A finished data stage: kept/ rows in the normalized schema (what train reads)."""
+    pairs = qa_pairs(planets(12))
+    rows = {"id": [], "split": [], "text": [], "messages": []}
+    for i, (q, a) in enumerate(pairs):
+        rows["id"].append(f"qa{i}")
+        rows["split"].append("eval" if i % 10 == 0 else "train")
+        rows["text"].append(f"{q}\n{a}")
+        rows["messages"].append(json.dumps([{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+    d = root / "demo" / "data"
+    (d / "kept").mkdir(parents=True)
+    pq.write_table(pa.table(rows), d / "kept" / "part-0.parquet")
+    (d / COMPLETE).write_text("{}")
+
+
+def _cfg(root: Path, *extra):
+    return load_config(None, [f"run.storage={root}", "train.max_seq_len=64", "train.micro_batch_size=4",
+                              "train.warmup_steps=2", "train.lr=1e-3", *extra])
+
+
+def _kill_a_worker_after_first_checkpoint(train_dir: Path, killed: list) -> None:
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((train_dir / "ray").glob("checkpoint_*")):
+        time.sleep(0.2)
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            os.kill(p.pid, signal.SIGKILL)
+            killed.append(p.pid)
+            return
+
+
+def test_lora_zero2_trains_and_saves_adapter_only(ray_local, tmp_path):
+    _write_data_stage(tmp_path)
+    cfg = _cfg(tmp_path, "train.method=lora", "train.lora.r=8", "train.max_steps=6", "train.eval_every=3",
+               "train.keep_checkpoints=1")
+    marker = run_stage(cfg, "train", echo=lambda s: None)
+    t = tmp_path / "demo" / "train"
+    files = {p.name for p in (t / "model").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert "model.safetensors" not in files  # the adapter only, not the base weights
+    weights = [p for p in t.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert weights == []  # no pickled weights anywhere, checkpoints included
+    assert len(list((t / "ray").glob("checkpoint_*"))) >= 1
+    history = [json.loads(l) for l in (t / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "eval_loss" in h] == [3, 6]
+    assert (t / "loss.png").stat().st_size > 1000 and list((t / "tensorboard").iterdir())
+    report = json.loads((t / "eval.json").read_text())
+    assert report["finetuned"]["perplexity"] < report["base"]["perplexity"]
+    assert marker["summary"]["steps"] == 6
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tmp_path):
+    _write_data_stage(tmp_path)
+    cfg = _cfg(tmp_path, "train.method=full", "train.deepspeed.stage=3", "train.max_steps=30",
+               "train.eval_every=5", "train.max_failures=2")
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "demo" / "train", killed))
+    killer.start()
+    marker = run_stage(cfg, "train", echo=lambda s: None)
+    killer.join()
+    assert killed, "no worker was found to kill"
+    history = [json.loads(l) for l in (tmp_path / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert max(h["step"] for h in history) == 30 and marker["summary"]["steps"] == 30
+    assert (tmp_path / "demo" / "train" / "model" / "model.safetensors").exists()
+
+
+def test_rerun_resumes_and_matches_uninterrupted(ray_local, tmp_path):
+    args = ("train.method=full", "train.max_steps=20", "train.eval_every=5", "train.max_failures=0")
+    straight = tmp_path / "straight"
+    _write_data_stage(straight)
+    run_stage(_cfg(straight, *args), "train", echo=lambda s: None)
+    ref = json.loads((straight / "demo" / "train" / "eval.json").read_text())["best_eval_loss"]
+
+    resumed = tmp_path / "resumed"
+    _write_data_stage(resumed)
+    cfg = _cfg(resumed, *args)
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(resumed / "demo" / "train", killed))
+    killer.start()
+    with pytest.raises(Exception):
+        run_stage(cfg, "train", echo=lambda s: None)
+    killer.join()
+    assert killed and not (resumed / "demo" / "train" / COMPLETE).exists()
+    assert list((resumed / "demo" / "train" / "ray").glob("checkpoint_*"))  # kept for the rerun
+    run_stage(cfg, "train", echo=lambda s: None)
+    history = [json.loads(l) for l in (resumed / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    evals = [h["step"] for h in history if "eval_loss" in h]
+    assert evals == [5, 10, 15, 20]  # one history: the rerun continued it, it did not start over
+    got = json.loads((resumed / "demo" / "train" / "eval.json").read_text())["best_eval_loss"]
+    assert abs(got - ref) / ref < 0.05, (got, ref)
