@@ -33,6 +33,7 @@ def ray_local():
 
     from tailorlm.cluster import runtime_env
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=runtime_env(False))
+    # with the dashboard: Ray Train needs its State API to clean up after trials Tune stops
+    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=runtime_env(False))
     yield ray
     ray.shutdown()

@@ -47,7 +47,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # The dashboard is not optional: besides being where users watch runs, it serves the State
+        # API that Ray Train's PlacementGroupCleaner needs to free the resources of a trial that Tune
+        # stopped early (without it the next trial waits forever for CPUs).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
     res = ray.cluster_resources()
     log.info("ray: %s CPUs, %s GPUs", res.get("CPU", 0), res.get("GPU", 0))
     return res

@@ -217,20 +217,36 @@ class TuneConfig(Strict):
     enabled: bool = False
     num_samples: int = Field(8, ge=1)
     searcher: Literal["random", "grid", "optuna"] = "random"
-    scheduler: Literal["asha", "median", "pbt", "none"] = "asha"
+    scheduler: Literal["asha", "median", "none"] = "asha"
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int = Field(1, ge=1)
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search_space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="dotted key -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | "
+        "{choice: [...]} | {grid: [...]}")
+
+    @model_validator(mode="after")
+    def _check_space(self) -> "TuneConfig":
+        kinds = {"loguniform", "uniform", "randint", "choice", "grid"}
+        for key, spec in self.search_space.items():
+            if len(spec) != 1 or next(iter(spec)) not in kinds:
+                raise ValueError(f"search_space.{key}: expected one of {sorted(kinds)} with its values, got {spec}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"search_space.{key}.{kind}: expected a non-empty list, got {values!r}")
+            if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
+                raise ValueError(f"search_space.{key}.{kind}: expected [low, high], got {values!r}")
+        if self.searcher == "grid" and any(next(iter(s)) not in ("grid", "choice") for s in self.search_space.values()):
+            raise ValueError("searcher: grid needs every search_space entry to be a grid or choice list")
+        return self
 
 
 # ----------------------------------------------------------------------------- export
 class ExportConfig(Strict):
     merge_lora: bool = True
     quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(default_factory=lambda: ["w8a8", "w4a16"])
-    method: Literal["rtn", "gptq"] = "rtn"
-    calibration_samples: int = Field(64, ge=1)
+    method: Literal["rtn"] = Field("rtn", description="round-to-nearest; calibrated GPTQ/AWQ not built yet")
     max_ppl_increase: float = Field(0.02, ge=0, description="relative perplexity increase allowed")
     on_quality_fail: Literal["refuse", "warn"] = "refuse"
 

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 # stage -> (implementation "module:function", config sections it reads, resumable subfolders)
 STAGE_IMPLS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "data": ("tailorlm.data.stage:run", ("model", "data"), ()),
-    "train": ("tailorlm.train.stage:run", ("model", "data", "train"), ("ray", "ray_inputs.json")),
+    "tune": ("tailorlm.tune:run", ("model", "data", "train", "tune"), ("sweep", "trials")),
+    "train": ("tailorlm.train.stage:run", ("model", "data", "train", "tune"), ("ray", "ray_inputs.json")),
+    "export": ("tailorlm.export.stage:run", ("model", "data", "train", "tune", "export"), ()),
 }
 
 
@@ -37,6 +39,19 @@ def stage_function(stage: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(module), func)
 
 
+def with_tuned(cfg: PipelineConfig, run_dir: RunDir, echo: Callable[[str], None]) -> PipelineConfig:
+    """The config with the finished sweep's winning overrides applied (the same override path)."""
+    from tailorlm.config import apply_overrides, validate
+    from tailorlm.tune import best_overrides
+
+    best = best_overrides(run_dir)
+    if best is None:
+        raise StageUnavailable("tune is enabled but has not finished: run `tailorlm tune` first "
+                               "(or set tune.enabled=false)")
+    echo(f"[train] applying the best tune trial: {best}")
+    return validate(apply_overrides(cfg.to_dict(), best))
+
+
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     return stage != "tune" or cfg.tune.enabled
 
@@ -50,6 +65,8 @@ def run_stage(cfg: PipelineConfig, stage: str, force: bool = False, echo: Callab
     fn = stage_function(stage)
     _, sections, resumable = STAGE_IMPLS[stage]
     run_dir = RunDir.from_config(cfg)
+    if stage == "train" and cfg.tune.enabled:
+        cfg = with_tuned(cfg, run_dir, echo)
     sdir = StageDir(stage_uri, stage, resumable) if stage_uri else run_dir.stage(stage, resumable=resumable)
     inputs = cfg.section_hash("run", *sections)
     marker = sdir.marker()

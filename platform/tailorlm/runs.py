@@ -72,6 +72,16 @@ class StageDir:
             json.dump(obj, f, indent=2, sort_keys=True, default=str)
         return join(self.uri, name)
 
+    def open(self, name: str, mode: str = "r"):
+        self.fs.makedirs(self.path, exist_ok=True)
+        return self.fs.open(join(self.path, name), mode)
+
+    def put(self, local_path: str, name: str) -> str:
+        """Upload a local file or folder into the stage folder."""
+        self.fs.makedirs(self.path, exist_ok=True)
+        self.fs.put(local_path, join(self.path, name), recursive=True)
+        return join(self.uri, name)
+
     def read_json(self, name: str) -> Any:
         with self.fs.open(join(self.path, name), "r") as f:
             return json.load(f)

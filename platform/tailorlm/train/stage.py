@@ -42,6 +42,52 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
     return out
 
 
+def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
+    """Everything a training run needs before the trainer starts: base model, tokenized splits, steps."""
+    import ray
+
+    from tailorlm.models import load_tokenizer, resolve_base
+    from tailorlm.train.ds_config import steps_for
+    from tailorlm.train.loop import build_shm_comm_once
+
+    tc = cfg.train
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    base_path = resolve_base(cfg.model)
+    tok = load_tokenizer(base_path, cfg.model.chat_template)
+    splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
+    n_train = splits["train"].count()
+    steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
+    print(f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
+          f"epoch, {total_steps} steps; global batch {tc.global_batch_size}")
+    if not tc.use_gpu:
+        build_shm_comm_once()
+    return {"splits": splits, "base_path": base_path, "pad_id": tok.pad_token_id, "total_steps": total_steps}
+
+
+def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, name: str,
+                 tensorboard_dir: str | None = None, callbacks: list | None = None):
+    """The TorchTrainer for one training run (the train stage, or one Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tailorlm.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "base_path": prep["base_path"], "total_steps": prep["total_steps"],
+                           "pad_id": prep["pad_id"], "tensorboard_dir": tensorboard_dir},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_uri, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
+                                                                checkpoint_score_attribute="eval_loss",
+                                                                checkpoint_score_order="min")),
+        datasets=prep["splits"],
+    )
+
+
 def export_model(cfg: PipelineConfig, base_path: str, ckpt_dir: str, out_dir: str, merged_dir: str | None) -> None:
     """Apply the best checkpoint's weights to the base and save it in HF format (safetensors)."""
     from safetensors.torch import load_file
@@ -86,23 +132,11 @@ def loss_plot(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _upload(local: str, uri: str) -> None:
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(uri)
-    fs.put(local, path, recursive=True)
-
-
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
-    import pandas as pd
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from tailorlm.models import load_tokenizer, resolve_base
-    from tailorlm.train.ds_config import steps_for
     from tailorlm.train.evaluate import evaluate_model
-    from tailorlm.train.loop import build_shm_comm_once, local_dir_for, train_loop_per_worker, write_history
+    from tailorlm.train.loop import local_dir_for, write_history
 
     tc = cfg.train
     data = run_dir.stage("data")
@@ -110,36 +144,16 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         raise FileNotFoundError(f"train: no finished data stage at {data.uri}; run `tailorlm data` first")
     # checkpoints from a run with other inputs must not be resumed
     inputs = cfg.section_hash("run", "model", "data", "train")
-    if sdir.fs.exists(sdir.sub("ray_inputs.json")) and sdir.read_json("ray_inputs.json").get("inputs") != inputs:
-        sdir.fs.rm(sdir.sub("ray"), recursive=True) if sdir.fs.exists(sdir.sub("ray")) else None
+    stale = sdir.fs.exists(sdir.sub("ray_inputs.json")) and sdir.read_json("ray_inputs.json")["inputs"] != inputs
+    if stale and sdir.fs.exists(sdir.sub("ray")):
+        sdir.fs.rm(sdir.sub("ray"), recursive=True)
     sdir.write_json("ray_inputs.json", {"inputs": inputs})
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    base_path = resolve_base(cfg.model)
-    tok = load_tokenizer(base_path, cfg.model.chat_template)
-    splits = tokenized_splits(cfg, data.sub("kept"), base_path, cpus)
-    n_train = splits["train"].count()
-    steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
-    print(f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
-          f"epoch, {total_steps} steps; global batch {tc.global_batch_size}")
-    if not tc.use_gpu:
-        build_shm_comm_once()
-
+    prep = prepare(cfg, data.sub("kept"))
+    splits, base_path, total_steps = prep["splits"], prep["base_path"], prep["total_steps"]
     local_stage = local_dir_for(sdir.uri)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "base_path": base_path, "total_steps": total_steps,
-                           "pad_id": tok.pad_token_id,
-                           "tensorboard_dir": os.path.join(local_stage, "tensorboard") if local_stage else None},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=sdir.uri,
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
-                                                                checkpoint_score_attribute="eval_loss",
-                                                                checkpoint_score_order="min")),
-        datasets=splits,
-    )
+    trainer = make_trainer(cfg, prep, storage_uri=sdir.uri, name="ray",
+                           tensorboard_dir=os.path.join(local_stage, "tensorboard") if local_stage else None)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -155,10 +169,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         history = state["history"]
         write_history(history, sdir.sub("metrics.jsonl"))
         loss_plot(history, os.path.join(tmp, "loss.png"))
-        _upload(model_dir, sdir.sub("model"))
+        sdir.put(model_dir, "model")
         if tc.merge_adapter and tc.method == "lora":
-            _upload(merged_dir, sdir.sub("merged"))
-        _upload(os.path.join(tmp, "loss.png"), sdir.sub("loss.png"))
+            sdir.put(merged_dir, "merged")
+        sdir.put(os.path.join(tmp, "loss.png"), "loss.png")
         # before/after on the eval split: the untrained base against the finetuned model
         remote_eval = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(evaluate_model)
         adapter = model_dir if tc.method == "lora" else None

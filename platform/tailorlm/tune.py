@@ -1,0 +1,196 @@
+"""The tune stage: Ray Tune sweeps over DeepSpeed training runs, with ASHA early stopping.
+
+    tailorlm tune jobs/configs/tiny_cpu.yaml tune.enabled=true tune.num_samples=8
+
+The search space lives in the YAML as dotted keys over the pipeline config
+(`train.lr: {loguniform: [1.0e-5, 5.0e-4]}`); a sampled point is applied with the same override
+mechanism as the CLI, then validated, so there is one way to change a setting. Each trial runs a
+driver that builds a TorchTrainer (Ray Train V2) whose reports reach Tune through
+TuneReportCallback, so ASHA can stop it. Outputs: leaderboard.csv/.json, trials.png and
+best.yaml, which the train stage applies when tune is enabled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import yaml
+
+from tailorlm.config import PipelineConfig, apply_overrides, validate
+from tailorlm.runs import RunDir, StageDir
+
+SWEEP = "sweep"
+
+
+def search_space(cfg: PipelineConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.tune.search_space.items():
+        kind, values = next(iter(spec.items()))
+        space[key] = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+                      "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice,
+                      "grid": tune.grid_search}[kind](values)
+        if cfg.tune.searcher == "grid" and kind == "choice":
+            space[key] = tune.grid_search(values)
+    return space
+
+
+def check_space(cfg: PipelineConfig) -> None:
+    """Apply every listed value (and both range ends) through the override path, so a bad key or
+    value fails before any trial starts."""
+    base = cfg.to_dict()
+    for key, spec in cfg.tune.search_space.items():
+        for value in next(iter(spec.values())):
+            validate(apply_overrides(base, {key: value}))
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> PipelineConfig:
+    return validate(apply_overrides(base, {k: v for k, v in sampled.items()}))
+
+
+def trial_driver(sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, trials_uri: str) -> None:
+    """One Tune trial: apply the sampled overrides, then run a whole Ray Train job."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tailorlm.train.stage import make_trainer, prepare
+
+    cfg = trial_config(base, sampled)
+    prep = prepare(cfg, kept_uri)
+    name = tune.get_context().get_trial_id()
+    result = make_trainer(cfg, prep, storage_uri=trials_uri, name=name, callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def make_scheduler(cfg: PipelineConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every,
+                             max_t=10**9, reduction_factor=3)
+    if t.scheduler == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every)
+    return FIFOScheduler()
+
+
+def make_searcher(cfg: PipelineConfig):
+    if cfg.tune.searcher != "optuna":
+        return None  # random sampling and grid_search come from the param space itself
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as exc:  # optuna missing
+        raise ValueError("tune.searcher: optuna needs the optuna package: pip install 'tailorlm[optuna]'") from exc
+    return OptunaSearch(seed=cfg.run.seed)
+
+
+def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
+    from ray import tune
+
+    t = cfg.tune
+    check_space(cfg)
+    trainable = tune.with_resources(  # the trial driver only waits on its trainer: it needs no CPU
+        tune.with_parameters(trial_driver, base=cfg.to_dict(), kept_uri=kept_uri, trials_uri=sdir.sub("trials")),
+        {"cpu": 0, "memory": 64 * 2**20})  # a zero bundle is rejected; memory makes it non-empty
+    sweep_uri = sdir.sub(SWEEP)
+    if tune.Tuner.can_restore(sweep_uri):
+        print(f"[tune] resuming the interrupted sweep at {sweep_uri}")
+        tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(cfg),
+            # grid: every point once (Tune would repeat the whole grid num_samples times)
+            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode,
+                                        num_samples=1 if t.searcher == "grid" else t.num_samples,
+                                        scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg),
+                                        max_concurrent_trials=t.max_concurrent_trials),
+            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1),
+        )
+    return tuner.fit()
+
+
+def leaderboard(results, cfg: PipelineConfig):
+    import pandas as pd
+
+    t = cfg.tune
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        has = df is not None and t.metric in df
+        best = (df[t.metric].min() if t.mode == "min" else df[t.metric].max()) if has else math.nan
+        last_step = int(df["step"].max()) if has and "step" in df else 0
+        finished = has and "final" in df and bool(df["final"].fillna(False).astype(bool).any())
+        status = "error" if r.error else ("finished" if finished else "stopped early")
+        rows.append({"trial": os.path.basename(r.path), "status": status, t.metric: best, "steps": last_step,
+                     **{k: r.config.get(k) for k in t.search_space},
+                     "error": (str(r.error).splitlines()[0][:200] if r.error else "")})
+    board = pd.DataFrame(rows).sort_values(t.metric, ascending=t.mode == "min", na_position="last")
+    return board.reset_index(drop=True)
+
+
+def plot_trials(results, metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        df = r.metrics_dataframe
+        if df is not None and metric in df and "step" in df:
+            ax.plot(df["step"], df[metric], "o-", ms=3, label=os.path.basename(r.path)[-12:])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if len(results) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
+    import tempfile
+
+    data = run_dir.stage("data")
+    if not data.is_complete():
+        raise FileNotFoundError(f"tune: no finished data stage at {data.uri}; run `tailorlm data` first")
+    if not cfg.tune.search_space:
+        raise ValueError("tune.search_space is empty: give at least one dotted key, e.g. "
+                         "train.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+    results = run_sweep(cfg, data.sub("kept"), sdir)
+    board = leaderboard(results, cfg)
+    ok = board[board["status"] != "error"].dropna(subset=[cfg.tune.metric])
+    if ok.empty:
+        raise RuntimeError(f"tune: every trial failed; first error: {board['error'].iloc[0]}")
+    best = ok.iloc[0]
+    overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items() if k in cfg.tune.search_space}
+    with sdir.open("best.yaml", "w") as fh:
+        yaml.safe_dump({"overrides": overrides, cfg.tune.metric: float(best[cfg.tune.metric]),
+                        "trial": best["trial"]}, fh, sort_keys=False)
+    with sdir.open("leaderboard.csv", "w") as fh:
+        board.to_csv(fh, index=False)
+    sdir.write_json("leaderboard.json", board.to_dict("records"))
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_trials(results, cfg.tune.metric, os.path.join(tmp, "trials.png"))
+        sdir.put(os.path.join(tmp, "trials.png"), "trials.png")
+    print(board.drop(columns=["error"]).to_string(index=False))
+    print(f"best: {overrides} ({cfg.tune.metric} {best[cfg.tune.metric]:.4f})")
+    print(f"leaderboard: {sdir.sub('leaderboard.csv')}\nbest:        {sdir.sub('best.yaml')}")
+    return {"best_overrides": overrides, cfg.tune.metric: float(best[cfg.tune.metric]), "trials": len(board),
+            "stopped_early": int((board["status"] == "stopped early").sum()),
+            "errors": int((board["status"] == "error").sum()),
+            "trial_steps": int(board["steps"].sum())}
+
+
+def best_overrides(run_dir: RunDir) -> dict[str, Any] | None:
+    """The winning overrides of a finished sweep, or None."""
+    sdir = run_dir.stage("tune")
+    if not sdir.is_complete():
+        return None
+    with sdir.open("best.yaml") as fh:
+        return yaml.safe_load(fh)["overrides"]

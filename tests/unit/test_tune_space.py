@@ -1,0 +1,39 @@
+"""Tune's search space: parsed from the YAML, checked through the same override validation."""
+
+import pytest
+
+from tailorlm.config import ConfigError, load_config
+
+
+def test_search_space_shapes_are_validated():
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(None, ["tune.search_space={train.lr: {normal: [0, 1]}}"])
+    with pytest.raises(ConfigError, match=r"expected \[low, high\]"):
+        load_config(None, ["tune.search_space={train.lr: {loguniform: [0.1]}}"])
+    with pytest.raises(ConfigError, match="grid needs"):
+        load_config(None, ["tune.searcher=grid", "tune.search_space={train.lr: {uniform: [0.1, 0.2]}}"])
+
+
+def test_bad_keys_and_values_fail_before_any_trial():
+    from tailorlm.tune import check_space
+
+    with pytest.raises(ConfigError, match="train.lrr"):
+        check_space(load_config(None, ["tune.search_space={train.lrr: {choice: [0.1]}}"]))
+    with pytest.raises(ConfigError, match="train.lora.r"):
+        check_space(load_config(None, ["tune.search_space={train.lora.r: {choice: [8, 0]}}"]))
+    check_space(load_config(None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
+                                   "train.lora.r: {choice: [8, 16]}}"]))
+
+
+def test_space_maps_to_tune_domains():
+    from ray import tune
+
+    from tailorlm.tune import search_space, trial_config
+
+    cfg = load_config(None, ["tune.searcher=grid", "tune.search_space={train.lora.r: {choice: [8, 16]}}"])
+    assert search_space(cfg) == {"train.lora.r": tune.grid_search([8, 16])}
+    cfg = load_config(None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
+                             "train.epochs: {randint: [1, 3]}}"])
+    space = search_space(cfg)
+    assert space["train.lr"].lower == 1e-5 and space["train.epochs"].upper == 4
+    assert trial_config(cfg.to_dict(), {"train.lr": 3e-4}).train.lr == 3e-4
