@@ -259,7 +259,12 @@ class ServeConfig(Strict):
     api_keys_env: str = "TAILORLM_API_KEYS"
     api_keys: list[str] = Field(default_factory=list, description="prefer api_keys_env; never logged")
     require_api_key: bool | None = Field(None, description="default: required when host is not localhost")
+    variants: list[Literal["bf16", "w8a8", "w4a16", "fp8"]] = Field(
+        default_factory=lambda: ["bf16"], description="exported variants to host; the first is model_id, "
+        "the others model_id-<variant>")
     rate_limit_per_minute: int = Field(600, ge=1)
+    blocklist: list[str] = Field(default_factory=list, description="regexes; a matching prompt is rejected (400)")
+    max_queued_requests: int = Field(64, ge=1, description="beyond this, new requests get 503 instead of queueing")
     max_tokens_cap: int = Field(512, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     min_replicas: int = Field(1, ge=0)
@@ -267,6 +272,9 @@ class ServeConfig(Strict):
     target_ongoing_requests: int = Field(8, ge=1)
     use_gpu: bool = False
     max_model_len: int = Field(1024, ge=64)
+    memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
+        "default: 0.9 on GPU, 0.15 on CPU")
     keep_serving: bool = False
 
 

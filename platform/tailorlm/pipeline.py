@@ -23,6 +23,7 @@ STAGE_IMPLS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "tune": ("tailorlm.tune:run", ("model", "data", "train", "tune"), ("sweep", "trials")),
     "train": ("tailorlm.train.stage:run", ("model", "data", "train", "tune"), ("ray", "ray_inputs.json")),
     "export": ("tailorlm.export.stage:run", ("model", "data", "train", "tune", "export"), ()),
+    "serve": ("tailorlm.serving.stage:run", ("model", "data", "train", "tune", "export", "serve"), ()),
 }
 
 
@@ -96,5 +97,6 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), echo: Callabl
             echo(f"[{stage}] not implemented in this version yet, skipping")
             results[stage] = {"status": "unavailable"}
             continue
-        results[stage] = run_stage(cfg, stage, force=stage in force or "all" in force, echo=echo)
+        # serving is not an artifact: it always runs
+        results[stage] = run_stage(cfg, stage, force=stage in force or "all" in force or stage == "serve", echo=echo)
     return results

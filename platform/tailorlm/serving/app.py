@@ -1,0 +1,77 @@
+"""The Ray Serve application: vLLM engines via ray.serve.llm behind an OpenAI-compatible ingress.
+
+    serve run serve.app:app                    # development (serve/app.py)
+    serve deploy serve/config.yaml             # on a cluster: import_path tailorlm.serving.app:build_from_args
+
+Each hosted variant is a ray.serve.llm `LLMConfig` (one vLLM engine deployment, autoscaled by
+our config). The ingress is Ray's own `OpenAiIngress` (/v1/models, /v1/completions,
+/v1/chat/completions with SSE streaming), built with `make_fastapi_ingress` on a FastAPI app we
+create so that our Guard middleware (keys, rate limits, caps, filters, metrics) wraps it:
+`build_openai_app` offers no way to add middleware to the app it creates, so we assemble the same
+two pieces it does. Those builder helpers are internal to ray.llm; ray is pinned to 2.60.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tailorlm.config import PipelineConfig, load_config
+
+
+def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
+    from ray.serve.llm import LLMConfig
+
+    sc = cfg.serve
+    kwargs: dict[str, Any] = {}
+    if not sc.use_gpu:
+        kwargs["accelerator_config"] = {"kind": "cpu"}  # unset, the replica waits for a GPU forever
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": model_dir},
+        engine_kwargs={"max_model_len": sc.max_model_len, "dtype": "bfloat16" if not sc.use_gpu else "auto",
+                       # vLLM's CPU backend reads this as the share of RAM to reserve (default 0.92)
+                       "gpu_memory_utilization": sc.memory_utilization or (0.9 if sc.use_gpu else 0.15)},
+        deployment_config={"autoscaling_config": {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
+                                                  "target_ongoing_requests": sc.target_ongoing_requests},
+                           "max_queued_requests": sc.max_queued_requests},
+        log_engine_metrics=True,
+        **kwargs,
+    )
+
+
+def build_app(cfg: PipelineConfig, models: dict[str, str]):
+    """models: model_id -> local HF folder. Returns a Ray Serve Application."""
+    from fastapi.responses import JSONResponse
+    from ray import serve
+    from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+    from ray.serve.llm import build_llm_deployment
+
+    from tailorlm.serving.security import Guard, GuardSettings
+
+    sc = cfg.serve
+    settings = GuardSettings.from_config(sc)
+    configs = {mid: llm_config(cfg, mid, path) for mid, path in models.items()}
+    deployments = {mid: build_llm_deployment(c, name_prefix=f"{mid}:") for mid, c in configs.items()}
+    fastapi_app = init()
+
+    @fastapi_app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "models": sorted(models)})
+
+    fastapi_app.add_middleware(Guard, settings=settings)
+    ingress_cls = make_fastapi_ingress(OpenAiIngress, app=fastapi_app)
+    options = OpenAiIngress.get_deployment_options(list(configs.values()))
+    # On a 2-CPU node the ingress must not reserve a CPU, or it is never scheduled beside the engine.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
+    options["max_queued_requests"] = sc.max_queued_requests
+    from ray.llm._internal.serve.core.ingress.builder import to_model_metadata
+
+    cards = {mid: to_model_metadata(mid, c) for mid, c in configs.items()}
+    return serve.deployment(ingress_cls, **options).bind(llm_deployments=deployments, model_cards=cards)
+
+
+def build_from_args(args: dict[str, Any]):
+    """Serve application builder for `serve deploy` / `serve run` (args from serve/config.yaml)."""
+    from tailorlm.serving.stage import resolve_models
+
+    cfg = load_config(args.get("config"), args.get("overrides") or [])
+    return build_app(cfg, resolve_models(cfg))

@@ -1,0 +1,215 @@
+"""The guard in front of the OpenAI endpoints: API keys, per-key rate limits, size and max_tokens
+caps, prompt filters, OpenAI-style errors, Prometheus metrics.
+
+A plain ASGI middleware (no framework), so it wraps Ray Serve LLM's FastAPI ingress unchanged.
+Keys are compared in constant time and never logged: logs and metrics name a key by a short hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+PUBLIC_PATHS = {"/health", "/-/healthz", "/-/routes"}
+
+
+@dataclass
+class GuardSettings:
+    api_keys: list[str]
+    require_key: bool
+    rate_limit_per_minute: int
+    max_request_bytes: int
+    max_tokens_cap: int
+    max_model_len: int
+    blocklist: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, sc) -> "GuardSettings":
+        keys = list(sc.api_keys) + [k.strip() for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
+        require = sc.require_api_key if sc.require_api_key is not None else sc.host not in LOCAL_HOSTS
+        if require and not keys:
+            raise ValueError(f"serve: API keys are required (host {sc.host} is beyond localhost) but none are "
+                             f"set: export {sc.api_keys_env}=key1,key2 or set serve.api_keys")
+        return cls(keys, require, sc.rate_limit_per_minute, sc.max_request_bytes, sc.max_tokens_cap,
+                   sc.max_model_len, list(sc.blocklist))
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+class TokenBucket:
+    """Per-client token bucket: `rate` requests per minute, bursts up to `rate`."""
+
+    def __init__(self, per_minute: int):
+        self.rate, self.state = per_minute / 60.0, {}
+        self.capacity = float(per_minute)
+
+    def allow(self, client: str) -> bool:
+        now = time.monotonic()
+        tokens, last = self.state.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self.state[client] = (tokens, now)
+            return False
+        self.state[client] = (tokens - 1, now)
+        return True
+
+
+def error_body(status: int, message: str, etype: str, param: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": etype, "param": param, "code": code or status}}).encode()
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    parts = []
+    prompt = body.get("prompt")
+    parts += prompt if isinstance(prompt, list) else [prompt]
+    for m in body.get("messages") or []:
+        c = m.get("content") if isinstance(m, dict) else None
+        parts += [x.get("text", "") for x in c if isinstance(x, dict)] if isinstance(c, list) else [c]
+    return "\n".join(p for p in parts if isinstance(p, str))
+
+
+def check_body(body: Any, s: GuardSettings) -> tuple[int, str, str, str | None] | None:
+    """None if the request may pass, else (status, message, type, param)."""
+    if not isinstance(body, dict):
+        return 400, "request body must be a JSON object", "invalid_request_error", None
+    mt = body.get("max_tokens", body.get("max_completion_tokens"))
+    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
+        return 400, f"max_tokens must be a positive integer, got {mt!r}", "invalid_request_error", "max_tokens"
+    if mt is not None and mt > s.max_tokens_cap:
+        return 400, f"max_tokens {mt} exceeds this server's cap of {s.max_tokens_cap}", "invalid_request_error", \
+            "max_tokens"
+    if "messages" in body and not isinstance(body["messages"], list):
+        return 400, "messages must be a list of {role, content}", "invalid_request_error", "messages"
+    text = _prompt_text(body)
+    if len(text) > 8 * s.max_model_len:  # cheap bound before tokenizing: no tokenizer yields < 1/8 char
+        return 400, f"prompt is longer than the context of {s.max_model_len} tokens", "invalid_request_error", \
+            "messages" if "messages" in body else "prompt"
+    for pattern in s.blocklist:
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return 400, "the prompt was rejected by this server's content filter", "content_filter", None
+    return None
+
+
+class Guard:
+    """ASGI middleware applying GuardSettings to every /v1 request."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: GuardSettings):
+        self.app, self.s = app, settings
+        self.limiter = TokenBucket(settings.rate_limit_per_minute)
+        self.metrics = _Metrics()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        status_box = {"status": 500}
+
+        async def send_tracked(message):
+            if message["type"] == "http.response.start":
+                status_box["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_tracked)
+        finally:
+            self.metrics.observe(scope["path"], status_box["status"], time.monotonic() - start)
+
+    async def _handle(self, scope, receive, send):
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if self.s.require_key or self.s.api_keys:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token, k) for k in self.s.api_keys):
+                if self.s.require_key or token:
+                    return await _reply(send, 401, error_body(401, "invalid or missing API key (send "
+                                        "'Authorization: Bearer <key>')", "authentication_error",
+                                                              code="invalid_api_key"))
+            else:
+                client = "key:" + key_id(token)
+        if not self.limiter.allow(client):
+            return await _reply(send, 429, error_body(429, f"rate limit of {self.s.rate_limit_per_minute} requests "
+                                "per minute exceeded", "rate_limit_error", code="rate_limit_exceeded"),
+                                extra=[(b"retry-after", b"1")])
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        length = int(headers.get("content-length") or 0)
+        if length > self.s.max_request_bytes:
+            return await _reply(send, 413, error_body(413, f"request body of {length} bytes exceeds the "
+                                f"{self.s.max_request_bytes}-byte cap", "invalid_request_error"))
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.s.max_request_bytes:
+                return await _reply(send, 413, error_body(413, f"request body exceeds the "
+                                    f"{self.s.max_request_bytes}-byte cap", "invalid_request_error"))
+            if not msg.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return await _reply(send, 400, error_body(400, f"request body is not valid JSON: {exc}",
+                                                      "invalid_request_error"))
+        problem = check_body(body, self.s)
+        if problem:
+            status, message, etype, param = problem
+            return await _reply(send, status, error_body(status, message, etype, param))
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = self.s.max_tokens_cap  # an uncapped request would run to the context end
+            raw = json.dumps(body).encode()
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        new_headers.append((b"content-length", str(len(raw)).encode()))
+        await self.app({**scope, "headers": new_headers}, replay, send)
+
+
+async def _reply(send, status: int, body: bytes, extra: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Metrics:
+    """Requests, latency and errors as Prometheus metrics, exported by Ray's metrics endpoint."""
+
+    def __init__(self) -> None:
+        try:
+            from ray.util.metrics import Counter, Histogram
+
+            self.requests = Counter("tailorlm_requests", "HTTP requests by path and status",
+                                    tag_keys=("path", "status"))
+            self.errors = Counter("tailorlm_errors", "HTTP 4xx/5xx responses", tag_keys=("path", "status"))
+            self.latency = Histogram("tailorlm_request_latency_s", "request latency in seconds",
+                                     boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=("path",))
+        except Exception:  # outside a Ray worker (unit tests): count nothing
+            self.requests = self.errors = self.latency = None
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        if self.requests is None:
+            return
+        tags = {"path": path, "status": str(status)}
+        self.requests.inc(tags=tags)
+        if status >= 400:
+            self.errors.inc(tags=tags)
+        self.latency.observe(seconds, tags={"path": path})

@@ -1,0 +1,105 @@
+"""The serve stage: host the exported model(s) on vLLM behind Ray Serve, answer a sample chat.
+
+    tailorlm serve jobs/configs/tiny_cpu.yaml serve.keep_serving=true
+
+Hosts the newest registered export's variants (serve.variants) under serve.model_id, checks the
+endpoint with the official openai client, writes serve/endpoint.json, and shuts down gracefully
+unless serve.keep_serving is true (then it serves until interrupted).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from tailorlm.config import PipelineConfig
+from tailorlm.runs import RunDir, StageDir
+
+SAMPLE = "What is the capital of Daleglen?"
+APP_NAME = "tailorlm"
+
+
+def local_copy(uri: str) -> str:
+    """vLLM loads from a local folder: remote exports are copied into the local cache once."""
+    from fsspec.core import url_to_fs
+
+    from tailorlm.models import cache_root
+
+    fs, path = url_to_fs(uri)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return path
+    dest = cache_root() / "served" / path.strip("/").replace("/", "_")
+    if not dest.exists():
+        fs.get(path, str(dest), recursive=True)
+    return str(dest)
+
+
+def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
+    from tailorlm.export.stage import latest_variant
+
+    run_dir = RunDir.from_config(cfg)
+    out = {}
+    for i, variant in enumerate(cfg.serve.variants):
+        uri, _ = latest_variant(run_dir, variant)
+        out[cfg.serve.model_id if i == 0 else f"{cfg.serve.model_id}-{variant}"] = local_copy(uri)
+    return out
+
+
+def sample_chat(cfg: PipelineConfig, model_id: str, question: str = SAMPLE, timeout_s: float = 600) -> dict[str, Any]:
+    """Wait for the endpoint, then ask one chat question with the official openai client."""
+    import openai
+
+    from tailorlm.serving.security import LOCAL_HOSTS
+
+    sc = cfg.serve
+    host = "127.0.0.1" if sc.host in LOCAL_HOSTS | {"0.0.0.0"} else sc.host
+    keys = list(sc.api_keys) + [k for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
+    client = openai.OpenAI(base_url=f"http://{host}:{sc.port}/v1", api_key=keys[0] if keys else "none",
+                           max_retries=0, timeout=120)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            t = time.time()
+            resp = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}],
+                                                  max_tokens=32, temperature=0)
+            return {"question": question, "answer": resp.choices[0].message.content,
+                    "latency_s": round(time.time() - t, 3), "usage": resp.usage.model_dump() if resp.usage else None}
+        except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError,
+                openai.APIStatusError) as exc:
+            if time.time() > deadline:
+                raise RuntimeError(f"serve: endpoint did not answer within {timeout_s}s: {exc}") from exc
+            time.sleep(2)
+
+
+def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
+    from ray import serve
+
+    from tailorlm.serving.app import build_app
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg, models), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
+    from ray import serve
+
+    models = resolve_models(cfg)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    start(cfg, models)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+    try:
+        answer = sample_chat(cfg, cfg.serve.model_id)
+        info = {"url": url, "models": models, "sample": answer}
+        sdir.write_json("endpoint.json", info)
+        print(f"[serve] {url}  models: {', '.join(models)}")
+        print(f"[serve] Q: {answer['question']}\n[serve] A: {answer['answer']}  ({answer['latency_s']}s)")
+        if cfg.serve.keep_serving:
+            print("[serve] serving until interrupted (Ctrl-C)")
+            while True:
+                time.sleep(3600)
+    finally:
+        if not cfg.serve.keep_serving:
+            serve.delete(APP_NAME)  # graceful: Serve drains in-flight requests before replicas stop
+            serve.shutdown()
+    return {"url": url, "models": list(models), "answer": answer["answer"]}
