@@ -112,10 +112,21 @@ class Guard:
             return await self.app(scope, receive, send)
         start = time.monotonic()
         status_box = {"status": 500}
+        held: dict[str, Any] = {}
 
         async def send_tracked(message):
+            # error responses are held back until complete, so that a body in another shape
+            # (FastAPI's {"detail": ...}) can be rewritten into an OpenAI error object
             if message["type"] == "http.response.start":
                 status_box["status"] = message["status"]
+                if message["status"] >= 400:
+                    held.update(start=message, body=b"")
+                    return
+            elif held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                return await _reply(send, held["start"]["status"], openai_error(held["start"]["status"], held["body"]))
             await send(message)
 
         try:
@@ -181,6 +192,19 @@ class Guard:
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(raw)).encode()))
         await self.app({**scope, "headers": new_headers}, replay, send)
+
+
+def openai_error(status: int, body: bytes) -> bytes:
+    try:
+        parsed = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        parsed = body.decode(errors="replace")
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return body
+    detail = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
+    etype = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return error_body(status, detail if isinstance(detail, str) else json.dumps(detail), etype)
 
 
 async def _reply(send, status: int, body: bytes, extra: list | None = None) -> None:
