@@ -93,6 +93,33 @@ def _adhoc_data_config(args):
     return load_config(args.config, overrides)
 
 
+def recap(results: dict) -> str:
+    """The end of `tailorlm run`: one line per stage with what it achieved and where it wrote."""
+    lines = ["", "=" * 72, "pipeline finished"]
+    for stage, marker in results.items():
+        s = marker.get("summary", {})
+        if stage == "data" and s:
+            what = f"{s['input_rows']} rows in, {s['kept']} kept, {s['dropped']} dropped (reasons in stats.json)"
+        elif stage == "tune" and s:
+            what = f"best of {s['trials']} trials: {s['best_overrides']} (eval_loss {s['eval_loss']:.3f}; " \
+                   f"{s['stopped_early']} stopped early by the scheduler)"
+        elif stage == "train" and s:
+            what = f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> " \
+                   f"{s['perplexity']:.1f}" + (f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}" if s.get("f1")
+                                                is not None else "")
+        elif stage == "export" and s:
+            what = f"version {s['version']}: " + ", ".join(f"{k} ppl {s['perplexity'][k]:.2f} ({v})"
+                                                         for k, v in s["variants"].items())
+        elif stage == "serve" and s:
+            what = f"{s['url']} answered: {s['answer']!r}"
+        else:
+            what = marker.get("status", "")
+        lines.append(f"  {stage:7s} {what}")
+        if marker.get("outputs"):
+            lines.append(f"  {'':7s} -> {marker['outputs']}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
@@ -117,9 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_ray(args.address)
         if args.command == "run":
             results = run_pipeline(cfg, force=tuple(args.force))
-            print("\npipeline finished:")
-            for stage, marker in results.items():
-                print(f"  {stage:7s} {marker.get('outputs', marker.get('status', ''))}")
+            print(recap(results))
         else:
             out = args.output if args.command == "data" else None
             run_stage(cfg, args.command, force=args.force, stage_uri=out)

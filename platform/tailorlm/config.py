@@ -222,6 +222,8 @@ class TuneConfig(Strict):
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int = Field(1, ge=1)
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
+    trial_max_steps: int | None = Field(None, ge=1, description="train.max_steps for each trial (short proxy "
+                                        "runs); default: the full training length")
     search_space: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="dotted key -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | "
         "{choice: [...]} | {grid: [...]}")

@@ -48,7 +48,10 @@ def check_space(cfg: PipelineConfig) -> None:
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> PipelineConfig:
-    return validate(apply_overrides(base, {k: v for k, v in sampled.items()}))
+    cfg = validate(apply_overrides(base, sampled))
+    if cfg.tune.trial_max_steps:
+        cfg = validate(apply_overrides(cfg.to_dict(), {"train.max_steps": cfg.tune.trial_max_steps}))
+    return cfg
 
 
 def trial_driver(sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, trials_uri: str) -> None:
@@ -113,6 +116,14 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
     return tuner.fit()
 
 
+def error_reason(err: BaseException | None) -> str:
+    """The exception line of a trial's error (a Ray task error starts with a header line)."""
+    if err is None:
+        return ""
+    lines = [line.strip() for line in str(getattr(err, "cause", None) or err).splitlines() if line.strip()]
+    return (lines[-1] if lines else repr(err))[:300]
+
+
 def leaderboard(results, cfg: PipelineConfig):
     import pandas as pd
 
@@ -127,7 +138,7 @@ def leaderboard(results, cfg: PipelineConfig):
         status = "error" if r.error else ("finished" if finished else "stopped early")
         rows.append({"trial": os.path.basename(r.path), "status": status, t.metric: best, "steps": last_step,
                      **{k: r.config.get(k) for k in t.search_space},
-                     "error": (str(r.error).splitlines()[0][:200] if r.error else "")})
+                     "error": error_reason(r.error)})
     board = pd.DataFrame(rows).sort_values(t.metric, ascending=t.mode == "min", na_position="last")
     return board.reset_index(drop=True)
 
