@@ -23,6 +23,13 @@ COMPLETE = "_COMPLETE.json"
 FAILED = "_FAILED.json"
 
 
+def normalize_uri(uri: str) -> str:
+    """Local paths become absolute (Ray Train and Tune reject relative storage paths); URIs stay."""
+    import os
+
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -38,6 +45,7 @@ class StageDir:
     path: str = field(init=False)
 
     def __post_init__(self) -> None:
+        self.uri = normalize_uri(self.uri)
         self.fs, self.path = url_to_fs(self.uri)
 
     def sub(self, *parts: str) -> str:
@@ -116,9 +124,9 @@ class RunDir:
     """`<storage>/<name>/`: the folder of one pipeline run."""
 
     def __init__(self, storage: str, name: str):
-        self.storage = storage
+        self.storage = normalize_uri(storage)
         self.name = name
-        self.uri = join(storage, name)
+        self.uri = join(self.storage, name)
         self.fs, self.path = url_to_fs(self.uri)
 
     @classmethod

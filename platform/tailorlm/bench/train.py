@@ -1,0 +1,145 @@
+"""Training throughput: our Ray Train + DeepSpeed loop against a plain torchrun DDP loop.
+
+    python -m tailorlm.bench.train --steps 40            # ZeRO-2 full finetune vs DDP, 2 workers each
+    python -m tailorlm.bench.train --variants            # also ZeRO-3 and LoRA: tokens/s and peak RSS
+
+Same tiny model, data (fixed-length packed sequences, so tokens/s is well defined), micro batch,
+seed and precision (fp32: DDP has no bf16 master weights to compare with). Throughput is the
+median of per-step tokens/s after 5 warm-up steps, so start-up (Ray, DeepSpeed init) is excluded
+from both. Prints the ratio and both final training losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEQ, MICRO, WARMUP = 128, 8, 5
+
+
+def write_data_stage(root: Path, n_rows: int = 1024) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tailorlm.demo_data import document, planets
+
+    facts = planets(40)
+    texts = [" ".join(document(facts[(i + j) % 40]) for j in range(3)) for i in range(n_rows)]
+    d = root / "bench" / "data"
+    (d / "kept").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(n_rows)], "split": ["train"] * (n_rows - 16) + ["eval"] * 16,
+                             "text": texts, "messages": [None] * n_rows}), d / "kept" / "part.parquet")
+    (d / "_COMPLETE.json").write_text("{}")
+
+
+def ours(root: Path, steps: int, extra: list[str]) -> dict:
+    from tailorlm.config import load_config
+    from tailorlm.pipeline import run_stage
+
+    cfg = load_config(None, [f"run.storage={root}", "run.name=bench", "train.method=full", "train.precision=fp32",
+                             f"train.max_seq_len={SEQ}", "train.packing=true", f"train.micro_batch_size={MICRO}",
+                             f"train.max_steps={steps}", f"train.eval_every={steps}", "train.warmup_steps=0",
+                             "train.lr=1e-3", "train.scheduler=constant", "train.grad_clip=0", "train.lora.dropout=0",
+                             *extra])
+    run_stage(cfg, "train", force=True, echo=lambda s: None)
+    hist = [json.loads(l) for l in (root / "bench" / "train" / "metrics.jsonl").read_text().splitlines()]
+    steps_h = [h for h in hist if "train_loss" in h]
+    return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in steps_h[WARMUP:]),
+            "final_loss": steps_h[-1]["train_loss"]}
+
+
+DDP_SCRIPT = r'''
+import json, os, statistics, sys, time
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+import pyarrow.parquet as pq
+from tailorlm.models import load_model, load_tokenizer
+from tailorlm.train.formats import encode_text, pack, collate
+model_path, data_path, steps, seq, micro, out = sys.argv[1:7]
+steps, seq, micro = int(steps), int(seq), int(micro)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+tok = load_tokenizer(model_path)
+rows = [r for r in pq.read_table(data_path).to_pylist() if r["split"] == "train"]
+seqs = pack([encode_text(tok, r["text"], seq) for r in rows], seq)
+mine = seqs[rank::world]
+model = DDP(load_model(model_path, dtype="float32"))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+rates, loss = [], None
+for step in range(steps):
+    b = mine[(step * micro) % len(mine):][:micro]
+    batch = collate({"input_ids": [x[0] for x in b], "labels": [x[1] for x in b]}, tok.pad_token_id)
+    t = time.time()
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step(); opt.zero_grad()
+    n = torch.tensor([(batch["labels"] != -100).sum().item()], dtype=torch.float64)
+    dist.all_reduce(n)
+    rates.append(n.item() / (time.time() - t))
+if rank == 0:
+    json.dump({"tokens_per_s": statistics.median(rates[5:]), "final_loss": loss.item()}, open(out, "w"))
+dist.destroy_process_group()
+'''
+
+
+def ddp(root: Path, model_path: str, steps: int) -> dict:
+    script = root / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = root / "ddp.json"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), model_path,
+                    str(root / "bench" / "data" / "kept" / "part.parquet"), str(steps), str(SEQ), str(MICRO), str(out)],
+                   check=True, env=env, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--variants", action="store_true", help="also ZeRO-3 and LoRA")
+    args = ap.parse_args()
+    import ray
+
+    from tailorlm.config import load_config
+    from tailorlm.models import resolve_base
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    model_path = resolve_base(load_config(None).model)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_data_stage(root)
+        t = time.time()
+        base = ddp(root, model_path, args.steps)
+        ddp_s = time.time() - t
+        t = time.time()
+        mine = ours(root, args.steps, ["train.deepspeed.stage=2"])
+        ours_s = time.time() - t
+        print(f"\n== training throughput: tiny Llama, {SEQ}-token packed sequences, micro batch {MICRO} x 2 "
+              f"workers, fp32, {args.steps} steps (median tokens/s after {WARMUP} warm-up steps)")
+        print(f"torchrun DDP (gloo):            {base['tokens_per_s']:8.0f} tokens/s  final loss "
+              f"{base['final_loss']:.3f}  ({ddp_s:.0f}s wall incl. start-up)")
+        print(f"Ray Train + DeepSpeed ZeRO-2:   {mine['tokens_per_s']:8.0f} tokens/s  final loss "
+              f"{mine['final_loss']:.3f}  ({ours_s:.0f}s wall incl. start-up)")
+        print(f"ratio ours / DDP: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}")
+        if args.variants:
+            for name, extra in (("ZeRO-3 full", ["train.deepspeed.stage=3"]),
+                                ("ZeRO-2 LoRA r16", ["train.deepspeed.stage=2", "train.method=lora"])):
+                r = ours(root, args.steps, extra)
+                hist = [json.loads(l) for l in (root / "bench" / "train" / "metrics.jsonl").read_text().splitlines()]
+                print(f"{name:<30}{r['tokens_per_s']:8.0f} tokens/s  final loss {r['final_loss']:.3f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
