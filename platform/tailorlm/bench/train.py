@@ -136,7 +136,6 @@ def main() -> None:
             for name, extra in (("ZeRO-3 full", ["train.deepspeed.stage=3"]),
                                 ("ZeRO-2 LoRA r16", ["train.deepspeed.stage=2", "train.method=lora"])):
                 r = ours(root, args.steps, extra)
-                hist = [json.loads(l) for l in (root / "bench" / "train" / "metrics.jsonl").read_text().splitlines()]
                 print(f"{name:<30}{r['tokens_per_s']:8.0f} tokens/s  final loss {r['final_loss']:.3f}")
     ray.shutdown()
 
