@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", help="ad-hoc: file, glob, folder or URI to clean (no config needed)")
             p.add_argument("--output", help="ad-hoc: folder or URI to write kept/, dropped/ and stats.json to")
 
+    p = sub.add_parser("report", help="write one static HTML page about a run (report.html in RUN_DIR)",
+                       description="Render the data funnel, dedup clusters, training curves and before/after "
+                       "metrics, tune leaderboard, export variants and the serving check of a run into "
+                       "RUN_DIR/report.html.")
+    p.add_argument("run_dir", help="a run folder: <run.storage>/<run.name>")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     p = sub.add_parser("config", help="validate a config (with overrides) and print the resolved YAML",
                        description="Validate a config with overrides and print every key with its value.")
     _common(p)
@@ -132,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tailorlm.pipeline import StageUnavailable, run_pipeline, run_stage
 
     try:
+        if args.command == "report":
+            from tailorlm.report import write_report
+
+            print(f"report: {write_report(args.run_dir)}")
+            return 0
         if args.command == "data" and (args.input or args.output):
             cfg = _adhoc_data_config(args)
         else:
