@@ -45,6 +45,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
         ship_package = bool(address) and address not in ("local",)
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(ship_package), "log_to_driver": True}
     if address:
+        # under `ray job submit --runtime-env ...` the job's runtime_env and ours both set env vars;
+        # Ray refuses to merge them unless told to (ours adds py_modules and a few variables)
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
         # The dashboard is not optional: besides being where users watch runs, it serves the State

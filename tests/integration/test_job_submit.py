@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,13 +38,22 @@ def _stop_head(temp_dir: str) -> None:
 
 def test_data_job_via_ray_job_submit(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
-    temp_dir = str(tmp_path / "rayhead")
+    # short: Ray's Unix socket paths under the temp dir must stay below ~107 characters
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # Ray 2.60 enables token auth on new clusters; both the head and the CLI must agree on it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    # as on a cluster node with the environment activated: the job's `python` is this venv's
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # every port of its own: the agents' defaults (52365, ...) are taken by the test session's Ray
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                    "--include-dashboard=true"], check=True, env=env, capture_output=True, timeout=180)
+                    "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                    f"--runtime-env-agent-port={_free_port()}", f"--node-manager-port={_free_port()}",
+                    f"--object-manager-port={_free_port()}"],
+                   check=True, env=env, capture_output=True, timeout=180)
     try:
         corpus = tmp_path / "in.jsonl"
         corpus.write_text("\n".join(json.dumps({"id": f"r{i}", "text": f"The harbor town number {i} keeps its "
@@ -55,9 +65,13 @@ def test_data_job_via_ray_job_submit(tmp_path):
                "python", "jobs/data.py", "--config", "jobs/configs/tiny_cpu.yaml", f"run.storage={storage}",
                "run.name=jobtest", f"data.sources=[{{path: '{corpus}'}}]", "data.filters.min_tokens=1",
                "data.dedup.near.enabled=false"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(12):  # the head's job agent needs a while after `ray start` on a busy machine
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in out.stdout + out.stderr:
+                break
+            time.sleep(5)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "SUCCEEDED" in out.stdout + out.stderr
+        assert "succeeded" in (out.stdout + out.stderr).lower()
         stage = storage / "jobtest" / "data"
         assert (stage / "_COMPLETE.json").exists()
         stats = json.loads((stage / "stats.json").read_text())
