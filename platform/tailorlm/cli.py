@@ -83,13 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args):
-    from tailorlm.config import load_config
-
-    cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)
-    return cfg
-
-
 def _adhoc_data_config(args):
     """`tailorlm data --input X --output Y`: the default cleaning on X, written to Y/data/."""
     from tailorlm.config import load_config
@@ -147,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data" and (args.input or args.output):
             cfg = _adhoc_data_config(args)
         else:
-            cfg = _load(args)
+            from tailorlm.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             print(dump_yaml(cfg), end="")
             return 0

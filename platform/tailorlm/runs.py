@@ -30,6 +30,13 @@ def normalize_uri(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
+def local_path(uri: str) -> str | None:
+    """The plain filesystem path of a URI on local storage, or None for remote storage."""
+    fs, path = url_to_fs(normalize_uri(uri))
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return path if "file" in protocols else None
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -51,16 +58,6 @@ class StageDir:
     def sub(self, *parts: str) -> str:
         """URI of a path inside this stage folder (what Ray Data / pyarrow writers take)."""
         return join(self.uri, *parts)
-
-    def local_path(self) -> str:
-        """The plain filesystem path; only valid for local storage."""
-        if not self.is_local:
-            raise ValueError(f"{self.uri} is not on local storage")
-        return self.path
-
-    @property
-    def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     # -- markers --------------------------------------------------------------------------
     def is_complete(self) -> bool:

@@ -25,10 +25,11 @@ def local_copy(uri: str) -> str:
     from fsspec.core import url_to_fs
 
     from tailorlm.models import cache_root
+    from tailorlm.runs import local_path
 
+    if local_path(uri):
+        return local_path(uri)
     fs, path = url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return path
     dest = cache_root() / "served" / path.strip("/").replace("/", "_")
     if not dest.exists():
         fs.get(path, str(dest), recursive=True)

@@ -196,10 +196,3 @@ def write_history(history: list[dict], uri: str) -> None:
         for h in history:
             fh.write(json.dumps(h) + "\n")
 
-
-def local_dir_for(uri: str) -> str | None:
-    """A local folder for a storage URI, or None when the storage is remote."""
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(uri)
-    return path if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else None

@@ -136,7 +136,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
     from tailorlm.train.evaluate import evaluate_model
-    from tailorlm.train.loop import local_dir_for, write_history
+    from tailorlm.runs import local_path
+    from tailorlm.train.loop import write_history
 
     tc = cfg.train
     data = run_dir.stage("data")
@@ -151,7 +152,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
 
     prep = prepare(cfg, data.sub("kept"))
     splits, base_path, total_steps = prep["splits"], prep["base_path"], prep["total_steps"]
-    local_stage = local_dir_for(sdir.uri)
+    local_stage = local_path(sdir.uri)
     trainer = make_trainer(cfg, prep, storage_uri=sdir.uri, name="ray",
                            tensorboard_dir=os.path.join(local_stage, "tensorboard") if local_stage else None)
     result = trainer.fit()
