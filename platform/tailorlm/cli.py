@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tailorlm.config import ConfigError, dump_yaml
     from tailorlm.pipeline import StageUnavailable, run_pipeline, run_stage
+    from tailorlm.tune import SweepInterrupted
 
     try:
         if args.command == "report":
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StageUnavailable, FileNotFoundError, ValueError) as exc:
+    except (StageUnavailable, SweepInterrupted, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -74,8 +74,10 @@ def make_scheduler(cfg: PipelineConfig):
 
     t = cfg.tune
     if t.scheduler == "asha":
+        # rungs at grace * 3^k evaluations; max_t caps them at the trial length when it is known
+        max_t = t.trial_max_steps or cfg.train.max_steps or 10**9
         return ASHAScheduler(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every,
-                             max_t=10**9, reduction_factor=3)
+                             max_t=max_t, reduction_factor=3)
     if t.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every)
     return FIFOScheduler()
@@ -83,7 +85,12 @@ def make_scheduler(cfg: PipelineConfig):
 
 def make_searcher(cfg: PipelineConfig):
     if cfg.tune.searcher != "optuna":
-        return None  # random sampling and grid_search come from the param space itself
+        # random sampling and grid_search come from the param space; seeded, so a sweep (and the
+        # tune benchmark's two schedulers) sees the same sampled points on every run
+        from ray.tune.search import BasicVariantGenerator
+
+        # (Tune applies max_concurrent_trials only to the generator it builds itself, so say it here)
+        return BasicVariantGenerator(random_state=cfg.run.seed, max_concurrent=cfg.tune.max_concurrent_trials)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as exc:  # optuna missing
@@ -113,7 +120,30 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
                                         max_concurrent_trials=t.max_concurrent_trials),
             run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1),
         )
-    return tuner.fit()
+    results = tuner.fit()
+    # On SIGINT Tune saves its state and returns normally; a sweep with unfinished trials must
+    # not pass for a finished one (the stage fails, keeps sweep/ and trials/, and a rerun resumes).
+    expected = expected_trials(cfg)
+    done = results.num_terminated + results.num_errors
+    if done < expected:
+        raise SweepInterrupted(f"tune: the sweep was interrupted with {done} of {expected} trials finished; "
+                               f"rerun the same command to resume it from {sweep_uri}")
+    return results
+
+
+class SweepInterrupted(RuntimeError):
+    pass
+
+
+def expected_trials(cfg: PipelineConfig) -> int:
+    """Trials a full sweep runs: num_samples (1 for grid) times the size of every grid axis."""
+    t = cfg.tune
+    n = 1 if t.searcher == "grid" else t.num_samples
+    for spec in t.search_space.values():
+        kind, values = next(iter(spec.items()))
+        if kind == "grid" or (t.searcher == "grid" and kind == "choice"):
+            n *= len(values)
+    return n
 
 
 def error_reason(err: BaseException | None) -> str:

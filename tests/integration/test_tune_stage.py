@@ -8,6 +8,7 @@ import yaml
 
 from tailorlm.config import load_config
 from tailorlm.pipeline import run_stage
+from tailorlm.runs import COMPLETE
 
 from .test_train_stage import _write_data_stage
 
@@ -34,3 +35,53 @@ def test_sweep_leaderboard_best_and_crash(ray_local, tmp_path):
     assert (t / "trials.png").stat().st_size > 1000
     assert json.loads((t / "leaderboard.json").read_text())[0]["status"] == "finished"
     assert marker["summary"]["errors"] == 1
+
+
+def _finished_trials(sweep) -> list:
+    return [p for p in sweep.glob("*/result.json") if '"final": true' in p.read_text()]
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path, capsys):
+    """Ctrl+C (SIGINT) a `tailorlm tune` driver after its first trial: the stage is marked failed, not
+    complete; the same command again restores the sweep (Tuner.restore) and runs only what is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _write_data_stage(tmp_path)
+    overrides = [f"run.storage={tmp_path}", "train.max_seq_len=64", "train.max_steps=4", "train.eval_every=2",
+                 "train.warmup_steps=1", "train.method=full", "train.micro_batch_size=4", "tune.enabled=true",
+                 "tune.searcher=grid", "tune.scheduler=none",
+                 "tune.search_space={train.lr: {grid: [0.001, 0.003]}}"]
+    (tmp_path / "cfg.yaml").write_text("run: {name: demo}\n")
+    address = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "tune.log"  # a file, not a pipe: nobody reads a pipe while the sweep runs
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "tailorlm.cli", "tune", str(tmp_path / "cfg.yaml"),
+                                 *overrides, "--address", address], stdout=fh, stderr=subprocess.STDOUT)
+    sweep = tmp_path / "demo" / "tune" / "sweep"
+    deadline = time.time() + 300
+    while time.time() < deadline and not _finished_trials(sweep) and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    first = _finished_trials(sweep)
+    assert len(first) == 1
+    first_reports = first[0].read_text()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=180)
+    out = log.read_text()
+    assert proc.returncode != 0, out[-3000:]
+    assert "interrupted" in out and "rerun the same command" in out, out[-3000:]
+    tune_dir = tmp_path / "demo" / "tune"
+    assert (tune_dir / "_FAILED.json").exists() and not (tune_dir / COMPLETE).exists()
+    assert not (tune_dir / "leaderboard.csv").exists()  # no partial leaderboard passed off as final
+
+    cfg = load_config(str(tmp_path / "cfg.yaml"), overrides)
+    run_stage(cfg, "tune", echo=lambda s: None)
+    assert "resuming the interrupted sweep" in capsys.readouterr().out
+    board = pd.read_csv(tune_dir / "leaderboard.csv")
+    assert sorted(board["train.lr"]) == [0.001, 0.003]
+    assert (board["status"] == "finished").all() and (board["steps"] == 4).all()
+    assert first[0].read_text() == first_reports  # the finished trial was not run again
+    assert (tune_dir / COMPLETE).exists()

@@ -132,7 +132,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def eval_and_checkpoint(final: bool) -> None:
         metrics = evaluate(engine, eval_shard, pad_id, tc.micro_batch_size)
-        metrics.update(step=step, epoch=epoch, final=final)
+        # loop_s: seconds in this loop (steps and evals) over all attempts; what a sweep would cost
+        # with no start-up or scheduling overhead (the tune benchmark's "ideal")
+        metrics.update(step=step, epoch=epoch, final=final, loop_s=loop_s0 + time.time() - t_loop)
         history.append({k: v for k, v in metrics.items() if k != "final"})
         state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history,
                      scheduler=scheduler.state_dict())
@@ -148,7 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- the loop ---------------------------------------------------------------------------------
     micro = state["micro_in_epoch"]
+    loop_s0 = max((h.get("loop_s", 0.0) for h in history), default=0.0)
     tokens, t_last = 0, time.time()
+    t_loop = t_last
     while step < total_steps:
         batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy", drop_last=True,
                                            local_shuffle_buffer_size=256, local_shuffle_seed=cfg.run.seed + epoch)
