@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tailorlm-installed-$(EXTRA)
 CONFIG ?= jobs/configs/tiny_cpu.yaml
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install browser demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tailorlm run $(CONFIG)
 
-test: $(STAMP)
+# The report test renders in headless Chromium (Debian's package); installed here when missing and
+# we may (root with apt-get), otherwise that one test skips (CI sets TAILORLM_REQUIRE_CHROMIUM).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: chromium not installed; the report's browser test will skip"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -34,3 +34,23 @@ def test_every_stage_has_a_job_entrypoint():
     for stage in ("pipeline", "data", "tune", "train", "export", "serve"):
         text = (ROOT / "jobs" / f"{stage}.py").read_text()
         assert f"python jobs/{stage}.py" in text and f'entry("{stage}")' in text
+
+
+def test_kuberay_example_runs_our_entrypoint_and_serve_app():
+    import shlex
+
+    from tailorlm.config import load_config
+
+    job, service = yaml.safe_load_all((ROOT / "serve" / "kuberay.yaml").read_text())
+    assert (job["kind"], service["kind"]) == ("RayJob", "RayService")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[1].endswith("jobs/pipeline.py") and (ROOT / "jobs" / "pipeline.py").exists()
+    config = argv[argv.index("--config") + 1].replace("/home/ray/tailorlm/", "")
+    load_config(str(ROOT / config), argv[argv.index("--config") + 2:])  # the overrides validate
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    ours = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    assert app["import_path"] == ours["import_path"]
+    load_config(str(ROOT / app["args"]["config"].replace("/home/ray/tailorlm/", "")), app["args"]["overrides"])
+    for spec in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
+        gpu = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert "nvidia.com/gpu" in gpu
