@@ -278,6 +278,9 @@ class ServeConfig(Strict):
         None, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
         "default: 0.9 on GPU, 0.15 on CPU")
     keep_serving: bool = False
+    stream_batching_ms: float = Field(0, ge=0, description="ray.serve.llm batches streamed tokens for this "
+                                      "long (its default, 50 ms, adds up to that to time-to-first-token); "
+                                      "0 streams each token as it comes")
 
 
 # ----------------------------------------------------------------------------- root

@@ -120,11 +120,24 @@ def export_section(run: RunDir) -> str:
 
 def serve_section(run: RunDir) -> str:
     info = _read_json(run, "serve/endpoint.json")
-    if not info:
+    bench = _read_json(run, "bench/serve.json")  # written by `python -m tailorlm.bench.serve --run-dir`
+    if not info and not bench:
         return ""
-    s = info["sample"]
-    return (f"<h2>Serving</h2><p>{html.escape(info['url'])} served {html.escape(', '.join(info['models']))}.</p>"
-            f"<p>Q: {html.escape(s['question'])}<br>A: {html.escape(str(s['answer']))} ({s['latency_s']} s)</p>")
+    parts = ["<h2>Serving</h2>"]
+    if info:
+        s = info["sample"]
+        parts.append(f"<p>{html.escape(info['url'])} served {html.escape(', '.join(info['models']))}.</p>"
+                     f"<p>Q: {html.escape(s['question'])}<br>A: {html.escape(str(s['answer']))} "
+                     f"({s['latency_s']} s)</p>")
+    if bench:
+        rows = [{"concurrency": r["concurrency"], "bare tok/s": r["bare"]["output_throughput"],
+                 "ours tok/s": r["ours"]["output_throughput"], "ratio": r["throughput_ratio"],
+                 "bare TTFT ms": r["bare"]["median_ttft_ms"], "ours TTFT ms": r["ours"]["median_ttft_ms"],
+                 "TTFT diff ms": r["ttft_diff_ms"]} for r in bench["rows"]]
+        parts.append(f"<p>Benchmark (vllm bench serve, {bench['input_len']} in / {bench['output_len']} out "
+                     f"tokens): our endpoint against bare vllm serve on the same model.</p>")
+        parts.append(_table(rows, list(rows[0]) if rows else []))
+    return "\n".join(parts)
 
 
 def render(run_uri: str) -> str:

@@ -57,7 +57,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     probe = dom.stdout.split('<pre id="probe">')[1].split("</pre>")[0]
     fields = dict(kv.split("=", 1) for kv in probe.split()[:4])
     assert int(fields["images"]) >= 2 and fields["broken"] == "0", probe
-    assert fields["sections"] == "3" and fields["errors"] == "0", probe
+    assert fields["sections"] == "4" and fields["errors"] == "0", probe
 
     shot = tmp_path / "report.png"
     res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", f"file://{page}")

@@ -39,6 +39,11 @@ def _fake_run(root):
         "best_checkpoint_step": 70, "best_eval_loss": 2.3, "total_steps": 75}))
     (run / "registry.json").write_text(json.dumps([{"version": "1.0.0+20261122", "variants": {
         "bf16": {"perplexity": 10.0, "greedy_agreement": 1.0, "size_bytes": 100, "status": "published"}}}]))
+    (run / "bench").mkdir()
+    (run / "bench" / "serve.json").write_text(json.dumps({"input_len": 128, "output_len": 64, "rows": [
+        {"concurrency": 1, "bare": {"output_throughput": 100.0, "median_ttft_ms": 20.0},
+         "ours": {"output_throughput": 97.0, "median_ttft_ms": 25.5}, "throughput_ratio": 0.97,
+         "ttft_diff_ms": 5.5}]}))
     return run
 
 
@@ -47,7 +52,8 @@ def test_report_has_a_section_per_finished_stage_and_escapes(tmp_path):
     page = render(str(run))
     p = _Collect()
     p.feed(page)
-    assert p.h2 == ["Data", "Training", "Export"]  # no tune or serve output in this run
+    assert p.h2 == ["Data", "Training", "Export", "Serving"]  # no tune output in this run
+    assert "25.5" in page and "0.97" in page  # the serving benchmark table
     assert sum(1 for t, a in p.tags if t == "img" and a["src"].startswith("data:image/png;base64,")) >= 2
     assert "Q&lt;script&gt;" in page and "<script>" not in page
 

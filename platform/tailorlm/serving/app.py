@@ -34,6 +34,7 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
                                                   "target_ongoing_requests": sc.target_ongoing_requests},
                            "max_queued_requests": sc.max_queued_requests},
         log_engine_metrics=True,
+        experimental_configs={"stream_batching_interval_ms": sc.stream_batching_ms},
         **kwargs,
     )
 

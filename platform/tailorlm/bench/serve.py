@@ -1,0 +1,154 @@
+"""Serving overhead: our endpoint (Ray Serve + ray.serve.llm + Guard) against bare `vllm serve`.
+
+    python -m tailorlm.bench.serve                          # the tiny factory model
+    python -m tailorlm.bench.serve --run-dir runs/demo      # the demo's newest bf16 export; saves
+                                                            # runs/demo/bench/serve.json for the report
+
+Both servers host the same model folder with the same engine settings, one after the other on
+this machine, and vLLM's own `vllm bench serve` (random dataset, fixed input and output lengths,
+ignore_eos) drives each at every --concurrency. Prints output tokens/s (ratio ours / bare, target
+>= 0.95) and median time to first token (difference, target <= 10 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ENGINE = {"max_model_len": 1024, "dtype": "bfloat16", "gpu_memory_utilization": 0.15}
+MODEL_ID = "demo"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} not healthy after {timeout_s}s")
+
+
+def vllm_bench(port: int, model_dir: str, concurrency: int, args, out_dir: Path) -> dict:
+    """One `vllm bench serve` run against http://127.0.0.1:port; returns its saved result JSON."""
+    name = f"{port}-c{concurrency}.json"
+    cmd = [sys.executable, "-m", "tailorlm.bench.vllm_cli", "bench", "serve", "--backend", "openai",
+           "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", MODEL_ID,
+           "--tokenizer", model_dir, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts",
+           str(args.prompts_per_slot * concurrency), "--max-concurrency", str(concurrency), "--num-warmups",
+           str(concurrency), "--seed", "0", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    out = json.loads((out_dir / name).read_text())
+    if out.get("failed"):
+        raise RuntimeError(f"{out['failed']} requests failed against port {port}")
+    return {k: out[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed")}
+
+
+def bench_bare(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
+    port = args.port + 1
+    cmd = [sys.executable, "-m", "tailorlm.bench.vllm_cli", "serve", model_dir, "--served-model-name", MODEL_ID,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(ENGINE["max_model_len"]),
+           "--dtype", ENGINE["dtype"], "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"])]
+    log = open(out_dir / "vllm-serve.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc)
+        return {c: vllm_bench(port, model_dir, c, args, out_dir) for c in args.concurrency}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def bench_ours(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
+    from ray import serve
+
+    from tailorlm.cluster import init_ray
+    from tailorlm.config import load_config
+    from tailorlm.serving.stage import start
+
+    cfg = load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}",
+                             f"serve.max_model_len={ENGINE['max_model_len']}",
+                             f"serve.memory_utilization={ENGINE['gpu_memory_utilization']}",
+                             "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}"])
+    init_ray(num_cpus=os.cpu_count())
+    start(cfg, {MODEL_ID: model_dir})
+    try:
+        wait_healthy(f"http://127.0.0.1:{args.port}/health")
+        return {c: vllm_bench(args.port, model_dir, c, args, out_dir) for c in args.concurrency}
+    finally:
+        serve.shutdown()
+
+
+def model_folder(args) -> str:
+    if args.model:
+        return args.model
+    if args.run_dir:
+        from tailorlm.export.stage import latest_variant
+        from tailorlm.runs import RunDir, local_path
+
+        run = Path(args.run_dir).resolve()
+        uri, _ = latest_variant(RunDir(str(run.parent), run.name), "bf16")
+        return local_path(uri) or uri
+    from tailorlm.config import load_config
+    from tailorlm.models import resolve_base
+
+    return resolve_base(load_config(None).model)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model folder (default: the run's bf16 export, else the tiny model)")
+    ap.add_argument("--run-dir", help="a pipeline run folder: bench its export and save bench/serve.json there")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompts-per-slot", type=int, default=8, help="prompts = this x concurrency")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8200, help="ours; bare vllm serve uses port + 1")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model_dir = model_folder(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = bench_bare(model_dir, args, Path(tmp))
+        ours = bench_ours(model_dir, args, Path(tmp))
+    rows = []
+    print(f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens")
+    print(f"{'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} {'bare TTFT ms':>13} "
+          f"{'ours TTFT ms':>13} {'diff ms':>8}")
+    for c in args.concurrency:
+        b, o = bare[c], ours[c]
+        row = {"concurrency": c, "bare": b, "ours": o, "throughput_ratio": o["output_throughput"] / b["output_throughput"],
+               "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]}
+        rows.append(row)
+        print(f"{c:>11} {b['output_throughput']:11.1f} {o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} "
+              f"{b['median_ttft_ms']:13.1f} {o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}")
+    print("targets: ratio >= 0.95 at every concurrency, TTFT difference <= 10 ms")
+    if args.run_dir:
+        out = Path(args.run_dir) / "bench" / "serve.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": model_dir, "input_len": args.input_len, "output_len": args.output_len,
+                                   "rows": rows}, indent=1))
+        print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
