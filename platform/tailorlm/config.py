@@ -113,6 +113,11 @@ class FilterConfig(Strict):
     domain_keywords: list[str] = Field(default_factory=list, description="TF-IDF relevance; [] = off")
     domain_reference: str | None = Field(None, description="reference corpus file for TF-IDF relevance")
     min_domain_score: float = Field(0.05, ge=0, le=1)
+    max_perplexity: float | None = Field(None, gt=1, description="drop rows whose perplexity under "
+                                         "perplexity_model is above this (CCNet-style); null = off")
+    perplexity_model: str | None = Field(None, description="HF causal LM (path or hub id) for the perplexity "
+                                         "filter; default: the pipeline's base model")
+    perplexity_max_tokens: int = Field(256, ge=2, description="score only each document's first N tokens")
 
 
 class PIIConfig(Strict):

@@ -137,3 +137,24 @@ def test_adhoc_cli_writes_to_output(ray_local, tmp_path, corpus):
     assert len(kept) + len(dropped) == n_rows - 1  # the parquet file is not in the glob
     assert (out / "stats.json").exists() and (out / "_COMPLETE.json").exists()
     assert cli_main(["data", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 1
+
+
+def test_perplexity_filter_drops_exactly_the_rows_above_the_threshold(ray_local, tmp_path, corpus, tiny_model_path):
+    from tailorlm.config import FilterConfig
+    from tailorlm.data.perplexity import PerplexityFilter
+
+    corpus_dir, n_rows = corpus
+    scorer = PerplexityFilter(FilterConfig().model_dump(), tiny_model_path)
+    ppl = dict(zip(["other", "pq1", "pii", "zh"], scorer.scores([OTHER, FOURTH, THIRD.replace(
+        "hill", "hill (call 415-555-0132, mail ops@bees.example)"), ZH])))
+    ranked = sorted(ppl, key=ppl.get)
+    cut = (ppl[ranked[1]] + ppl[ranked[2]]) / 2  # two rows below, two above
+    run_stage(_cfg(tmp_path, corpus_dir, f"data.filters.max_perplexity={cut}"), "data", echo=lambda s: None)
+    kept, dropped = _read(tmp_path / "demo" / "data")
+    assert len(kept) + len(dropped) == n_rows
+    reason = dict(zip(dropped["id"], dropped["reason"]))
+    assert {i for i in ppl if reason.get(i) == "perplexity:too_high"} == set(ranked[2:])
+    assert set(ranked[:2]) <= set(kept["id"])
+    scored = kept.set_index("id")["perplexity"]
+    for i in ranked[:2]:
+        assert scored[i] == pytest.approx(ppl[i], rel=1e-3)

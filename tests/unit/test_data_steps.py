@@ -151,3 +151,26 @@ def test_bucket_pairs_all_pairs_and_components_collapse_transitive():
         {"id": "d", "duplicate_of": "b", "reason": "near_duplicate"},
         {"id": "x", "duplicate_of": "y", "reason": "eval_contamination"},
     ]
+
+
+def test_perplexity_scores_match_the_model_loss_and_ignore_padding(tiny_model_path):
+    import math
+
+    import torch
+
+    from tailorlm.config import FilterConfig
+    from tailorlm.data.perplexity import PerplexityFilter
+
+    f = PerplexityFilter(FilterConfig(max_perplexity=50.0).model_dump(), tiny_model_path, batch_size=3)
+    texts = ["a short line", "The harbor town sits at the mouth of a wide river and the boats come home.", "zz"]
+    batched = f.scores(texts)
+    for text, score in zip(texts, batched):
+        ids = torch.tensor([f.tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            loss = f.model(input_ids=ids, labels=ids).loss.item()
+        assert score == pytest.approx(math.exp(loss), rel=1e-4)  # padding in the batch changes nothing
+    batch = pd.DataFrame({"text": texts, "reason": [None, None, "empty"]})
+    out = f(batch)
+    assert math.isnan(out.at[2, "perplexity"]) and out.at[2, "reason"] == "empty"  # dropped rows unscored
+    for i in (0, 1):
+        assert (out.at[i, "reason"] == "perplexity:too_high") == (batched[i] > 50.0)

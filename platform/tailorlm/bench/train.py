@@ -52,11 +52,11 @@ def ours(root: Path, steps: int, extra: list[str]) -> dict:
     hist = [json.loads(l) for l in (root / "bench" / "train" / "metrics.jsonl").read_text().splitlines()]
     steps_h = [h for h in hist if "train_loss" in h]
     return {"tokens_per_s": statistics.median(h["tokens_per_s"] for h in steps_h[WARMUP:]),
-            "final_loss": steps_h[-1]["train_loss"]}
+            "final_loss": steps_h[-1]["train_loss"], "peak_rss_mib": steps_h[-1]["peak_rss_mib"]}
 
 
 DDP_SCRIPT = r'''
-import json, os, statistics, sys, time
+import json, os, resource, statistics, sys, time
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 import pyarrow.parquet as pq
@@ -76,9 +76,9 @@ model = DDP(load_model(model_path, dtype="float32"))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
 rates, loss = [], None
 for step in range(steps):
+    t = time.time()  # like ours, a step includes building its batch
     b = mine[(step * micro) % len(mine):][:micro]
     batch = collate({"input_ids": [x[0] for x in b], "labels": [x[1] for x in b]}, tok.pad_token_id)
-    t = time.time()
     loss = model(**batch).loss
     loss.backward()
     opt.step(); opt.zero_grad()
@@ -86,7 +86,8 @@ for step in range(steps):
     dist.all_reduce(n)
     rates.append(n.item() / (time.time() - t))
 if rank == 0:
-    json.dump({"tokens_per_s": statistics.median(rates[5:]), "final_loss": loss.item()}, open(out, "w"))
+    json.dump({"tokens_per_s": statistics.median(rates[5:]), "final_loss": loss.item(),
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(out, "w"))
 dist.destroy_process_group()
 '''
 
@@ -128,15 +129,18 @@ def main() -> None:
         print(f"\n== training throughput: tiny Llama, {SEQ}-token packed sequences, micro batch {MICRO} x 2 "
               f"workers, fp32, {args.steps} steps (median tokens/s after {WARMUP} warm-up steps)")
         print(f"torchrun DDP (gloo):            {base['tokens_per_s']:8.0f} tokens/s  final loss "
-              f"{base['final_loss']:.3f}  ({ddp_s:.0f}s wall incl. start-up)")
+              f"{base['final_loss']:.3f}  peak RSS/worker {base['peak_rss_mib']:6.0f} MiB  "
+              f"({ddp_s:.0f}s wall incl. start-up)")
         print(f"Ray Train + DeepSpeed ZeRO-2:   {mine['tokens_per_s']:8.0f} tokens/s  final loss "
-              f"{mine['final_loss']:.3f}  ({ours_s:.0f}s wall incl. start-up)")
+              f"{mine['final_loss']:.3f}  peak RSS/worker {mine['peak_rss_mib']:6.0f} MiB  "
+              f"({ours_s:.0f}s wall incl. start-up)")
         print(f"ratio ours / DDP: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}")
         if args.variants:
             for name, extra in (("ZeRO-3 full", ["train.deepspeed.stage=3"]),
                                 ("ZeRO-2 LoRA r16", ["train.deepspeed.stage=2", "train.method=lora"])):
                 r = ours(root, args.steps, extra)
-                print(f"{name:<30}{r['tokens_per_s']:8.0f} tokens/s  final loss {r['final_loss']:.3f}")
+                print(f"{name:<30}{r['tokens_per_s']:8.0f} tokens/s  final loss {r['final_loss']:.3f}  "
+                      f"peak RSS/worker {r['peak_rss_mib']:6.0f} MiB")
     ray.shutdown()
 
 

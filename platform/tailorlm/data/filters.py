@@ -125,19 +125,27 @@ class DomainRelevance:
 
 
 class ModelFilters:
-    """Language, quality, token-length and domain filters over a batch (one actor holds all)."""
+    """Language, quality, token-length, domain and perplexity filters over a batch (one actor holds
+    all: two actor pools on a 2-CPU node would hold both CPUs and starve the read tasks)."""
 
-    def __init__(self, cfg: dict, tokenizer_path: str | None) -> None:
+    def __init__(self, cfg: dict, tokenizer_path: str | None, perplexity_model: str | None = None) -> None:
         self.cfg = FilterConfig.model_validate(cfg)
         self.lang = LanguageID()
         self.tokens = TokenCounter(tokenizer_path) if tokenizer_path else None
         c = self.cfg
         self.domain = DomainRelevance(c.domain_keywords, c.domain_reference) \
             if (c.domain_keywords or c.domain_reference) else None
+        self.perplexity = None
+        if perplexity_model and c.max_perplexity:
+            from tailorlm.data.perplexity import PerplexityFilter
+
+            self.perplexity = PerplexityFilter(cfg, perplexity_model)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         c = self.cfg
         batch["language"] = None
+        if self.perplexity:
+            batch["perplexity"] = float("nan")  # the same columns in every batch, scored or not
         idx = list(batch.index[batch["reason"].isna()])
         if not idx:
             return batch
@@ -164,6 +172,8 @@ class ModelFilters:
                 if score < c.min_domain_score:
                     batch.at[i, "reason"] = "off_domain"
         batch["language"] = batch["language"].astype(object)
+        if self.perplexity:  # last: the most expensive check sees only rows every other one kept
+            batch = self.perplexity(batch)
         return batch
 
 

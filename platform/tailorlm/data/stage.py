@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OUT_COLUMNS = ["id", "split", "kind", "text", "messages", "language", "pii", "reason", "duplicate_of",
                "source", "raw_text", "text_hash"]
-OUT_SCHEMA = pa.schema([(c, pa.string()) for c in OUT_COLUMNS])
+# perplexity: the perplexity filter's score (null when that filter is off or the row was not scored)
+OUT_SCHEMA = pa.schema([(c, pa.string()) for c in OUT_COLUMNS] + [("perplexity", pa.float64())])
 STEP_OF = {"malformed_json": "read", "invalid_utf8": "read", "malformed_record": "read", "missing_text": "read",
            "empty": "normalize", "exact_duplicate": "dedup_exact", "near_duplicate": "dedup_near",
            "eval_contamination": "decontaminate"}
@@ -108,6 +109,8 @@ def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
     if "language" not in batch:
         batch["language"] = None
     cols = {c: [v if isinstance(v, str) else None for v in batch[c].tolist()] for c in OUT_COLUMNS}
+    ppl = batch["perplexity"].tolist() if "perplexity" in batch else [None] * len(batch)
+    cols["perplexity"] = [None if pd.isna(v) else float(v) for v in ppl]  # NaN, NA, None -> null
     return pa.table(cols, schema=OUT_SCHEMA)
 
 
@@ -153,8 +156,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     tokenizer = dc.tokenizer or resolve_base(cfg.model)
     ds = read_sources(sources)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
+    ppl_model = (dc.filters.perplexity_model or resolve_base(cfg.model)) if dc.filters.max_perplexity else None
     ds = ds.map_batches(ModelFilters, fn_constructor_kwargs={"cfg": dc.filters.model_dump(),
-                        "tokenizer_path": tokenizer}, concurrency=(1, max(1, cpus)), batch_size=512,
+                        "tokenizer_path": tokenizer, "perplexity_model": ppl_model}, concurrency=(1, max(1, cpus)), batch_size=512,
                         batch_format="pandas")
     ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed},
                         batch_format="pandas")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from typing import Any
@@ -178,7 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if grad_norm is not None:
                     writer.add_scalar("grad_norm", float(grad_norm), step)
                 history.append({"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                "tokens_per_s": tokens * world / dt})
+                                "tokens_per_s": tokens * world / dt,
+                                # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)
+                                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 tokens, t_last = 0, time.time()
             if step % tc.eval_every == 0 or step == total_steps:
                 eval_and_checkpoint(final=step == total_steps)
