@@ -253,7 +253,9 @@ class TuneConfig(Strict):
 class ExportConfig(Strict):
     merge_lora: bool = True
     quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(default_factory=lambda: ["w8a8", "w4a16"])
-    method: Literal["rtn"] = Field("rtn", description="round-to-nearest; calibrated GPTQ/AWQ not built yet")
+    method: Literal["rtn", "gptq"] = Field("gptq", description="gptq: calibrated on train rows of the data stage "
+                                           "(integer schemes; fp8 stays round-to-nearest); rtn: round-to-nearest")
+    calibration_samples: int = Field(64, ge=1, description="train rows GPTQ calibrates on")
     max_ppl_increase: float = Field(0.02, ge=0, description="relative perplexity increase allowed")
     on_quality_fail: Literal["refuse", "warn"] = "refuse"
 

@@ -31,3 +31,20 @@ def test_factory_model_generates_in_vllm(tiny_model_path, tmp_path):
     assert res["n"] >= 1
     # vLLM rendered the chat template saved with the model
     assert res["prompt"].endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_gptq_w4a16_checkpoint_generates_in_vllm(tiny_model_path, tmp_path):
+    """Our GPTQ output is an ordinary compressed-tensors checkpoint: vLLM's CPU backend runs it."""
+    from tailorlm.demo_data import document, planets
+    from tailorlm.export.quantize import quantize
+
+    out = quantize(tiny_model_path, str(tmp_path / "w4a16"), "w4a16", "gptq",
+                   [" ".join(document(p)) for p in planets(16)], calib_len=128)
+    script = tmp_path / "gen.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), out], capture_output=True, text=True,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert json.loads(line[7:])["n"] >= 1

@@ -1,6 +1,6 @@
 """Quantize an HF model folder into compressed-tensors checkpoints that vLLM loads.
 
-Round-to-nearest (RTN) weight quantization built on the compressed-tensors API (the library vLLM
+Round-to-nearest (RTN) or GPTQ (export/gptq.py) weight quantization built on the compressed-tensors API (the library vLLM
 itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
 LM head, each weight's scale and zero point come from its min/max (per output channel for W8A8,
 per group of 128 for W4A16), and ModelCompressor packs the weights. llmcompressor would do the
@@ -35,8 +35,12 @@ def _observe_minmax(weight, args):
     return torch.amin(w).reshape(1), torch.amax(w).reshape(1)
 
 
-def quantize_rtn(model_dir: str, out_dir: str, scheme: str) -> str:
-    """Write a quantized copy of model_dir to out_dir; returns out_dir."""
+def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", calib_texts: list[str] | None = None,
+             calib_len: int = 512, damp: float = 0.01) -> str:
+    """Write a quantized copy of model_dir to out_dir; returns out_dir.
+
+    method rtn: scales from min/max, weights rounded to nearest. method gptq: the same scales and
+    format, integer values chosen by GPTQ on calib_texts (integer schemes; fp8 stays RTN)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
@@ -47,7 +51,16 @@ def quantize_rtn(model_dir: str, out_dir: str, scheme: str) -> str:
 
     if scheme not in PRESETS:
         raise ValueError(f"export.quantize: unknown scheme {scheme!r}; allowed: {', '.join(PRESETS)}")
-    model = load_model(model_dir, dtype="bfloat16")
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"export.method: unknown {method!r}; allowed: rtn, gptq")
+    gptq = method == "gptq" and scheme != "fp8"
+    model = load_model(model_dir, dtype="float32" if gptq else "bfloat16")
+    hessians = {}
+    if gptq:
+        from tailorlm.export.gptq import calibration_batches, collect_hessians
+
+        hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [],
+                                                               calib_len, n=len(calib_texts or [])))
     qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
     apply_quantization_config(model, qconfig)
@@ -56,13 +69,21 @@ def quantize_rtn(model_dir: str, out_dir: str, scheme: str) -> str:
             qs = getattr(module, "quantization_scheme", None)
             if qs is None or qs.weights is None:
                 continue
-            lo, hi = _observe_minmax(module.weight, qs.weights)
-            scale, zero = calculate_qparams(lo, hi, qs.weights)
+            if name in hessians:
+                from tailorlm.export.gptq import gptq_weight
+
+                q, scale, zero = gptq_weight(module.weight, hessians.pop(name), qs.weights, damp=damp,
+                                             scale_dtype=torch.bfloat16)
+                module.weight.data = q
+            else:
+                lo, hi = _observe_minmax(module.weight, qs.weights)
+                scale, zero = calculate_qparams(lo, hi, qs.weights)
             module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(
                     module.weight_zero_point.shape)
             module.quantization_status = QuantizationStatus.FROZEN
+    model.to(torch.bfloat16)  # GPTQ ran in float32; the checkpoint is bf16 like RTN's (scales included)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

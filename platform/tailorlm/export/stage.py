@@ -86,6 +86,20 @@ def compare_variants(ref_dir: str, variants: dict[str, str], rows: list[dict], m
     return out
 
 
+def calibration_texts(model_dir: str, rows: list[dict], n: int, seed: int) -> list[str]:
+    """A seeded sample of train rows, rendered as the model sees them (chat rows via its template)."""
+    import random
+
+    from tailorlm.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    out = []
+    for r in random.Random(seed).sample(rows, min(n, len(rows))):
+        msgs = json.loads(r["messages"]) if isinstance(r.get("messages"), str) else None
+        out.append(tok.apply_chat_template(msgs, tokenize=False) if msgs else r["text"])
+    return out
+
+
 def next_version(run_dir: RunDir) -> str:
     """Semver plus date: 1.0.<n>+YYYYMMDD, n counting this run's exports."""
     n = len(read_registry(run_dir))
@@ -117,7 +131,7 @@ def latest_variant(run_dir: RunDir, variant: str) -> tuple[str, dict]:
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
-    from tailorlm.export.quantize import quantize_rtn, weights_size
+    from tailorlm.export.quantize import quantize, weights_size
     from tailorlm.train.stage import splits_rows
 
     ec = cfg.export
@@ -134,7 +148,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         task = ray.remote(num_cpus=1)
         ray.get(task(merged_bf16).remote(cfg, src, bf16))
         quantized = {s: os.path.join(tmp, s) for s in ec.quantize}
-        ray.get([task(quantize_rtn).remote(bf16, path, s) for s, path in quantized.items()])
+        calib = calibration_texts(bf16, splits_rows(data.sub("kept"), "train"), ec.calibration_samples, cfg.run.seed) \
+            if ec.method == "gptq" else None
+        ray.get([task(quantize).remote(bf16, path, s, ec.method, calib, cfg.train.max_seq_len)
+                 for s, path in quantized.items()])
         metrics = ray.get(task(compare_variants).remote(bf16, quantized, rows, cfg.train.max_seq_len))
         for name, path in {"bf16": bf16, **quantized}.items():
             m = {**metrics[name], "size_bytes": weights_size(path)}
