@@ -74,10 +74,10 @@ def make_scheduler(cfg: PipelineConfig):
 
     t = cfg.tune
     if t.scheduler == "asha":
-        # rungs at grace * 3^k evaluations; max_t caps them at the trial length when it is known
-        max_t = t.trial_max_steps or cfg.train.max_steps or 10**9
+        # Rungs at grace * 3^k steps. max_t stays unbounded: ASHA stops every trial that reaches
+        # max_t, and a stop that lands while Ray Train is finishing leaks its placement group.
         return ASHAScheduler(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every,
-                             max_t=max_t, reduction_factor=3)
+                             max_t=10**9, reduction_factor=3)
     if t.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every)
     return FIFOScheduler()
@@ -96,6 +96,68 @@ def make_searcher(cfg: PipelineConfig):
     except ImportError as exc:  # optuna missing
         raise ValueError("tune.searcher: optuna needs the optuna package: pip install 'tailorlm[optuna]'") from exc
     return OptunaSearch(seed=cfg.run.seed)
+
+
+def _reserves_compute(bundle: dict) -> bool:
+    res = bundle.get("unit_resources", bundle)
+    return any(res.get(k, 0) > 0 for k in ("CPU", "GPU"))
+
+
+def _release_leaked_placement_groups(wait_s: float = 2.0) -> list[str]:
+    """Remove placement groups that no actor uses, seen twice wait_s apart; returns their ids.
+
+    When Tune stops a trial while its TorchTrainer is shutting down (Train has already stopped its
+    PlacementGroupCleaner), the trainer's placement group outlives it: Ray removes a non-detached
+    group only once its creator actor and its job are both gone, and the job is this sweep. Left
+    there, it holds the workers' CPUs and the next trial waits forever.
+    """
+    import time
+
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_actors, list_placement_groups
+
+    def idle() -> set[str]:
+        # only groups that reserve CPUs or GPUs (trainer workers); Tune's own trial-driver groups
+        # reserve neither (see run_sweep) and are left to Tune
+        groups = {g.placement_group_id for g in list_placement_groups(
+            filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+            if not g.is_detached and any(_reserves_compute(b) for b in g.bundles or [])}
+        used = {a.placement_group_id for a in list_actors(detail=True, raise_on_missing_output=False)
+                if a.state != "DEAD" and a.placement_group_id}
+        return groups - used
+
+    leaked = idle()
+    if leaked:
+        time.sleep(wait_s)
+        leaked &= idle()
+    for pg_id in leaked:
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+    return sorted(leaked)
+
+
+def cleanup_callback():
+    """A Tune callback: after each trial ends, free placement groups its trainer left behind."""
+    from ray.tune import Callback
+
+    class ReleaseLeakedPlacementGroups(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release()
+
+        def _release(self) -> None:
+            try:
+                freed = _release_leaked_placement_groups()
+            except Exception as exc:  # the State API is best effort; never fail a sweep over cleanup
+                print(f"[tune] could not check for leaked placement groups: {exc}")
+                return
+            if freed:
+                print(f"[tune] released {len(freed)} placement group(s) a stopped trial left behind")
+
+    return ReleaseLeakedPlacementGroups()
 
 
 def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
@@ -118,7 +180,8 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
                                         num_samples=1 if t.searcher == "grid" else t.num_samples,
                                         scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg),
                                         max_concurrent_trials=t.max_concurrent_trials),
-            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1),
+            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1,
+                                      callbacks=[cleanup_callback()]),
         )
     results = tuner.fit()
     # On SIGINT Tune saves its state and returns normally; a sweep with unfinished trials must

@@ -85,3 +85,30 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     assert (board["status"] == "finished").all() and (board["steps"] == 4).all()
     assert first[0].read_text() == first_reports  # the finished trial was not run again
     assert (tune_dir / COMPLETE).exists()
+
+
+def test_leaked_placement_group_is_released_and_used_ones_kept(ray_local):
+    """The sweep's safety net: a CPU placement group no actor uses (what a trial Tune stopped
+    mid-shutdown leaves) is removed; one with a live actor, and Tune's CPU-less ones, are kept."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from tailorlm.tune import _release_leaked_placement_groups
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def ping(self):
+            return 1
+
+    used, idle, tune_own = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}]), placement_group(
+        [{"memory": 2**26}])
+    ray.get([used.ready(), idle.ready(), tune_own.ready()])
+    w = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
+    ray.get(w.ping.remote())
+    assert _release_leaked_placement_groups(wait_s=0.5) == [idle.id.hex()]
+    assert placement_group_table(used)["state"] == "CREATED"
+    assert placement_group_table(tune_own)["state"] == "CREATED"
+    ray.kill(w)
+    ray.util.remove_placement_group(used)
+    ray.util.remove_placement_group(tune_own)
