@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -273,6 +274,11 @@ class ServeConfig(Strict):
         "the others model_id-<variant>")
     rate_limit_per_minute: int = Field(600, ge=1)
     blocklist: list[str] = Field(default_factory=list, description="regexes; a matching prompt is rejected (400)")
+    response_blocklist: list[str] = Field(default_factory=list, description="regexes; a matching answer is "
+                                          "withheld (content_filter error; streams end at the match)")
+    ab_split: dict[str, float] = Field(default_factory=dict, description="A/B test: requests for model_id go to "
+                                       "these hosted models by weight, e.g. {demo: 0.9, demo-w4a16: 0.1}")
+    ab_sticky: bool = Field(True, description="A/B: a client (API key, else address) always gets the same model")
     max_queued_requests: int = Field(64, ge=1, description="beyond this, new requests get 503 instead of queueing")
     max_tokens_cap: int = Field(512, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
@@ -291,6 +297,26 @@ class ServeConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- root
+    def hosted_ids(self) -> list[str]:
+        """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""
+        return [self.model_id] + [f"{self.model_id}-{v}" for v in self.variants[1:]]
+
+    @model_validator(mode="after")
+    def _check_ab(self) -> "ServeConfig":
+        for model, weight in self.ab_split.items():
+            if model not in self.hosted_ids():
+                raise ValueError(f"ab_split: {model!r} is not a hosted model; hosted: {self.hosted_ids()} "
+                                 f"(add its variant to serve.variants)")
+            if weight <= 0:
+                raise ValueError(f"ab_split.{model}: weight must be > 0, got {weight}")
+        for pattern in self.blocklist + self.response_blocklist:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"blocklist: invalid regex {pattern!r}: {exc}") from exc
+        return self
+
+
 class PipelineConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

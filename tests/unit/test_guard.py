@@ -103,3 +103,76 @@ async def test_rate_limit_per_key(monkeypatch):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def _settings(*overrides):
+    return GuardSettings.from_config(load_config(None, ["serve.variants=[bf16,w4a16]", *overrides]).serve)
+
+
+@pytest.mark.anyio
+async def test_ab_split_routes_by_weight_and_sticks_per_key():
+    SEEN.clear()
+    split = "serve.ab_split={demo: 3, demo-w4a16: 1}"
+    app = Guard(echo_app, _settings(split, "serve.ab_sticky=false"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for _ in range(200):
+            assert (await c.post("/v1/completions", json={"model": "demo", "prompt": "hi"})).status_code == 200
+        await c.post("/v1/completions", json={"model": "demo-w4a16", "prompt": "hi"})  # named: not split
+    models = [b["model"] for b in SEEN[:200]]
+    assert abs(models.count("demo-w4a16") - 50) <= 3 and set(models) == {"demo", "demo-w4a16"}
+    assert SEEN[200]["model"] == "demo-w4a16"
+
+    SEEN.clear()
+    app = Guard(echo_app, _settings(split, "serve.api_keys=[k1,k2,k3,k4,k5,k6]"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for key in ["k1", "k2", "k3", "k4", "k5", "k6"] * 5:
+            await c.post("/v1/completions", json={"model": "demo", "prompt": "hi"},
+                         headers={"Authorization": f"Bearer {key}"})
+    arms = {}
+    for key, body in zip(["k1", "k2", "k3", "k4", "k5", "k6"] * 5, SEEN):
+        arms.setdefault(key, set()).add(body["model"])
+    assert all(len(a) == 1 for a in arms.values())  # sticky: one arm per key
+
+
+def test_ab_split_must_name_hosted_models():
+    from tailorlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a hosted model"):
+        load_config(None, ["serve.ab_split={demo-fp8: 1}"])
+
+
+def _answer_app(text: str, stream: bool):
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")]})
+        if not stream:
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+            return await send({"type": "http.response.body", "body": body})
+        for word in text.split(" "):
+            event = json.dumps({"choices": [{"delta": {"content": word + " "}}]}).encode()
+            await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+    return app
+
+
+@pytest.mark.anyio
+async def test_response_filter_blocks_answers_and_cuts_streams():
+    s = _settings("serve.response_blocklist=['secret\\s+plan']")
+    req = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
+            "the secret  plan is here", False), s)), base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json=req)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "content_filter"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
+            "a harmless answer", False), s)), base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json=req)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a harmless answer"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
+            "one two secret plan three four", True), s)), base_url="http://t") as c:
+        r = await c.post("/v1/chat/completions", json={**req, "stream": True})
+    events = [e[6:] for e in r.text.split("\n\n") if e.startswith("data: ")]
+    words = [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-2]]
+    assert words == ["one ", "two ", "secret "]  # "plan" completed the match: withheld, stream ended
+    assert json.loads(events[-2])["error"]["type"] == "content_filter" and events[-1] == "[DONE]"

@@ -1,5 +1,6 @@
 """The guard in front of the OpenAI endpoints: API keys, per-key rate limits, size and max_tokens
-caps, prompt filters, OpenAI-style errors, Prometheus metrics.
+caps, prompt and response filters, an A/B split between hosted models, OpenAI-style errors,
+Prometheus metrics.
 
 A plain ASGI middleware (no framework), so it wraps Ray Serve LLM's FastAPI ingress unchanged.
 Keys are compared in constant time and never logged: logs and metrics name a key by a short hash.
@@ -29,6 +30,10 @@ class GuardSettings:
     max_tokens_cap: int
     max_model_len: int
     blocklist: list[str] = field(default_factory=list)
+    response_blocklist: list[str] = field(default_factory=list)
+    ab_alias: str | None = None  # requests for this model name are split by ab_weights
+    ab_weights: dict[str, float] = field(default_factory=dict)
+    ab_sticky: bool = True  # one client (API key, else address) always gets the same arm
 
     @classmethod
     def from_config(cls, sc) -> "GuardSettings":
@@ -38,7 +43,8 @@ class GuardSettings:
             raise ValueError(f"serve: API keys are required (host {sc.host} is beyond localhost) but none are "
                              f"set: export {sc.api_keys_env}=key1,key2 or set serve.api_keys")
         return cls(keys, require, sc.rate_limit_per_minute, sc.max_request_bytes, sc.max_tokens_cap,
-                   sc.max_model_len, list(sc.blocklist))
+                   sc.max_model_len, list(sc.blocklist), list(sc.response_blocklist),
+                   sc.model_id if sc.ab_split else None, dict(sc.ab_split), sc.ab_sticky)
 
 
 def key_id(key: str) -> str:
@@ -99,6 +105,64 @@ def check_body(body: Any, s: GuardSettings) -> tuple[int, str, str, str | None] 
     return None
 
 
+def ab_arm(weights: dict[str, float], draw: float) -> str:
+    """The model whose cumulative weight share first exceeds draw (0 <= draw < 1)."""
+    total, acc = sum(weights.values()), 0.0
+    for model, w in sorted(weights.items()):
+        acc += w / total
+        if draw < acc:
+            return model
+    return max(sorted(weights))
+
+
+def _response_text(body: dict[str, Any]) -> str:
+    parts = []
+    for ch in body.get("choices") or []:
+        if not isinstance(ch, dict):
+            continue
+        parts.append(ch.get("text") or "")
+        for k in ("message", "delta"):
+            if isinstance(ch.get(k), dict):
+                parts.append(ch[k].get("content") or "")
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+class ResponseFilter:
+    """Checks generated text against the response blocklist. Non-streaming: a match replaces the
+    answer with an OpenAI content_filter error (400). Streaming: text accumulates over the SSE
+    events; at a match the event is withheld and the stream ends with a content_filter error
+    event and `data: [DONE]` (what was already sent stays sent)."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = [re.compile(p, flags=re.IGNORECASE) for p in patterns]
+        self.seen, self.buffer, self.blocked = "", b"", False
+
+    def hit(self, text: str) -> bool:
+        return any(p.search(text) for p in self.patterns)
+
+    def stream_chunk(self, data: bytes) -> bytes:
+        """Filtered bytes to pass on for one body chunk of an SSE stream."""
+        if self.blocked:
+            return b""
+        self.buffer += data
+        out = b""
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            payload = event[5:].strip() if event.startswith(b"data:") else b""
+            if payload and payload != b"[DONE]":
+                try:
+                    self.seen += _response_text(json.loads(payload))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass
+                if self.hit(self.seen):
+                    self.blocked = True
+                    err = error_body(400, "the response was stopped by this server's content filter",
+                                     "content_filter")
+                    return out + b"data: " + err + b"\n\ndata: [DONE]\n\n"
+            out += event + b"\n\n"
+        return out
+
+
 class Guard:
     """ASGI middleware applying GuardSettings to every /v1 request."""
 
@@ -106,6 +170,7 @@ class Guard:
         self.app, self.s = app, settings
         self.limiter = TokenBucket(settings.rate_limit_per_minute)
         self.metrics = _Metrics()
+        self._draws = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or not scope["path"].startswith("/v1"):
@@ -180,6 +245,16 @@ class Guard:
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = self.s.max_tokens_cap  # an uncapped request would run to the context end
             raw = json.dumps(body).encode()
+        if self.s.ab_weights and body.get("model") == self.s.ab_alias:
+            if self.s.ab_sticky:  # a stable hash of the client: the same arm on every request
+                draw = int(hashlib.sha256(client.encode()).hexdigest()[:12], 16) / 16**12
+            else:  # a low-discrepancy sequence: the split matches the weights closely at any volume
+                self._draws += 1
+                draw = (self._draws * 0.6180339887498949) % 1.0
+            body["model"] = ab_arm(self.s.ab_weights, draw)
+            raw = json.dumps(body).encode()
+        if self.s.response_blocklist:
+            send = self._filtered_send(send, ResponseFilter(self.s.response_blocklist), bool(body.get("stream")))
         sent = False
 
         async def replay():
@@ -192,6 +267,41 @@ class Guard:
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(raw)).encode()))
         await self.app({**scope, "headers": new_headers}, replay, send)
+
+
+    @staticmethod
+    def _filtered_send(send, flt: ResponseFilter, stream: bool):
+        held: dict[str, Any] = {}
+
+        async def filtered(message):
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:
+                    return await send(message)
+                held["start"], held["body"] = message, b""
+                return None
+            if message["type"] != "http.response.body" or "start" not in held:
+                return await send(message)
+            more = message.get("more_body", False)
+            if stream:  # pass events on as they come, minus a blocked tail
+                if not held.get("started"):
+                    held["started"] = True
+                    await send(held["start"])
+                return await send({**message, "body": flt.stream_chunk(message.get("body", b""))})
+            held["body"] += message.get("body", b"")
+            if more:
+                return None
+            try:
+                text = _response_text(json.loads(held["body"]))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                text = ""
+            if flt.hit(text):
+                return await _reply(send, 400, error_body(400, "the response was rejected by this server's "
+                                                          "content filter", "content_filter"))
+            headers = [(k, v) for k, v in held["start"]["headers"] if k.lower() != b"content-length"]
+            await send({**held["start"], "headers": headers + [(b"content-length", str(len(held["body"])).encode())]})
+            await send({"type": "http.response.body", "body": held["body"]})
+
+        return filtered
 
 
 def openai_error(status: int, body: bytes) -> bytes:

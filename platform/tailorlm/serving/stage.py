@@ -41,9 +41,9 @@ def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
 
     run_dir = RunDir.from_config(cfg)
     out = {}
-    for i, variant in enumerate(cfg.serve.variants):
+    for name, variant in zip(cfg.serve.hosted_ids(), cfg.serve.variants):
         uri, _ = latest_variant(run_dir, variant)
-        out[cfg.serve.model_id if i == 0 else f"{cfg.serve.model_id}-{variant}"] = local_copy(uri)
+        out[name] = local_copy(uri)
     return out
 
 
