@@ -183,15 +183,29 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
             run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1,
                                       callbacks=[cleanup_callback()]),
         )
-    results = tuner.fit()
-    # On SIGINT Tune saves its state and returns normally; a sweep with unfinished trials must
-    # not pass for a finished one (the stage fails, keeps sweep/ and trials/, and a rerun resumes).
-    expected = expected_trials(cfg)
-    done = results.num_terminated + results.num_errors
-    if done < expected:
-        raise SweepInterrupted(f"tune: the sweep was interrupted with {done} of {expected} trials finished; "
-                               f"rerun the same command to resume it from {sweep_uri}")
+    # On SIGINT Tune saves its state and returns normally, so a sweep stopped that way must not
+    # pass for a finished one. Tune's handler, when it fires, puts back the handler it found: we
+    # give it a sentinel to find (main thread only; elsewhere Tune installs no handler).
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _sentinel) if main else None
+    try:
+        results = tuner.fit()
+    finally:
+        interrupted = main and signal.getsignal(signal.SIGINT) is _sentinel
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    never_ran = [r for r in results if r.error is None and (r.metrics_dataframe is None or r.config is None)]
+    if interrupted or never_ran or len(results) < expected_trials(cfg):
+        raise SweepInterrupted(f"tune: the sweep was interrupted before all {expected_trials(cfg)} trials "
+                               f"finished; rerun the same command to resume it from {sweep_uri}")
     return results
+
+
+def _sentinel(signum, frame):
+    raise KeyboardInterrupt
 
 
 class SweepInterrupted(RuntimeError):
