@@ -195,11 +195,12 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
         results = tuner.fit()
     finally:
         interrupted = main and signal.getsignal(signal.SIGINT) is _sentinel
-        if main:
+        if main and previous is not None:
             signal.signal(signal.SIGINT, previous)
+    expected = expected_trials(cfg)
     never_ran = [r for r in results if r.error is None and (r.metrics_dataframe is None or r.config is None)]
-    if interrupted or never_ran or len(results) < expected_trials(cfg):
-        raise SweepInterrupted(f"tune: the sweep was interrupted before all {expected_trials(cfg)} trials "
+    if interrupted or never_ran or len(results) < expected:
+        raise SweepInterrupted(f"tune: the sweep was interrupted before all {expected} trials "
                                f"finished; rerun the same command to resume it from {sweep_uri}")
     return results
 

@@ -99,11 +99,11 @@ def gptq_weight(weight, hessian, args, damp: float = 0.01, block: int = 128, sca
     return Q, scale, zero
 
 
-def calibration_batches(tok, texts: list[str], max_len: int, n: int) -> list[Any]:
+def calibration_batches(tok, texts: list[str], max_len: int) -> list[Any]:
     import torch
 
     out = []
-    for text in texts[:n]:
+    for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"][:max_len]
         if len(ids) >= 2:
             out.append(torch.tensor([ids]))

@@ -60,7 +60,7 @@ def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", cal
         from tailorlm.export.gptq import calibration_batches, collect_hessians
 
         hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [],
-                                                               calib_len, n=len(calib_texts or [])))
+                                                               calib_len))
     qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
     apply_quantization_config(model, qconfig)
