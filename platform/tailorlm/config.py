@@ -291,12 +291,21 @@ class ServeConfig(Strict):
         None, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
         "default: 0.9 on GPU, 0.15 on CPU")
     keep_serving: bool = False
-    stream_batching_ms: float = Field(0, ge=0, description="ray.serve.llm batches streamed tokens for this "
+    backend: Literal["vllm", "ray_llm"] = Field(
+        "vllm", description="vllm: one replica runs vLLM's OpenAI app around AsyncLLM (fastest; local LoRA "
+        "adapters); ray_llm: ray.serve.llm (engines spread over several GPUs)")
+    replica_cpus: float = Field(1, ge=0, description="CPUs each replica reserves (backend vllm)")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica runs at once (backend vllm); "
+                                      "more wait in its queue, up to max_queued_requests")
+    lora_adapters: dict[str, str] = Field(default_factory=dict, description="backend vllm: LoRA adapters served "
+                                          "on model_id, as {name: local peft folder}; addressed by name")
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank among lora_adapters")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: further `vllm serve` "
+                                        "flags, e.g. {enable-prefix-caching: true}")
+    stream_batching_ms: float = Field(0, ge=0, description="backend ray_llm batches streamed tokens for this "
                                       "long (its default, 50 ms, adds up to that to time-to-first-token); "
                                       "0 streams each token as it comes")
 
-
-# ----------------------------------------------------------------------------- root
     def hosted_ids(self) -> list[str]:
         """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""
         return [self.model_id] + [f"{self.model_id}-{v}" for v in self.variants[1:]]
@@ -314,7 +323,13 @@ class ServeConfig(Strict):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"blocklist: invalid regex {pattern!r}: {exc}") from exc
+        if self.lora_adapters and self.backend != "vllm":
+            raise ValueError("lora_adapters: local adapters need serve.backend=vllm (ray.serve.llm loads "
+                             "adapters from s3/gs/azure only)")
         return self
+
+
+# ----------------------------------------------------------------------------- root
 
 
 class PipelineConfig(Strict):

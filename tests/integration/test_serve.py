@@ -1,4 +1,6 @@
-"""The real stack: vLLM (CPU) behind Ray Serve via ray.serve.llm, our guard, the openai client."""
+"""The real stack, default backend: vLLM's OpenAI app around AsyncLLM in one Ray Serve replica,
+our guard, the openai client. Two engines (the same weights under two names) and a LoRA adapter
+from a local folder share the replica."""
 
 import os
 
@@ -11,17 +13,36 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PORT = 8011
 
 
+def make_adapter(base: str, out) -> str:
+    """A peft LoRA adapter with large random B matrices, so that it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_model_path):
+def served(ray_local, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from tailorlm.serving.stage import sample_chat, start
 
     os.environ["TAILORLM_API_KEYS"] = "test-key"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    adapter = make_adapter(tiny_model_path, tmp_path_factory.mktemp("adapter"))
     cfg = load_config(None, [f"serve.port={PORT}", "serve.require_api_key=true", "serve.max_model_len=256",
-                             "serve.max_tokens_cap=32", "serve.model_id=tiny"])
-    start(cfg, {"tiny": tiny_model_path})
+                             "serve.max_tokens_cap=32", "serve.model_id=tiny",
+                             f"serve.lora_adapters={{tiny-lora: {adapter}}}"])
+    start(cfg, {"tiny": tiny_model_path, "tiny-b": tiny_model_path})
     first = sample_chat(cfg, "tiny", timeout_s=600)
     yield cfg, first
     serve.delete("tailorlm")
@@ -34,7 +55,7 @@ def test_openai_client_chat_completions_and_streaming(served):
     cfg, first = served
     assert isinstance(first["answer"], str) and first["usage"]["completion_tokens"] >= 1
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="test-key", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-lora", "tiny-b"]
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].finish_reason in ("length", "stop") and chat.usage.prompt_tokens > 5
@@ -44,6 +65,20 @@ def test_openai_client_chat_completions_and_streaming(served):
         else len(chunks) >= 2
     comp = client.completions.create(model="tiny", prompt="The capital of", max_tokens=5, temperature=0)
     assert comp.usage.completion_tokens >= 1
+
+
+def test_models_and_adapters_route_by_name(served):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="test-key", max_retries=0)
+
+    def greedy(model: str) -> str:
+        return client.completions.create(model=model, prompt="The capital of Daleglen is", max_tokens=12,
+                                         temperature=0).choices[0].text
+
+    base = greedy("tiny")
+    assert greedy("tiny-b") == base  # the same weights in a second engine
+    assert greedy("tiny-lora") != base  # the adapter is applied
 
 
 def test_errors_are_4xx_with_openai_bodies(served):

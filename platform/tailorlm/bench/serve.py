@@ -1,11 +1,12 @@
-"""Serving overhead: our endpoint (Ray Serve + ray.serve.llm + Guard) against bare `vllm serve`.
+"""Serving overhead: our endpoint (Ray Serve + vLLM + Guard) against bare `vllm serve`.
 
-    python -m tailorlm.bench.serve                          # the tiny factory model
+    python -m tailorlm.bench.serve                          # the tiny factory model, backend vllm
+    python -m tailorlm.bench.serve --backends vllm ray_llm  # both serving backends
     python -m tailorlm.bench.serve --run-dir runs/demo      # the demo's newest bf16 export; saves
                                                             # runs/demo/bench/serve.json for the report
 
-Both servers host the same model folder with the same engine settings, one after the other on
-this machine, and vLLM's own `vllm bench serve` (random dataset, fixed input and output lengths,
+Both servers host the same model folder with the same engine flags (serving.engine.vllm_argv),
+one after the other on this machine, and vLLM's own `vllm bench serve` (random dataset, fixed input and output lengths,
 ignore_eos) drives each at every --concurrency. Prints output tokens/s (ratio ours / bare, target
 >= 0.95) and median time to first token (difference, target <= 10 ms).
 """
@@ -13,9 +14,11 @@ ignore_eos) drives each at every --concurrency. Prints output tokens/s (ratio ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,8 +26,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-ENGINE = {"max_model_len": 1024, "dtype": "bfloat16", "gpu_memory_utilization": 0.15}
 MODEL_ID = "demo"
+
+
+def bench_config(args, backend: str = "vllm"):
+    from tailorlm.config import load_config
+
+    return load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}", f"serve.backend={backend}",
+                              "serve.max_model_len=1024", "serve.memory_utilization=0.15",
+                              "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}",
+                              f"serve.engine_args={{stream-interval: {args.stream_interval}}}"])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
@@ -60,16 +71,19 @@ def vllm_bench(port: int, model_dir: str, concurrency: int, args, out_dir: Path)
     return {k: out[k] for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms", "completed")}
 
 
-def bench_bare(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
+@contextlib.contextmanager
+def bare_server(model_dir: str, args, out_dir: Path):
+    """`vllm serve` with the flags our backend gives its engine; yields its port."""
+    from tailorlm.serving.engine import vllm_argv
+
     port = args.port + 1
-    cmd = [sys.executable, "-m", "tailorlm.bench.vllm_cli", "serve", model_dir, "--served-model-name", MODEL_ID,
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(ENGINE["max_model_len"]),
-           "--dtype", ENGINE["dtype"], "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"])]
+    flags = vllm_argv(bench_config(args).serve, MODEL_ID, model_dir, {})
+    cmd = [sys.executable, "-m", "tailorlm.bench.vllm_cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(port)]
     log = open(out_dir / "vllm-serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", proc)
-        return {c: vllm_bench(port, model_dir, c, args, out_dir) for c in args.concurrency}
+        yield port
     except Exception:
         log.flush()
         print((out_dir / "vllm-serve.log").read_text()[-3000:], file=sys.stderr)
@@ -84,24 +98,46 @@ def bench_bare(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
         log.close()
 
 
-def bench_ours(model_dir: str, args, out_dir: Path) -> dict[int, dict]:
+@contextlib.contextmanager
+def our_server(model_dir: str, args, backend: str):
+    """Our endpoint (serve stage's own start) on the embedded Ray; yields its port."""
     from ray import serve
 
     from tailorlm.cluster import init_ray
-    from tailorlm.config import load_config
     from tailorlm.serving.stage import start
 
-    cfg = load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}",
-                             f"serve.max_model_len={ENGINE['max_model_len']}",
-                             f"serve.memory_utilization={ENGINE['gpu_memory_utilization']}",
-                             "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}"])
     init_ray(num_cpus=os.cpu_count())
-    start(cfg, {MODEL_ID: model_dir})
+    start(bench_config(args, backend), {MODEL_ID: model_dir})
     try:
         wait_healthy(f"http://127.0.0.1:{args.port}/health")
-        return {c: vllm_bench(args.port, model_dir, c, args, out_dir) for c in args.concurrency}
+        yield args.port
     finally:
         serve.shutdown()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
+    """Both servers up at once; bench runs alternate between them, round after round, so that
+    drift in this machine's speed falls on both alike. Medians over rounds."""
+    rows = []
+    with bare_server(model_dir, args, out_dir) as bare_port:
+        for backend in args.backends:
+            runs: dict[tuple[str, int], list[dict]] = {}
+            with our_server(model_dir, args, backend) as our_port:
+                for _ in range(args.rounds):
+                    for c in args.concurrency:
+                        for side, port in (("bare", bare_port), ("ours", our_port)):
+                            runs.setdefault((side, c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
+            for c in args.concurrency:
+                b, o = ({k: median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]}
+                        for side in ("bare", "ours"))
+                rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
+                             "throughput_ratio": o["output_throughput"] / b["output_throughput"],
+                             "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]})
+    return rows
 
 
 def model_folder(args) -> str:
@@ -129,23 +165,25 @@ def main(argv=None) -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--port", type=int, default=8200, help="ours; bare vllm serve uses port + 1")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating bench rounds per server")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="vLLM --stream-interval (tokens per streamed chunk), given to both servers")
+    ap.add_argument("--backends", nargs="+", default=["vllm"], choices=["vllm", "ray_llm"],
+                    help="our serving backends to measure (serve.backend)")
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model_dir = model_folder(args)
     with tempfile.TemporaryDirectory() as tmp:
-        bare = bench_bare(model_dir, args, Path(tmp))
-        ours = bench_ours(model_dir, args, Path(tmp))
-    rows = []
-    print(f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens")
-    print(f"{'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} {'bare TTFT ms':>13} "
-          f"{'ours TTFT ms':>13} {'diff ms':>8}")
-    for c in args.concurrency:
-        b, o = bare[c], ours[c]
-        row = {"concurrency": c, "bare": b, "ours": o, "throughput_ratio": o["output_throughput"] / b["output_throughput"],
-               "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]}
-        rows.append(row)
-        print(f"{c:>11} {b['output_throughput']:11.1f} {o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} "
-              f"{b['median_ttft_ms']:13.1f} {o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}")
+        rows = compare(model_dir, args, Path(tmp))
+    print(f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens; "
+          f"medians of {args.rounds} alternating rounds")
+    print(f"{'backend':>8} {'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} "
+          f"{'bare TTFT ms':>13} {'ours TTFT ms':>13} {'diff ms':>8}")
+    for row in rows:
+        b, o = row["bare"], row["ours"]
+        print(f"{row['backend']:>8} {row['concurrency']:>11} {b['output_throughput']:11.1f} "
+              f"{o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} {b['median_ttft_ms']:13.1f} "
+              f"{o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}")
     print("targets: ratio >= 0.95 at every concurrency, TTFT difference <= 10 ms")
     if args.run_dir:
         out = Path(args.run_dir) / "bench" / "serve.json"

@@ -1,14 +1,16 @@
-"""The Ray Serve application: vLLM engines via ray.serve.llm behind an OpenAI-compatible ingress.
+"""The Ray Serve application: vLLM behind an OpenAI-compatible HTTP API and our Guard.
 
     serve run serve.app:app                    # development (serve/app.py)
     serve deploy serve/config.yaml             # on a cluster: import_path tailorlm.serving.app:build_from_args
 
-Each hosted variant is a ray.serve.llm `LLMConfig` (one vLLM engine deployment, autoscaled by
-our config). The ingress is Ray's own `OpenAiIngress` (/v1/models, /v1/completions,
-/v1/chat/completions with SSE streaming), built with `make_fastapi_ingress` on a FastAPI app we
-create so that our Guard middleware (keys, rate limits, caps, filters, metrics) wraps it:
-`build_openai_app` offers no way to add middleware to the app it creates, so we assemble the same
-two pieces it does. Those builder helpers are internal to ray.llm; ray is pinned to 2.60.
+serve.backend picks how vLLM is hosted:
+- vllm (default, serving/engine.py): one deployment whose replica runs vLLM's own OpenAI app
+  around an in-process AsyncLLM; measured fastest, serves local LoRA adapters.
+- ray_llm (below): Ray's `ray.serve.llm`. Each hosted variant is an `LLMConfig` (one vLLM engine
+  deployment, autoscaled by our config); the ingress is Ray's own `OpenAiIngress`, built with
+  `make_fastapi_ingress` on a FastAPI app we create so that our Guard middleware wraps it:
+  `build_openai_app` offers no way to add middleware to the app it creates, so we assemble the
+  same two pieces it does. Those builder helpers are internal to ray.llm; ray is pinned to 2.60.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
 
 def build_app(cfg: PipelineConfig, models: dict[str, str]):
     """models: model_id -> local HF folder. Returns a Ray Serve Application."""
+    if cfg.serve.backend == "vllm":
+        from tailorlm.serving.engine import build_engine_app
+
+        return build_engine_app(cfg, models)
+    return build_ray_llm_app(cfg, models)
+
+
+def build_ray_llm_app(cfg: PipelineConfig, models: dict[str, str]):
     from fastapi.responses import JSONResponse
     from ray import serve
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress

@@ -19,6 +19,8 @@ from typing import Any, Awaitable, Callable
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 PUBLIC_PATHS = {"/health", "/-/healthz", "/-/routes"}
+OPENAI_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                      "rate_limit_error", "server_error", "content_filter"}
 
 
 @dataclass
@@ -40,8 +42,9 @@ class GuardSettings:
         keys = list(sc.api_keys) + [k.strip() for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
         require = sc.require_api_key if sc.require_api_key is not None else sc.host not in LOCAL_HOSTS
         if require and not keys:
-            raise ValueError(f"serve: API keys are required (host {sc.host} is beyond localhost) but none are "
-                             f"set: export {sc.api_keys_env}=key1,key2 or set serve.api_keys")
+            why = "serve.require_api_key is true" if sc.require_api_key else f"host {sc.host} is beyond localhost"
+            raise ValueError(f"serve: API keys are required ({why}) but none are set: export "
+                             f"{sc.api_keys_env}=key1,key2 or set serve.api_keys")
         return cls(keys, require, sc.rate_limit_per_minute, sc.max_request_bytes, sc.max_tokens_cap,
                    sc.max_model_len, list(sc.blocklist), list(sc.response_blocklist),
                    sc.model_id if sc.ab_split else None, dict(sc.ab_split), sc.ab_sticky)
@@ -309,11 +312,15 @@ def openai_error(status: int, body: bytes) -> bytes:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         parsed = body.decode(errors="replace")
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return body
-    detail = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
     etype = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        err = parsed["error"]
+        if err.get("type") in OPENAI_ERROR_TYPES:
+            return body
+        # vLLM names errors after exception classes ("NotFoundError"); clients expect OpenAI's types
+        return json.dumps({"error": {**err, "type": etype}}).encode()
+    detail = parsed.get("detail", parsed) if isinstance(parsed, dict) else parsed
     return error_body(status, detail if isinstance(detail, str) else json.dumps(detail), etype)
 
 

@@ -1,0 +1,198 @@
+"""The default serving backend: one Ray Serve deployment that runs vLLM's own OpenAI server app
+around an in-process `AsyncLLM`, behind our Guard.
+
+Why not ray.serve.llm (still available as serve.backend=ray_llm): our benchmark
+(`python -m tailorlm.bench.serve`) measured it at 0.41x bare `vllm serve` output tokens/s at
+concurrency 1 and 0.50x at 8, with +28 ms median time to first token. There, every streamed token
+crosses two Ray hops (HTTP proxy -> ingress replica -> engine replica) before it leaves. Here the
+proxy calls one replica, and inside it the request meets exactly the code `vllm serve` runs
+(vLLM's FastAPI routes, renderer and AsyncLLM), so the only extra cost is the proxy hop. The
+same replica also serves LoRA adapters from local folders, which Ray's LLM loader does not
+(it accepts s3/gs/azure only). ray_llm remains the choice for engines spread over several GPUs
+(tensor/pipeline parallel placement groups), which this backend does not manage.
+
+Several hosted models (variants, an A/B pair) live in one replica, one AsyncLLM each; a small
+ASGI router sends each request to the app of the model it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tailorlm.config import ServeConfig
+
+
+def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str, str]) -> list[str]:
+    """The `vllm serve` command line for one hosted model: the benchmark starts bare vLLM with the
+    same flags, so the two differ only in what sits in front of the engine."""
+    argv = ["--model", model_dir, "--served-model-name", model_id, "--max-model-len", str(sc.max_model_len),
+            "--dtype", "auto" if sc.use_gpu else "bfloat16",
+            # on CPU vLLM reads this as the share of RAM to reserve (its default, 0.92, is a whole machine)
+            "--gpu-memory-utilization", str(sc.memory_utilization or (0.9 if sc.use_gpu else 0.15))]
+    if adapters:
+        argv += ["--enable-lora", "--max-lora-rank", str(sc.max_lora_rank), "--lora-modules",
+                 *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()]]
+    for key, value in sc.engine_args.items():  # any other `vllm serve` flag, e.g. {enable-prefix-caching: true}
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False and value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+async def build_model_app(argv: list[str]):
+    """vLLM's OpenAI app for one model, as `vllm serve <argv>` builds it, minus the HTTP server."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    # engine metrics (tokens, latency, queue) go to Ray's Prometheus endpoint, as ray.serve.llm does
+    engine = AsyncLLM.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
+                                       stat_loggers=[RayPrometheusStatLogger])
+    tasks = await engine.get_supported_tasks()
+    app = build_app(args, tasks, engine.model_config)
+    await init_app_state(engine, app.state, args, tasks)
+    return app, engine
+
+
+class ModelRouter:
+    """ASGI app: /v1 requests go to the vLLM app hosting the model (or adapter) named in the body;
+    /v1/models lists them all; other paths (/metrics, /version, /tokenize) go to the first model."""
+
+    def __init__(self, apps: dict[str, Any], names: dict[str, str]):
+        self.apps, self.names = apps, names  # model_id -> app; served name (model or adapter) -> model_id
+        self.first = next(iter(apps.values()))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":  # the vLLM apps were started by the deployment, not by lifespan
+            while (msg := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        if scope["type"] != "http":
+            return await self.first(scope, receive, send)
+        if scope["path"] == "/v1/models" and scope["method"] == "GET":
+            cards = []
+            for app in self.apps.values():
+                listed = await app.state.openai_serving_models.show_available_models()
+                cards += [c.model_dump() for c in listed.data]
+            return await _json(send, 200, {"object": "list", "data": cards})
+        if scope["method"] != "POST" or len(self.apps) == 1:
+            return await self.first(scope, receive, send)
+        body, more = b"", True
+        while more:  # the Guard has already capped the size
+            msg = await receive()
+            body, more = body + msg.get("body", b""), msg.get("more_body", False)
+        try:
+            model = json.loads(body).get("model")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model = None
+        target = self.apps.get(self.names.get(model, ""), self.first)  # vLLM answers an unknown name with 404
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await target(scope, replay, send)
+
+
+async def _json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class EngineServer:
+    """The replica: starts one AsyncLLM per hosted model, then serves Guard(ModelRouter)."""
+
+    async def __init__(self, serve_cfg: dict[str, Any], settings, models: dict[str, str], adapters: dict[str, str]):
+        self.sc, self.settings = ServeConfig(**serve_cfg), settings
+        self.apps, self.engines, self.names = {}, [], {}
+        gpu_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if self.sc.use_gpu else []
+        for i, (model_id, model_dir) in enumerate(models.items()):
+            mine = adapters if i == 0 else {}  # adapters attach to the first (primary) model
+            if gpu_ids:  # one GPU per hosted model: the engine process inherits this at spawn
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[i % len(gpu_ids)]
+            app, engine = await build_model_app(vllm_argv(self.sc, model_id, model_dir, mine))
+            self.apps[model_id] = app
+            self.engines.append(engine)
+            self.names.update({model_id: model_id, **{name: model_id for name in mine}})
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+
+    def __serve_build_asgi_app__(self):
+        from tailorlm.serving.security import Guard
+
+        router = ModelRouter(self.apps, self.names)
+
+        async def app(scope, receive, send):
+            if scope["type"] == "http" and scope["path"] == "/health":
+                return await _json(send, 200, {"status": "ok", "models": sorted(self.names)})
+            return await router(scope, receive, send)
+
+        return Guard(app, settings=self.settings)
+
+    async def check_health(self) -> None:
+        for engine in self.engines:  # a dead engine process makes Serve replace this replica
+            await engine.check_health()
+
+    def __del__(self):
+        for engine in getattr(self, "engines", []):
+            engine.shutdown()
+
+
+def build_engine_app(cfg, models: dict[str, str]):
+    """The Ray Serve application for serve.backend=vllm."""
+    from ray import serve
+
+    from tailorlm.serving.security import GuardSettings
+
+    sc = cfg.serve
+    adapters = resolve_adapters(sc)
+    settings = GuardSettings.from_config(sc)  # read here: keys set in this process's environment count
+    actor: dict[str, Any] = {"num_cpus": sc.replica_cpus}
+    if sc.use_gpu:
+        actor["num_gpus"] = len(models)
+    env = {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in os.environ}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
+    deployment = serve.deployment(
+        serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
+        autoscaling_config={"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
+                            "target_ongoing_requests": sc.target_ongoing_requests},
+        max_ongoing_requests=sc.max_ongoing_requests, max_queued_requests=sc.max_queued_requests,
+        health_check_period_s=10, graceful_shutdown_timeout_s=30)
+    return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
+
+
+def resolve_adapters(sc: ServeConfig) -> dict[str, str]:
+    """serve.lora_adapters as absolute local folders; a missing or non-peft folder fails here,
+    before any replica starts, naming the adapter."""
+    from pathlib import Path
+
+    out = {}
+    for name, path in sc.lora_adapters.items():
+        folder = Path(path).expanduser().resolve()
+        if not (folder / "adapter_config.json").is_file():
+            raise ValueError(f"serve.lora_adapters.{name}: {path} is not a peft adapter folder "
+                             f"(no adapter_config.json)")
+        if name in sc.hosted_ids():
+            raise ValueError(f"serve.lora_adapters.{name}: the name is taken by a hosted model")
+        out[name] = str(folder)
+    return out
