@@ -302,9 +302,11 @@ class ServeConfig(Strict):
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank among lora_adapters")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: further `vllm serve` "
                                         "flags, e.g. {enable-prefix-caching: true}")
-    stream_batching_ms: float = Field(0, ge=0, description="backend ray_llm batches streamed tokens for this "
-                                      "long (its default, 50 ms, adds up to that to time-to-first-token); "
-                                      "0 streams each token as it comes")
+    stream_batching_ms: float = Field(0, ge=0, description="streamed chunks that come faster than one per "
+                                      "this many ms leave the replica merged (fewer messages through the Ray "
+                                      "Serve proxy); backend vllm sends the first chunks and any after a pause "
+                                      "at once, ray_llm batches from the first (adds to time to first token); "
+                                      "0 sends every chunk as it comes")
 
     def hosted_ids(self) -> list[str]:
         """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""

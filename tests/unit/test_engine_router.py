@@ -77,3 +77,44 @@ def test_adapters_are_checked_before_serving(tmp_path):
         load_config(None, [f"serve.lora_adapters={{support: {good}}}", "serve.backend=ray_llm"])
     with pytest.raises(ConfigError, match="serve.backend"):
         load_config(None, ["serve.backend=tgi"])
+
+
+def streaming_app(n: int, gap_s: float):
+    async def app(scope, receive, send):
+        import asyncio
+
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(n):
+            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
+            await asyncio.sleep(gap_s)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+    return app
+
+
+async def collect(app) -> list[bytes]:
+    bodies = []
+
+    async def send(msg):
+        if msg["type"] == "http.response.body":
+            bodies.append(msg["body"])
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await app({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send)
+    return bodies
+
+
+@pytest.mark.anyio
+async def test_stream_coalescer_merges_fast_chunks_only():
+    from tailorlm.serving.engine import StreamCoalescer
+
+    expected = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
+    fast = await collect(StreamCoalescer(streaming_app(20, 0.001), window_s=0.05))
+    assert b"".join(fast) == expected  # nothing lost, order kept
+    assert fast[0] == b"data: 0\n\n" and fast[1] == b"data: 1\n\n"  # the first chunks go out at once
+    assert len(fast) <= 8  # 20 chunks in ~20-40 ms, merged into windows of 50 ms
+    slow = await collect(StreamCoalescer(streaming_app(4, 0.08), window_s=0.05))
+    assert len(slow) == 5 and b"".join(slow) == expected.replace(expected[expected.index(b"data: 4"):], b"data: [DONE]\n\n")
+    off = await collect(StreamCoalescer(streaming_app(20, 0.001), window_s=0))
+    assert len(off) == 21

@@ -35,7 +35,8 @@ def bench_config(args, backend: str = "vllm"):
     return load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}", f"serve.backend={backend}",
                               "serve.max_model_len=1024", "serve.memory_utilization=0.15",
                               "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}",
-                              f"serve.engine_args={{stream-interval: {args.stream_interval}}}"])
+                              f"serve.engine_args={{stream-interval: {args.stream_interval}}}",
+                              f"serve.stream_batching_ms={args.stream_batching_ms}"])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
@@ -120,23 +121,31 @@ def median(values: list[float]) -> float:
 
 
 def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
-    """Both servers up at once; bench runs alternate between them, round after round, so that
-    drift in this machine's speed falls on both alike. Medians over rounds."""
-    rows = []
-    with bare_server(model_dir, args, out_dir) as bare_port:
-        for backend in args.backends:
-            runs: dict[tuple[str, int], list[dict]] = {}
-            with our_server(model_dir, args, backend) as our_port:
-                for _ in range(args.rounds):
-                    for c in args.concurrency:
-                        for side, port in (("bare", bare_port), ("ours", our_port)):
-                            runs.setdefault((side, c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
+    """Rounds of: bare server up, bench, down; then each backend of ours up, bench, down (Ray
+    too). One server at a time, each in its own environment: an idle vLLM engine or Ray cluster
+    beside the measured server slowed it down by up to 6x in TTFT on 2 cores. Medians over rounds
+    so that drift in this machine's speed falls on both sides alike."""
+    import ray
+
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):
+        with bare_server(model_dir, args, out_dir) as port:
             for c in args.concurrency:
-                b, o = ({k: median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]}
-                        for side in ("bare", "ours"))
-                rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
-                             "throughput_ratio": o["output_throughput"] / b["output_throughput"],
-                             "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]})
+                runs.setdefault(("bare", c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
+                print(f"round: bare c={c} {runs[('bare', c)][-1]}", flush=True)
+        for backend in args.backends:
+            with our_server(model_dir, args, backend) as port:
+                for c in args.concurrency:
+                    runs.setdefault((backend, c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
+                    print(f"round: {backend} c={c} {runs[(backend, c)][-1]}", flush=True)
+            ray.shutdown()
+    rows = []
+    for backend in args.backends:
+        for c in args.concurrency:
+            b, o = ({k: median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]} for side in ("bare", backend))
+            rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
+                         "throughput_ratio": o["output_throughput"] / b["output_throughput"],
+                         "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]})
     return rows
 
 
@@ -165,12 +174,18 @@ def main(argv=None) -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--port", type=int, default=8200, help="ours; bare vllm serve uses port + 1")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating bench rounds per server")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds; each starts every server once, in turn")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="vLLM --stream-interval (tokens per streamed chunk), given to both servers")
+    ap.add_argument("--stream-batching-ms", type=float, default=None,
+                    help="our serve.stream_batching_ms (default: the config default)")
     ap.add_argument("--backends", nargs="+", default=["vllm"], choices=["vllm", "ray_llm"],
                     help="our serving backends to measure (serve.backend)")
     args = ap.parse_args(argv)
+    if args.stream_batching_ms is None:
+        from tailorlm.config import load_config
+
+        args.stream_batching_ms = load_config(None).serve.stream_batching_ms
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model_dir = model_folder(args)
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,6 +80,9 @@ def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, na
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_uri, callbacks=callbacks,
+                             # Ray starts workers at niceness 15; training workers would then yield
+                             # to any normal-priority process on the node (Ray's own agents included)
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
                                                                 checkpoint_score_attribute="eval_loss",
