@@ -103,6 +103,9 @@ def _reserves_compute(bundle: dict) -> bool:
     return any(res.get(k, 0) > 0 for k in ("CPU", "GPU"))
 
 
+LIST_LIMIT = 10_000  # the State API server's maximum
+
+
 def _release_leaked_placement_groups(wait_s: float = 2.0) -> list[str]:
     """Remove placement groups that no actor uses, seen twice wait_s apart; returns their ids.
 
@@ -121,11 +124,14 @@ def _release_leaked_placement_groups(wait_s: float = 2.0) -> list[str]:
     def idle() -> set[str]:
         # only groups that reserve CPUs or GPUs (trainer workers); Tune's own trial-driver groups
         # reserve neither (see run_sweep) and are left to Tune
+        # filtered on the server and with a high limit: the default (100) returned dead actors of
+        # earlier trials first, so a group whose live actor fell past it looked unused
         groups = {g.placement_group_id for g in list_placement_groups(
-            filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+            filters=[("state", "=", "CREATED")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
             if not g.is_detached and any(_reserves_compute(b) for b in g.bundles or [])}
-        used = {a.placement_group_id for a in list_actors(detail=True, raise_on_missing_output=False)
-                if a.state != "DEAD" and a.placement_group_id}
+        used = {a.placement_group_id for a in list_actors(
+            filters=[("state", "!=", "DEAD")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
+            if a.placement_group_id}
         return groups - used
 
     leaked = idle()
