@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from tailorlm.config import ServeConfig
+from tailorlm.serving.security import replay
 
 
 def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str, str]) -> list[str]:
@@ -100,16 +101,7 @@ class ModelRouter:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model = None
         target = self.apps.get(self.names.get(model, ""), self.first)  # vLLM answers an unknown name with 404
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await target(scope, replay, send)
+        return await target(scope, replay(body, receive), send)
 
 
 async def _json(send, status: int, payload: dict) -> None:

@@ -258,18 +258,9 @@ class Guard:
             raw = json.dumps(body).encode()
         if self.s.response_blocklist:
             send = self._filtered_send(send, ResponseFilter(self.s.response_blocklist), bool(body.get("stream")))
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(raw)).encode()))
-        await self.app({**scope, "headers": new_headers}, replay, send)
+        await self.app({**scope, "headers": new_headers}, replay(raw, receive), send)
 
 
     @staticmethod
@@ -305,6 +296,21 @@ class Guard:
             await send({"type": "http.response.body", "body": held["body"]})
 
         return filtered
+
+
+def replay(body: bytes, receive):
+    """An ASGI receive that hands the app a body already read, then defers to the real one
+    (which reports a client disconnect)."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_again
 
 
 def openai_error(status: int, body: bytes) -> bytes:
