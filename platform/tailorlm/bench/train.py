@@ -2,6 +2,7 @@
 
     python -m tailorlm.bench.train --steps 40            # ZeRO-2 full finetune vs DDP, 2 workers each
     python -m tailorlm.bench.train --variants            # also ZeRO-3 and LoRA: tokens/s and peak RSS
+    python -m tailorlm.bench.train --zero0               # also ZeRO-0: where the gap to DDP comes from
 
 Same tiny model, data (fixed-length packed sequences, so tokens/s is well defined), micro batch,
 seed and precision (fp32: DDP has no bf16 master weights to compare with). Throughput is the
@@ -108,6 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--variants", action="store_true", help="also ZeRO-3 and LoRA")
+    ap.add_argument("--zero0", action="store_true", help="also ZeRO stage 0 (no partitioning): splits the "
+                    "gap to DDP into Ray Train + DeepSpeed engine cost and ZeRO-2's partitioning cost")
     args = ap.parse_args()
     import ray
 
@@ -135,6 +138,10 @@ def main() -> None:
               f"{mine['final_loss']:.3f}  peak RSS/worker {mine['peak_rss_mib']:6.0f} MiB  "
               f"({ours_s:.0f}s wall incl. start-up)")
         print(f"ratio ours / DDP: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}")
+        if args.zero0:
+            z0 = ours(root, args.steps, ["train.deepspeed.stage=0"])
+            print(f"Ray Train + DeepSpeed ZeRO-0:   {z0['tokens_per_s']:8.0f} tokens/s  final loss "
+                  f"{z0['final_loss']:.3f}  ratio ours / DDP: {z0['tokens_per_s'] / base['tokens_per_s']:.2f}")
         if args.variants:
             for name, extra in (("ZeRO-3 full", ["train.deepspeed.stage=3"]),
                                 ("ZeRO-2 LoRA r16", ["train.deepspeed.stage=2", "train.method=lora"])):
