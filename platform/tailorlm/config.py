@@ -308,6 +308,14 @@ class ServeConfig(Strict):
                                       "at once, ray_llm batches from the first (adds to time to first token); "
                                       "0 sends every chunk as it comes")
 
+    def engine_dtype(self) -> str:
+        return "auto" if self.use_gpu else "bfloat16"
+
+    def engine_memory_utilization(self) -> float:
+        """vLLM's gpu_memory_utilization; on CPU vLLM reads it as the share of RAM to reserve (its
+        default, 0.92, is a whole machine)."""
+        return self.memory_utilization or (0.9 if self.use_gpu else 0.15)
+
     def hosted_ids(self) -> list[str]:
         """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""
         return [self.model_id] + [f"{self.model_id}-{v}" for v in self.variants[1:]]

@@ -131,7 +131,8 @@ def serve_section(run: RunDir) -> str:
                      f"({s['latency_s']} s)</p>")
     if bench:
         rows = [{"backend": r.get("backend", "ray_llm"), "concurrency": r["concurrency"],
-                 "bare tok/s": r["bare"]["output_throughput"], "ours tok/s": r["ours"]["output_throughput"], "ratio": r["throughput_ratio"],
+                 "bare tok/s": r["bare"]["output_throughput"], "ours tok/s": r["ours"]["output_throughput"],
+                 "ratio": r["throughput_ratio"],
                  "bare TTFT ms": r["bare"]["median_ttft_ms"], "ours TTFT ms": r["ours"]["median_ttft_ms"],
                  "TTFT diff ms": r["ttft_diff_ms"]} for r in bench["rows"]]
         parts.append(f"<p>Benchmark (vllm bench serve, {bench['input_len']} in / {bench['output_len']} out "

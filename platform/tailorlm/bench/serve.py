@@ -36,7 +36,8 @@ def bench_config(args, backend: str = "vllm"):
                               "serve.max_model_len=1024", "serve.memory_utilization=0.15",
                               "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}",
                               f"serve.engine_args={{stream-interval: {args.stream_interval}}}",
-                              f"serve.stream_batching_ms={args.stream_batching_ms}"])
+                              *([f"serve.stream_batching_ms={args.stream_batching_ms}"]
+                                if args.stream_batching_ms is not None else [])])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
@@ -116,10 +117,6 @@ def our_server(model_dir: str, args, backend: str):
         serve.shutdown()
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
     """Rounds of: bare server up, bench, down; then each backend of ours up, bench, down (Ray
     too). One server at a time, each in its own environment: an idle vLLM engine or Ray cluster
@@ -142,7 +139,8 @@ def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
     rows = []
     for backend in args.backends:
         for c in args.concurrency:
-            b, o = ({k: median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]} for side in ("bare", backend))
+            b, o = ({k: statistics.median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]}
+                    for side in ("bare", backend))
             rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
                          "throughput_ratio": o["output_throughput"] / b["output_throughput"],
                          "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]})
@@ -182,16 +180,12 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", nargs="+", default=["vllm"], choices=["vllm", "ray_llm"],
                     help="our serving backends to measure (serve.backend)")
     args = ap.parse_args(argv)
-    if args.stream_batching_ms is None:
-        from tailorlm.config import load_config
-
-        args.stream_batching_ms = load_config(None).serve.stream_batching_ms
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model_dir = model_folder(args)
     with tempfile.TemporaryDirectory() as tmp:
         rows = compare(model_dir, args, Path(tmp))
     print(f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens; "
-          f"medians of {args.rounds} alternating rounds")
+          f"medians of {args.rounds} rounds")
     print(f"{'backend':>8} {'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} "
           f"{'bare TTFT ms':>13} {'ours TTFT ms':>13} {'diff ms':>8}")
     for row in rows:

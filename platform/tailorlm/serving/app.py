@@ -29,9 +29,8 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
         kwargs["accelerator_config"] = {"kind": "cpu"}  # unset, the replica waits for a GPU forever
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_dir},
-        engine_kwargs={"max_model_len": sc.max_model_len, "dtype": "bfloat16" if not sc.use_gpu else "auto",
-                       # vLLM's CPU backend reads this as the share of RAM to reserve (default 0.92)
-                       "gpu_memory_utilization": sc.memory_utilization or (0.9 if sc.use_gpu else 0.15)},
+        engine_kwargs={"max_model_len": sc.max_model_len, "dtype": sc.engine_dtype(),
+                       "gpu_memory_utilization": sc.engine_memory_utilization()},
         deployment_config={"autoscaling_config": {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
                                                   "target_ongoing_requests": sc.target_ongoing_requests},
                            "max_queued_requests": sc.max_queued_requests},

@@ -30,9 +30,7 @@ def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str
     """The `vllm serve` command line for one hosted model: the benchmark starts bare vLLM with the
     same flags, so the two differ only in what sits in front of the engine."""
     argv = ["--model", model_dir, "--served-model-name", model_id, "--max-model-len", str(sc.max_model_len),
-            "--dtype", "auto" if sc.use_gpu else "bfloat16",
-            # on CPU vLLM reads this as the share of RAM to reserve (its default, 0.92, is a whole machine)
-            "--gpu-memory-utilization", str(sc.memory_utilization or (0.9 if sc.use_gpu else 0.15))]
+            "--dtype", sc.engine_dtype(), "--gpu-memory-utilization", str(sc.engine_memory_utilization())]
     if adapters:
         argv += ["--enable-lora", "--max-lora-rank", str(sc.max_lora_rank), "--lora-modules",
                  *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()]]
