@@ -31,9 +31,10 @@ def ray_local():
     """A session-scoped local Ray with 2 CPUs, started by the tests and shut down after them."""
     import ray
 
-    from tailorlm.cluster import runtime_env
+    from tailorlm.cluster import LOCAL_SYSTEM_CONFIG, runtime_env
 
     # with the dashboard: Ray Train needs its State API to clean up after trials Tune stops
-    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=runtime_env(False))
+    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=runtime_env(False),
+             _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()

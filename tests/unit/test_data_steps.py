@@ -10,7 +10,7 @@ import pytest
 from tailorlm.config import FilterConfig, SourceConfig
 from tailorlm.data import dedup
 from tailorlm.data.filters import check_quality
-from tailorlm.data.minhash import band_keys, estimated_jaccard, signatures, true_jaccard
+from tailorlm.data.minhash import band_keys, estimated_jaccard, signatures, token_hashes, tokens, true_jaccard
 from tailorlm.data.normalize import normalize_text
 from tailorlm.data.pii import cn_id_ok, luhn_ok, redact
 from tailorlm.data.read import SourceError, expand_source, parse_file
@@ -113,6 +113,17 @@ def test_minhash_estimates_jaccard_and_is_deterministic():
     assert estimated_jaccard(s1[0], s1[2]) < 0.05
     assert (s1[3] == 0xFFFFFFFF).all()  # no tokens: never joins a bucket
     assert estimated_jaccard(s1[4], s1[5]) == 1.0  # case and punctuation do not matter
+
+
+def test_vectorized_tokens_match_the_python_reference():
+    texts = ["Café naïve RÉSUMÉ, 2024: snake_case x-ray!", "", "   ", "!!!", "a",
+             "泽菲尔星表中的一颗行星。这里的天空是红色的，它有3颗卫星", "日本語のテキストです。カタカナ",
+             "한국어 텍스트 입니다", "mostly english words with 一点 中文", "tabs\tand\nnewlines  here"]
+    hashes, lens, cjk = token_hashes(texts)
+    ref = [tokens(t) for t in texts]
+    assert lens.tolist() == [len(t) for t, _ in ref] and cjk.tolist() == [c for _, c in ref]
+    flat = [tok for t, _ in ref for tok in t]
+    assert hashes.tolist() == pd.util.hash_array(np.asarray(flat, dtype=object)).tolist()
 
 
 def test_minhash_cjk_uses_character_shingles():

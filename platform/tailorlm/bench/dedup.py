@@ -285,7 +285,11 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    from tailorlm.cluster import LOCAL_SYSTEM_CONFIG
+
+    # the embedded Ray's settings (as `tailorlm data` gets them), without the dashboard's CPU noise
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if args.which in ("quality", "all"):
         quality(args.background, args.groups, args.cpus)

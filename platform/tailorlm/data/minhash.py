@@ -1,9 +1,12 @@
 """MinHash signatures and LSH band keys, vectorized over a whole batch of documents.
 
-Pure numpy (no Ray) so the benchmark and the tests can call it directly. Why not datasketch: it
-hashes shingle by shingle in Python (about 2.5k docs/s per core here); this kernel hashes every
-token of a batch in one C call (pandas' siphash), forms n-gram shingles with array arithmetic and
-takes all permutations' minima with one `minimum.reduceat`, which is several times faster.
+No Ray here, so the benchmark and the tests can call it directly. Why not datasketch: it hashes
+shingle by shingle in Python (about 2.5k docs/s per core here). This kernel tokenizes a whole
+batch in one polars call (Rust regex), hashes each distinct token once (pyarrow dictionary
+encoding, then pandas' siphash, which is stable across processes, machines and versions, unlike
+polars' own `hash`), forms n-gram shingles with array arithmetic and takes all permutations'
+minima with one `minimum.reduceat`, which is several times faster. `tokens` is the same
+tokenization in plain Python, the reference the vectorized one is tested against.
 
 Shingles: lowercase word n-grams; for CJK text (no spaces between words) character n-grams.
 Permutations: multiply-shift hashing h -> (a*h + b) >> 32 over uint64 (Dietzfelbinger et al.),
@@ -17,7 +20,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from tailorlm.data.filters import cjk_fraction
+from tailorlm.data.filters import CJK, cjk_fraction
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _EMPTY = np.uint32(0xFFFFFFFF)
@@ -38,19 +41,39 @@ def _params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def token_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorized `tokens` over a batch: (uint64 hash of every token in document order, tokens per
+    document, is_cjk per document)."""
+    import polars as pl
+    import pyarrow.compute as pc
+
+    s = pl.Series(texts, dtype=pl.String)
+    nonspace = s.str.len_chars() - s.str.count_matches(" ", literal=True)
+    cjk = (s.str.count_matches(CJK.pattern) > 0.3 * nonspace).to_numpy()
+    # Rust's Unicode \w+ and [\p{L}\p{N}] agree with Python's \w+ and str.isalnum on composed
+    # (NFKC) text; on combining marks Rust keeps a word whole where Python splits it.
+    words = s.filter(~cjk).str.to_lowercase().str.extract_all(r"\w+")
+    chars = s.filter(cjk).str.extract_all(r"[\p{L}\p{N}]")
+    order = np.empty(len(texts), dtype=np.int64)  # position of each document in words ++ chars
+    order[~cjk] = np.arange(len(words))
+    order[cjk] = len(words) + np.arange(len(chars))
+    toks = pl.concat([words, chars]).gather(order)
+    lens = toks.list.len().to_numpy().astype(np.int64)
+    flat = toks.explode(empty_as_null=False).to_arrow()
+    if len(flat) == 0:
+        return np.zeros(0, dtype=np.uint64), lens, cjk
+    # hash each distinct token once: a batch has far fewer distinct tokens than tokens
+    enc = pc.dictionary_encode(flat)
+    distinct = pd.util.hash_array(enc.dictionary.to_numpy(zero_copy_only=False), categorize=False)
+    return distinct[enc.indices.to_numpy()], lens, cjk
+
+
 def shingle_hashes(texts: list[str], ngram: int, cjk_ngram: int) -> tuple[np.ndarray, np.ndarray]:
     """All shingle hashes of a batch, sorted by document, and each document's shingle count."""
-    toks: list[str] = []
-    lens = np.zeros(len(texts), dtype=np.int64)
-    ns = np.zeros(len(texts), dtype=np.int64)
-    for d, text in enumerate(texts):
-        t, is_cjk = tokens(text)
-        toks.extend(t)
-        lens[d] = len(t)
-        ns[d] = cjk_ngram if is_cjk else ngram
-    if not toks:
+    th, lens, cjk = token_hashes(texts)
+    ns = np.where(cjk, cjk_ngram, ngram).astype(np.int64)
+    if len(th) == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(len(texts), dtype=np.int64)
-    th = pd.util.hash_array(np.asarray(toks, dtype=object))  # uint64, stable across processes
     total = len(th)
     doc_start = np.concatenate([[0], np.cumsum(lens)[:-1]])
     doc_end = doc_start + lens
