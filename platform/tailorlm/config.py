@@ -133,9 +133,13 @@ class NearDedupConfig(Strict):
     num_perm: int = Field(128, ge=16)
     bands: int = Field(16, ge=1)
     rows: int = Field(8, ge=1)
-    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard needed to call a pair a duplicate")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity needed to call a pair a duplicate")
     ngram: int = Field(5, ge=1, description="word n-gram size (CJK text uses character n-grams)")
     cjk_ngram: int = Field(5, ge=1)
+    verify: Literal["exact", "estimated"] = Field(
+        "exact", description="check candidate pairs against the exact shingle Jaccard after the MinHash "
+        "estimate (NeMo Curator's false-positive check: precision and recall near the threshold), or "
+        "against the estimate alone (no second look at the candidates' text)")
 
     @model_validator(mode="after")
     def _check_banding(self) -> "NearDedupConfig":

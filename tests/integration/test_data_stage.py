@@ -161,13 +161,15 @@ def test_perplexity_filter_drops_exactly_the_rows_above_the_threshold(ray_local,
 
 
 def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
-    """Few candidate pairs are verified on the driver, many through distributed joins: same edges."""
+    """Few candidate pairs are verified on the driver, many through distributed joins: same edges,
+    with either check; the exact check's edges carry the true shingle Jaccard."""
     import numpy as np
     import ray
 
     from tailorlm.bench.dedup import edit, make_docs
     from tailorlm.config import NearDedupConfig
     from tailorlm.data.dedup import add_signatures, candidate_edges
+    from tailorlm.data.minhash import true_jaccard
 
     rng = np.random.default_rng(3)
     texts = make_docs(rng, 120, words=60)
@@ -175,16 +177,21 @@ def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
         texts[i + 1] = edit(texts[i], "substitute_2pct", rng)
     texts[62] = texts[61] = edit(texts[60], "whitespace", rng)
     df = pd.DataFrame({"id": [f"d{i:03d}" for i in range(len(texts))], "text": texts, "rank": 0})
-    cfg = NearDedupConfig(threshold=0.7)
+    sign_cfg = NearDedupConfig(threshold=0.7)
     ds = ray.data.from_pandas([df.iloc[:50], df.iloc[50:]]).map_batches(
-        lambda b: add_signatures(b, cfg, [True] * len(b), seed=1), batch_format="pandas").materialize()
+        lambda b: add_signatures(b, sign_cfg, [True] * len(b), seed=1), batch_format="pandas").materialize()
 
-    def edges(**kw):
+    def edges(cfg, **kw):
         e = candidate_edges(ds, cfg, 2, **kw)
         return sorted({(min(a, b), max(a, b), round(j, 6)) for a, b, j in zip(e["id_a"], e["id_b"], e["jaccard"])})
 
-    broadcast, joined = edges(), edges(broadcast_pairs=0)
-    assert broadcast == joined
-    found = {(a, b) for a, b, _ in broadcast}
-    assert {("d060", "d061"), ("d060", "d062"), ("d061", "d062")} <= found
-    assert sum((f"d{i:03d}", f"d{i + 1:03d}") in found for i in range(0, 60, 6)) >= 8
+    for verify in ("estimated", "exact"):
+        cfg = NearDedupConfig(threshold=0.7, verify=verify)
+        broadcast, joined = edges(cfg), edges(cfg, broadcast_pairs=0)
+        assert broadcast == joined
+        found = {(a, b) for a, b, _ in broadcast}
+        assert {("d060", "d061"), ("d060", "d062"), ("d061", "d062")} <= found
+        assert sum((f"d{i:03d}", f"d{i + 1:03d}") in found for i in range(0, 60, 6)) >= 8
+    text = dict(zip(df["id"], df["text"]))
+    for a, b, j in broadcast:  # the exact check's edges
+        assert j >= 0.7 and j == pytest.approx(true_jaccard(text[a], text[b]), abs=1e-6)

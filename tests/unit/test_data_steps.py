@@ -126,6 +126,21 @@ def test_vectorized_tokens_match_the_python_reference():
     assert hashes.tolist() == pd.util.hash_array(np.asarray(flat, dtype=object)).tolist()
 
 
+def test_exact_jaccard_matches_shingle_sets():
+    from tailorlm.data.minhash import exact_jaccard, shingle_hashes
+
+    rng = np.random.default_rng(1)
+    base = _words(rng, 80)
+    a = [" ".join(base), " ".join(base), "", "one two", "泽菲尔星表中的一颗行星", " ".join(_words(rng, 80))]
+    b = [" ".join(base[:70] + _words(rng, 10)), " ".join(base).upper(), "", "", "泽菲尔星表中的两颗行星", a[0]]
+    got = exact_jaccard(a, b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        sx, sy = (set(shingle_hashes([t], 5, 5)[0].tolist()) for t in (x, y))
+        want = len(sx & sy) / len(sx | sy) if sx | sy else 1.0
+        assert got[i] == pytest.approx(want), i
+    assert got[1] == 1.0 and got[2] == 1.0 and got[3] == 0.0 and 0.5 < got[0] < 0.9
+
+
 def test_minhash_cjk_uses_character_shingles():
     a = "泽菲尔星表中的一颗行星。这里的天空是红色的，它有三颗卫星，首都是一座古老的城市。"
     b = a.replace("红色", "蓝色")

@@ -3,6 +3,7 @@
     python -m tailorlm.bench.dedup quality            # planted near-duplicates, P/R/F1 by edit kind
     python -m tailorlm.bench.dedup speed --docs 100000 --cpus 2
     python -m tailorlm.bench.dedup                    # both, default sizes
+    python -m tailorlm.bench.dedup quality --verify estimated   # MinHash estimate only
 
 Quality: a synthetic corpus (English-like words with a Zipf distribution, and Chinese characters)
 where each planted group is an original plus one edited copy. A pair counts as a true duplicate
@@ -142,8 +143,8 @@ def predicted_pairs(dups: pd.DataFrame) -> set[tuple[str, str]]:
     return {tuple(sorted(p)) for members in groups.values() for p in itertools.combinations(members, 2)}
 
 
-def quality(n_background: int, groups_per_kind: int, cpus: int) -> pd.DataFrame:
-    cfg = NearDedupConfig()
+def quality(n_background: int, groups_per_kind: int, cpus: int, verify: str) -> pd.DataFrame:
+    cfg = NearDedupConfig(verify=verify)
     df, planted = quality_corpus(n_background, groups_per_kind)
     dups, secs = ours(df, cfg, cpus)
     pred = predicted_pairs(dups)
@@ -164,7 +165,7 @@ def quality(n_background: int, groups_per_kind: int, cpus: int) -> pd.DataFrame:
     recall = tp / max(1, int(planted.true_dup.sum()))
     f1 = 2 * precision * recall / max(1e-9, precision + recall)
     print(f"\n== near-dup quality: {len(df)} docs, {len(planted)} planted pairs, threshold {cfg.threshold}, "
-          f"num_perm {cfg.num_perm}, bands {cfg.bands} x rows {cfg.rows} ({secs:.1f}s)")
+          f"num_perm {cfg.num_perm}, bands {cfg.bands} x rows {cfg.rows}, verify {cfg.verify} ({secs:.1f}s)")
     print(table.to_string(index=False))
     print(f"overall on pairs with true Jaccard >= 0.8: precision {precision:.3f}  recall {recall:.3f}  F1 {f1:.3f}"
           f"  (predicted pairs {len(pred)}, of them not planted: {spurious})")
@@ -234,12 +235,12 @@ class PeakRSS:
         self.thread.join()
 
 
-def speed(n_docs: int, cpus: int) -> dict:
+def speed(n_docs: int, cpus: int, verify: str) -> dict:
     import ray
 
     from tailorlm.data.dedup import exact_duplicates
 
-    cfg = NearDedupConfig()
+    cfg = NearDedupConfig(verify=verify)
     rng = np.random.default_rng(1)
     texts = make_docs(rng, n_docs)
     for i in range(0, n_docs, 50):  # 2% planted near duplicates so the edge path does real work
@@ -265,7 +266,7 @@ def speed(n_docs: int, cpus: int) -> dict:
     exact_s = time.time() - t
 
     print(f"\n== near-dup speed: {n_docs} docs ({mb:.1f} MB), {cpus} CPUs, num_perm {cfg.num_perm}, "
-          f"bands {cfg.bands} x rows {cfg.rows}, threshold {cfg.threshold}")
+          f"bands {cfg.bands} x rows {cfg.rows}, threshold {cfg.threshold}, verify {cfg.verify}")
     print(f"ours (Ray Data, {cpus} CPUs):   {ours_s:7.1f}s  {n_docs / ours_s:8.0f} docs/s  dropped {len(ours_dups)}  "
           f"peak RSS (driver + Ray workers) {(mem.peak - mem.base) / 2**20:.0f} MiB over baseline")
     print(f"datasketch MinHashLSH (1 proc): {base_s:7.1f}s  {n_docs / base_s:8.0f} docs/s  dropped {base_dups}  "
@@ -282,6 +283,8 @@ def main() -> None:
     ap.add_argument("--background", type=int, default=5000, help="quality: unrelated documents")
     ap.add_argument("--groups", type=int, default=100, help="quality: planted pairs per edit kind")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--verify", choices=["exact", "estimated"], default=NearDedupConfig().verify,
+                    help="how candidate pairs are checked (data.dedup.near.verify)")
     args = ap.parse_args()
     import ray
 
@@ -292,9 +295,9 @@ def main() -> None:
              _system_config=LOCAL_SYSTEM_CONFIG)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if args.which in ("quality", "all"):
-        quality(args.background, args.groups, args.cpus)
+        quality(args.background, args.groups, args.cpus, args.verify)
     if args.which in ("speed", "all"):
-        speed(args.docs, args.cpus)
+        speed(args.docs, args.cpus, args.verify)
     ray.shutdown()
 
 

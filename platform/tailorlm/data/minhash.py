@@ -140,9 +140,20 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=-1)
 
 
+def exact_jaccard(texts_a: list[str], texts_b: list[str], ngram: int = 5, cjk_ngram: int = 5) -> np.ndarray:
+    """Exact shingle-set Jaccard of each pair (texts_a[i], texts_b[i]); two empty sets count as equal."""
+    m = len(texts_a)
+    h, counts = shingle_hashes(list(texts_a) + list(texts_b), ngram, cjk_ngram)
+    doc = np.repeat(np.arange(2 * m), counts)
+    sets = pd.DataFrame({"pair": doc % m, "side": doc // m, "h": h}).drop_duplicates()
+    size = sets.groupby(["pair", "side"]).size().unstack(fill_value=0).reindex(index=range(m), columns=[0, 1],
+                                                                              fill_value=0)
+    # a shingle of the pair seen on both sides (each side's set is already unique) is shared
+    inter = sets.duplicated(["pair", "h"]).groupby(sets["pair"]).sum().reindex(range(m), fill_value=0)
+    union = (size[0] + size[1] - inter).to_numpy()
+    return np.where(union > 0, inter.to_numpy() / np.maximum(union, 1), 1.0)
+
+
 def true_jaccard(text_a: str, text_b: str, ngram: int = 5, cjk_ngram: int = 5) -> float:
-    """Exact shingle-set Jaccard, for benchmarks and tests."""
-    ha, ca = shingle_hashes([text_a], ngram, cjk_ngram)
-    hb, cb = shingle_hashes([text_b], ngram, cjk_ngram)
-    sa, sb = set(ha.tolist()), set(hb.tolist())
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+    """Exact shingle-set Jaccard of one pair, for benchmarks and tests."""
+    return float(exact_jaccard([text_a], [text_b], ngram, cjk_ngram)[0])
