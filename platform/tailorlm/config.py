@@ -311,6 +311,15 @@ class ServeConfig(Strict):
                                       "Serve proxy); backend vllm sends the first chunks and any after a pause "
                                       "at once, ray_llm batches from the first (adds to time to first token); "
                                       "0 sends every chunk as it comes")
+    direct_ingress: bool | None = Field(
+        None, description="the replica answers HTTP on serve.port itself, without the hop through Ray "
+        "Serve's proxy (Ray's direct ingress; `tailorlm serve` only, the proxy moves to port + 1); null: on "
+        "for backend vllm with max_replicas 1, the only case where no proxy is needed to spread load")
+
+    def uses_direct_ingress(self) -> bool:
+        if self.direct_ingress is not None:
+            return self.direct_ingress
+        return self.backend == "vllm" and self.max_replicas == 1
 
     def engine_dtype(self) -> str:
         return "auto" if self.use_gpu else "bfloat16"
@@ -340,6 +349,10 @@ class ServeConfig(Strict):
         if self.lora_adapters and self.backend != "vllm":
             raise ValueError("lora_adapters: local adapters need serve.backend=vllm (ray.serve.llm loads "
                              "adapters from s3/gs/azure only)")
+        if self.direct_ingress and (self.backend != "vllm" or self.max_replicas > 1):
+            raise ValueError(f"direct_ingress: true needs serve.backend=vllm and serve.max_replicas=1 (got "
+                             f"{self.backend} and {self.max_replicas}): several replicas need the proxy to "
+                             "spread requests; set direct_ingress: false")
         return self
 
 

@@ -65,6 +65,11 @@ def test_openai_client_chat_completions_and_streaming(served):
         else len(chunks) >= 2
     comp = client.completions.create(model="tiny", prompt="The capital of", max_tokens=5, temperature=0)
     assert comp.usage.completion_tokens >= 1
+    # direct ingress (the default for one replica): the replica itself answers on PORT, and the
+    # proxy Ray keeps on the head node moved to PORT + 1; both run the same guarded app
+    assert httpx.get(f"http://127.0.0.1:{PORT + 1}/v1/models").status_code == 401
+    assert httpx.get(f"http://127.0.0.1:{PORT + 1}/v1/models",
+                     headers={"Authorization": "Bearer test-key"}).json()["data"][0]["id"] == "tiny"
 
 
 def test_models_and_adapters_route_by_name(served):

@@ -40,12 +40,13 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
     )
 
 
-def build_app(cfg: PipelineConfig, models: dict[str, str]):
-    """models: model_id -> local HF folder. Returns a Ray Serve Application."""
+def build_app(cfg: PipelineConfig, models: dict[str, str], direct_ingress: bool = False):
+    """models: model_id -> local HF folder. Returns a Ray Serve Application. direct_ingress: only
+    where the caller also starts the Serve controller for it (serving/stage.py)."""
     if cfg.serve.backend == "vllm":
         from tailorlm.serving.engine import build_engine_app
 
-        return build_engine_app(cfg, models)
+        return build_engine_app(cfg, models, direct_ingress)
     return build_ray_llm_app(cfg, models)
 
 

@@ -6,7 +6,8 @@ Why not ray.serve.llm (still available as serve.backend=ray_llm): our benchmark
 concurrency 1 and 0.50x at 8, with +28 ms median time to first token. There, every streamed token
 crosses two Ray hops (HTTP proxy -> ingress replica -> engine replica) before it leaves. Here the
 proxy calls one replica, and inside it the request meets exactly the code `vllm serve` runs
-(vLLM's FastAPI routes, renderer and AsyncLLM), so the only extra cost is the proxy hop. The
+(vLLM's FastAPI routes, renderer and AsyncLLM), so the only extra cost is the proxy hop; with
+one replica (serve.direct_ingress) even that goes: the replica answers HTTP itself. The
 same replica also serves LoRA adapters from local folders, which Ray's LLM loader does not
 (it accepts s3/gs/azure only). ray_llm remains the choice for engines spread over several GPUs
 (tensor/pipeline parallel placement groups), which this backend does not manage.
@@ -204,8 +205,19 @@ class EngineServer:
             engine.shutdown()
 
 
-def build_engine_app(cfg, models: dict[str, str]):
-    """The Ray Serve application for serve.backend=vllm."""
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Environment for the Serve controller and the replica under Ray's direct ingress: the one
+    replica serves HTTP on `port` itself. Ray holds a released port back (quarantine) and drains a
+    stopping replica for 30 s so an external load balancer can deregister it; with no such balancer
+    either would only keep a restarted replica off its port and slow shutdown."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
+    """The Ray Serve application for serve.backend=vllm. direct_ingress: the replica serves HTTP on
+    serve.port itself (the Serve controller must run with `direct_ingress_env` too)."""
     from ray import serve
 
     from tailorlm.serving.security import GuardSettings
@@ -221,6 +233,11 @@ def build_engine_app(cfg, models: dict[str, str]):
     # every normal-priority process (a client, a data job) would then preempt token generation.
     # Ray's own job supervisor starts drivers at 0 the same way.
     env["RAY_worker_niceness"] = "0"
+    # Serve runs user code on a thread of its own by default, so every streamed chunk would cross
+    # threads; the engine server is all asyncio (AsyncLLM), so it can share the replica's loop.
+    env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    if direct_ingress:
+        env.update(direct_ingress_env(sc.port))
     actor["runtime_env"] = {"env_vars": env}
     deployment = serve.deployment(
         serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
