@@ -90,7 +90,15 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
     from tailorlm.serving.app import build_app
 
     sc = cfg.serve
-    if not sc.uses_direct_ingress():
+    direct = sc.uses_direct_ingress()
+    if direct and _serve_running():
+        # the controller's settings are fixed when it starts; an existing one runs without direct ingress
+        if sc.direct_ingress:
+            raise RuntimeError("serve: a Ray Serve instance is already running in this cluster; direct ingress "
+                               "needs a fresh one (`serve shutdown`), or set serve.direct_ingress=false")
+        print("[serve] Ray Serve is already running here: requests go through its proxy (no direct ingress)")
+        direct = False
+    if not direct:
         serve.start(http_options={"host": sc.host, "port": sc.port})
         serve.run(build_app(cfg, models), name=APP_NAME, route_prefix="/", blocking=False)
         return
@@ -98,11 +106,8 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
 
     # Requests reach the replica without a hop through Ray Serve's proxy, which on 2 cores cost
     # 0.2-0.5x of the throughput of bare `vllm serve` (bench/serve.py). Ray keeps a proxy on the
-    # head node all the same; it moves to port + 1. The controller must be started here for this
-    # (an existing one keeps its settings), so `serve deploy` setups never get it.
-    if _serve_running():
-        raise RuntimeError("serve: a Ray Serve instance is already running in this cluster; direct ingress "
-                           "needs a fresh one (serve shutdown), or set serve.direct_ingress=false")
+    # head node all the same; it moves to port + 1. Only a controller started here gets these
+    # settings, so `serve deploy` setups never use direct ingress.
     serve.start(http_options={"host": sc.host, "port": sc.port + 1},
                 controller_options={"runtime_env": {"env_vars": direct_ingress_env(sc.port)}})
     serve.run(build_app(cfg, models, direct_ingress=True), name=APP_NAME, route_prefix="/", blocking=False)
