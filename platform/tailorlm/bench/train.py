@@ -8,7 +8,8 @@ Same tiny model, data (fixed-length packed sequences, so tokens/s is well define
 seed and precision (fp32: DDP has no bf16 master weights to compare with). Throughput is the
 median of per-step tokens/s after 5 warm-up steps, so start-up (Ray, DeepSpeed init) is excluded
 from both; DDP and ours alternate for --rounds rounds, each round starting with a different one,
-and the medians are compared, because this VM's speed drifts between runs. Prints the ratio and both final training losses.
+and the medians are compared, because this VM's speed drifts between runs. Prints the ratio and
+both final training losses.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
         rows = rows.drop_duplicates("key").set_index("key")  # a row read twice by a retried task counts once
         a, b = rows.loc[p["a"].to_numpy(np.uint64)], rows.loc[p["b"].to_numpy(np.uint64)]
         joined = pd.DataFrame({f"{col}_{side}": df[col].to_numpy() for side, df in (("a", a), ("b", b))
-                               for col in rows.columns if col != "key"})
+                               for col in rows.columns})
         edges = _verify(joined, **verify).reset_index(drop=True)
         if not exact or edges.empty:
             return edges

@@ -146,12 +146,12 @@ def exact_jaccard(texts_a: list[str], texts_b: list[str], ngram: int = 5, cjk_ng
     h, counts = shingle_hashes(list(texts_a) + list(texts_b), ngram, cjk_ngram)
     doc = np.repeat(np.arange(2 * m), counts)
     sets = pd.DataFrame({"pair": doc % m, "side": doc // m, "h": h}).drop_duplicates()
-    size = sets.groupby(["pair", "side"]).size().unstack(fill_value=0).reindex(index=range(m), columns=[0, 1],
-                                                                              fill_value=0)
+    pair = sets["pair"].to_numpy()
+    size = np.bincount(pair, minlength=m)  # |A| + |B|
     # a shingle of the pair seen on both sides (each side's set is already unique) is shared
-    inter = sets.duplicated(["pair", "h"]).groupby(sets["pair"]).sum().reindex(range(m), fill_value=0)
-    union = (size[0] + size[1] - inter).to_numpy()
-    return np.where(union > 0, inter.to_numpy() / np.maximum(union, 1), 1.0)
+    inter = np.bincount(pair[sets.duplicated(["pair", "h"]).to_numpy()], minlength=m)
+    union = size - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def true_jaccard(text_a: str, text_b: str, ngram: int = 5, cjk_ngram: int = 5) -> float:

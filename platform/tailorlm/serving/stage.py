@@ -98,19 +98,18 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
                                "needs a fresh one (`serve shutdown`), or set serve.direct_ingress=false")
         print("[serve] Ray Serve is already running here: requests go through its proxy (no direct ingress)")
         direct = False
-    if not direct:
-        serve.start(http_options={"host": sc.host, "port": sc.port})
-        serve.run(build_app(cfg, models), name=APP_NAME, route_prefix="/", blocking=False)
-        return
-    from tailorlm.serving.engine import direct_ingress_env
+    options: dict[str, Any] = {"http_options": {"host": sc.host, "port": sc.port}}
+    if direct:
+        from tailorlm.serving.engine import direct_ingress_env
 
-    # Requests reach the replica without a hop through Ray Serve's proxy, which on 2 cores cost
-    # 0.2-0.5x of the throughput of bare `vllm serve` (bench/serve.py). Ray keeps a proxy on the
-    # head node all the same; it moves to port + 1. Only a controller started here gets these
-    # settings, so `serve deploy` setups never use direct ingress.
-    serve.start(http_options={"host": sc.host, "port": sc.port + 1},
-                controller_options={"runtime_env": {"env_vars": direct_ingress_env(sc.port)}})
-    serve.run(build_app(cfg, models, direct_ingress=True), name=APP_NAME, route_prefix="/", blocking=False)
+        # Requests reach the replica without a hop through Ray Serve's proxy, which on 2 cores cost
+        # 0.2-0.5x of the throughput of bare `vllm serve` (bench/serve.py). Ray keeps a proxy on the
+        # head node all the same; it moves to port + 1. Only a controller started here gets these
+        # settings, so `serve deploy` setups never use direct ingress.
+        options = {"http_options": {"host": sc.host, "port": sc.port + 1},
+                   "controller_options": {"runtime_env": {"env_vars": direct_ingress_env(sc.port)}}}
+    serve.start(**options)
+    serve.run(build_app(cfg, models, direct_ingress=direct), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
