@@ -311,6 +311,11 @@ class ServeConfig(Strict):
                                       "Serve proxy); backend vllm sends the first chunks and any after a pause "
                                       "at once, ray_llm batches from the first (adds to time to first token); "
                                       "0 sends every chunk as it comes")
+    controller_loop_s: float = Field(
+        0.5, gt=0, le=10, description="period of the Ray Serve controller's control loop when `tailorlm serve` "
+        "starts the controller (Ray's default: 0.1). Each pass queries the GCS; at 0.1 s the controller and "
+        "GCS took ~5% of a core that token generation needed on 2 CPUs. Replica starts, health and "
+        "autoscaling decisions are noticed up to this much later")
     direct_ingress: bool | None = Field(
         None, description="the replica answers HTTP on serve.port itself, without the hop through Ray "
         "Serve's proxy (Ray's direct ingress; `tailorlm serve` only, the proxy moves to port + 1); null: on "

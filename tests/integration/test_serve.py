@@ -102,3 +102,24 @@ def test_errors_are_4xx_with_openai_bodies(served):
         r = c.post("/v1/chat/completions", headers=auth, json={"model": "tiny", "temperature": "hot",
                                                                 "messages": [{"role": "user", "content": "x"}]})
         assert 400 <= r.status_code < 500 and "error" in r.json()
+
+
+def test_engine_and_guard_metrics_reach_rays_prometheus_endpoint(served):
+    """After the requests above: vLLM's token counters (through serving.engine_metrics) and the
+    guard's request counter, per model, on the node's metrics export port."""
+    import re
+    import time
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # the agent exports every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        tokens = [float(v) for v in re.findall(r'vllm_generation_tokens\w*\{[^}]*model_name="tiny"[^}]*\} (\S+)', text)]
+        requests = re.findall(r'tailorlm_requests\w*\{[^}]*path="/v1/completions"[^}]*status="200"[^}]*\} (\S+)', text)
+        if tokens and sum(tokens) > 0 and requests:
+            return
+        time.sleep(3)
+    names = sorted(set(re.findall(r"^(\w+)", text, flags=re.M)))
+    raise AssertionError(f"no vllm_generation_tokens / tailorlm_requests samples for model tiny; exported: {names[:80]}")

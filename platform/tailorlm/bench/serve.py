@@ -118,24 +118,28 @@ def our_server(model_dir: str, args, backend: str):
 
 
 def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
-    """Rounds of: bare server up, bench, down; then each backend of ours up, bench, down (Ray
-    too). One server at a time, each in its own environment: an idle vLLM engine or Ray cluster
-    beside the measured server slowed it down by up to 6x in TTFT on 2 cores. Medians over rounds
-    so that drift in this machine's speed falls on both sides alike."""
+    """Rounds in which each server (bare, then each backend of ours) comes up, is benched and goes
+    down (Ray too), the order rotating by one every round. One server at a time, each in its own
+    environment: an idle vLLM engine or Ray cluster beside the measured server slowed it down by up
+    to 6x in TTFT on 2 cores. Medians over rounds, and rotation, so that drift in this machine's
+    speed (bare vLLM's TPOT moved between 1.8 and 2.6 ms from one round to the next) falls on
+    every side alike."""
     import ray
 
     runs: dict[tuple[str, int], list[dict]] = {}
-    for _ in range(args.rounds):
-        with bare_server(model_dir, args, out_dir) as port:
-            for c in args.concurrency:
-                runs.setdefault(("bare", c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
-                print(f"round: bare c={c} {runs[('bare', c)][-1]}", flush=True)
-        for backend in args.backends:
-            with our_server(model_dir, args, backend) as port:
+    sides = ["bare", *args.backends]
+    for r in range(args.rounds):
+        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+            if side == "bare":
+                server = bare_server(model_dir, args, out_dir)
+            else:
+                server = our_server(model_dir, args, side)
+            with server as port:
                 for c in args.concurrency:
-                    runs.setdefault((backend, c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
-                    print(f"round: {backend} c={c} {runs[(backend, c)][-1]}", flush=True)
-            ray.shutdown()
+                    runs.setdefault((side, c), []).append(vllm_bench(port, model_dir, c, args, out_dir))
+                    print(f"round {r}: {side} c={c} {runs[(side, c)][-1]}", flush=True)
+            if side != "bare":
+                ray.shutdown()
     rows = []
     for backend in args.backends:
         for c in args.concurrency:
@@ -143,7 +147,9 @@ def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
                     for side in ("bare", backend))
             rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
                          "throughput_ratio": o["output_throughput"] / b["output_throughput"],
-                         "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"]})
+                         "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"],
+                         "round_ratios": [x["output_throughput"] / y["output_throughput"]
+                                          for x, y in zip(runs[(backend, c)], runs[("bare", c)])]})
     return rows
 
 
@@ -192,7 +198,8 @@ def main(argv=None) -> None:
         b, o = row["bare"], row["ours"]
         print(f"{row['backend']:>8} {row['concurrency']:>11} {b['output_throughput']:11.1f} "
               f"{o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} {b['median_ttft_ms']:13.1f} "
-              f"{o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}")
+              f"{o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}   rounds: "
+              + " ".join(f"{x:.2f}" for x in row["round_ratios"]))
     print("targets: ratio >= 0.95 at every concurrency, TTFT difference <= 10 ms")
     if args.run_dir:
         out = Path(args.run_dir) / "bench" / "serve.json"

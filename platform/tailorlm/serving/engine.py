@@ -53,7 +53,8 @@ async def build_model_app(argv: list[str]):
     from vllm.usage.usage_lib import UsageContext
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    from tailorlm.serving.engine_metrics import EngineStatLogger
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     validate_parsed_serve_args(args)
@@ -61,7 +62,7 @@ async def build_model_app(argv: list[str]):
     config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     # engine metrics (tokens, latency, queue) go to Ray's Prometheus endpoint, as ray.serve.llm does
     engine = AsyncLLM.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
-                                       stat_loggers=[RayPrometheusStatLogger])
+                                       stat_loggers=[EngineStatLogger])
     tasks = await engine.get_supported_tasks()
     app = build_app(args, tasks, engine.model_config)
     await init_app_state(engine, app.state, args, tasks)

@@ -98,17 +98,19 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
                                "needs a fresh one (`serve shutdown`), or set serve.direct_ingress=false")
         print("[serve] Ray Serve is already running here: requests go through its proxy (no direct ingress)")
         direct = False
-    options: dict[str, Any] = {"http_options": {"host": sc.host, "port": sc.port}}
+    # Only a controller started here gets these settings (a running one keeps its own), so
+    # `serve deploy` setups run Ray's defaults.
+    controller_env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(sc.controller_loop_s)}
+    http = {"host": sc.host, "port": sc.port}
     if direct:
         from tailorlm.serving.engine import direct_ingress_env
 
         # Requests reach the replica without a hop through Ray Serve's proxy, which on 2 cores cost
         # 0.2-0.5x of the throughput of bare `vllm serve` (bench/serve.py). Ray keeps a proxy on the
-        # head node all the same; it moves to port + 1. Only a controller started here gets these
-        # settings, so `serve deploy` setups never use direct ingress.
-        options = {"http_options": {"host": sc.host, "port": sc.port + 1},
-                   "controller_options": {"runtime_env": {"env_vars": direct_ingress_env(sc.port)}}}
-    serve.start(**options)
+        # head node all the same; it moves to port + 1.
+        controller_env.update(direct_ingress_env(sc.port))
+        http["port"] = sc.port + 1
+    serve.start(http_options=http, controller_options={"runtime_env": {"env_vars": controller_env}})
     serve.run(build_app(cfg, models, direct_ingress=direct), name=APP_NAME, route_prefix="/", blocking=False)
 
 
