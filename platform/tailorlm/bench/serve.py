@@ -126,10 +126,12 @@ def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
     every side alike."""
     import ray
 
+    from tailorlm.bench import rotated
+
     runs: dict[tuple[str, int], list[dict]] = {}
     sides = ["bare", *args.backends]
     for r in range(args.rounds):
-        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+        for side in rotated(sides, r):
             if side == "bare":
                 server = bare_server(model_dir, args, out_dir)
             else:

@@ -121,6 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
+    from tailorlm.bench import rotated
     from tailorlm.cluster import LOCAL_SYSTEM_CONFIG
     from tailorlm.config import load_config
     from tailorlm.models import resolve_base
@@ -141,7 +142,7 @@ def main() -> None:
             # rotate who goes first: with a fixed order (DDP, ZeRO-2, ZeRO-0) ZeRO-2 measured 0.86x
             # DDP over three rounds, yet ZeRO-2 run after ZeRO-0 beat it twice, and per-step timing
             # put ZeRO-2's own cost at ~4% (a 3-4 ms longer optimizer step); position, not code
-            for name in order[r % len(order):] + order[:r % len(order)]:
+            for name in rotated(order, r):
                 runs[name].append(contenders[name]())
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]['tokens_per_s']:.0f}" for k, v in runs.items() if v)
                   + " tokens/s", flush=True)
