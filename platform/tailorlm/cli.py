@@ -148,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         from tailorlm.cluster import init_ray
+        from tailorlm.serving.keys import take_from_env
 
+        take_from_env(cfg.serve.api_keys_env)  # before Ray starts: its workers would inherit the keys
         init_ray(args.address)
         if args.command == "run":
             results = run_pipeline(cfg, force=tuple(args.force))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -276,7 +277,19 @@ class ServeConfig(Strict):
     variants: list[Literal["bf16", "w8a8", "w4a16", "fp8"]] = Field(
         default_factory=lambda: ["bf16"], description="exported variants to host; the first is model_id, "
         "the others model_id-<variant>")
-    rate_limit_per_minute: int = Field(600, ge=1)
+    rate_limit_per_minute: int = Field(600, ge=1, description="requests per minute per API key (else per address)")
+    tokens_per_minute: int = Field(200_000, ge=1, description="token budget per minute per API key: each request "
+                                   "is charged its worst-case cost, prompt tokens + prompts x n x max output tokens")
+    auth_failures_per_minute: int = Field(20, ge=1, description="wrong or missing keys one client address may send "
+                                          "per minute; beyond, 429 with Retry-After before any key is compared")
+    allow_ips: list[str] = Field(default_factory=list, description="client address CIDRs allowed (checked before "
+                                 "the key); empty: any address")
+    max_n: int = Field(4, ge=1, le=128, description="most choices (n) per request")
+    max_prompts: int = Field(8, ge=1, description="most prompts in one /v1/completions request")
+    max_json_depth: int = Field(32, ge=4, le=256, description="deepest nesting of a request body")
+    body_timeout_s: float = Field(10, gt=0, description="a request body not received within this time gets 408")
+    openapi_schema: bool = Field(False, description="serve /openapi.json (the allow-listed routes only, behind "
+                                 "the key); vLLM's /docs and its own schema are never served")
     blocklist: list[str] = Field(default_factory=list, description="regexes; a matching prompt is rejected (400)")
     response_blocklist: list[str] = Field(default_factory=list, description="regexes; a matching answer is "
                                           "withheld (content_filter error; streams end at the match)")
@@ -321,6 +334,12 @@ class ServeConfig(Strict):
         "Serve's proxy (Ray's direct ingress; `tailorlm serve` only, the proxy moves to port + 1); null: on "
         "for backend vllm with max_replicas 1, the only case where no proxy is needed to spread load")
 
+    def guard_capacity(self) -> int:
+        """Requests the guard admits into one replica at once: those the engine runs plus those it
+        queues. Beyond, it answers 503 with Retry-After at once (Ray Serve's own limits are set
+        above this, so its text/plain 503 never comes first)."""
+        return self.max_ongoing_requests + self.max_queued_requests
+
     def uses_direct_ingress(self) -> bool:
         if self.direct_ingress is not None:
             return self.direct_ingress
@@ -346,6 +365,11 @@ class ServeConfig(Strict):
                                  f"(add its variant to serve.variants)")
             if weight <= 0:
                 raise ValueError(f"ab_split.{model}: weight must be > 0, got {weight}")
+        for cidr in self.allow_ips:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allow_ips: {cidr!r} is not an IP address or CIDR: {exc}") from exc
         for pattern in self.blocklist + self.response_blocklist:
             try:
                 re.compile(pattern)

@@ -35,7 +35,7 @@ async def test_non_openai_error_bodies_are_rewritten():
     sc = load_config(None).serve
     app = Guard(detail_404, GuardSettings.from_config(sc))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        r = await c.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+        r = await c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404
     assert r.json()["error"]["type"] == "not_found_error" and "nope" in r.json()["error"]["message"]
 

@@ -26,6 +26,10 @@ from typing import Any
 from tailorlm.config import ServeConfig
 from tailorlm.serving.security import replay
 
+# the engine may never log prompts: vLLM logs requests only with --enable-log-requests, which
+# vllm_argv refuses to pass on from serve.engine_args
+REFUSED_ENGINE_ARGS = {"enable-log-requests", "enable-log-outputs", "api-key", "disable-fastapi-docs"}
+
 
 def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str, str]) -> list[str]:
     """The `vllm serve` command line for one hosted model: the benchmark starts bare vLLM with the
@@ -36,6 +40,9 @@ def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str
         argv += ["--enable-lora", "--max-lora-rank", str(sc.max_lora_rank), "--lora-modules",
                  *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()]]
     for key, value in sc.engine_args.items():  # any other `vllm serve` flag, e.g. {enable-prefix-caching: true}
+        if key.replace("_", "-") in REFUSED_ENGINE_ARGS:
+            raise ValueError(f"serve.engine_args.{key}: not allowed here (request logging would put prompts in "
+                             "the logs; keys and docs are the guard's)")
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
@@ -70,8 +77,8 @@ async def build_model_app(argv: list[str]):
 
 
 class ModelRouter:
-    """ASGI app: /v1 requests go to the vLLM app hosting the model (or adapter) named in the body;
-    /v1/models lists them all; other paths (/metrics, /version, /tokenize) go to the first model."""
+    """ASGI app: requests go to the vLLM app hosting the model (or adapter) named in the body;
+    /v1/models lists them all. Only the routes the Guard admits reach it."""
 
     def __init__(self, apps: dict[str, Any], names: dict[str, str]):
         self.apps, self.names = apps, names  # model_id -> app; served name (model or adapter) -> model_id
@@ -88,7 +95,8 @@ class ModelRouter:
             cards = []
             for app in self.apps.values():
                 listed = await app.state.openai_serving_models.show_available_models()
-                cards += [c.model_dump() for c in listed.data]
+                # vLLM's cards name the model's folder on the server (root); clients need only the name
+                cards += [{**c.model_dump(), "root": c.id} for c in listed.data]
             return await _json(send, 200, {"object": "list", "data": cards})
         if scope["method"] != "POST" or len(self.apps) == 1:
             return await self.first(scope, receive, send)
@@ -171,7 +179,11 @@ class EngineServer:
     """The replica: starts one AsyncLLM per hosted model, then serves Guard(ModelRouter)."""
 
     async def __init__(self, serve_cfg: dict[str, Any], settings, models: dict[str, str], adapters: dict[str, str]):
+        from transformers import AutoTokenizer
+
         self.sc, self.settings = ServeConfig(**serve_cfg), settings
+        # the guard counts prompt tokens and reads token-id prompts with the hosted model's tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(next(iter(models.values())))
         self.apps, self.engines, self.names = {}, [], {}
         gpu_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if self.sc.use_gpu else []
         for i, (model_id, model_dir) in enumerate(models.items()):
@@ -189,13 +201,16 @@ class EngineServer:
         from tailorlm.serving.security import Guard
 
         router = ModelRouter(self.apps, self.names)
+        return StreamCoalescer(Guard(router, self.settings, self.tokenizer), self.sc.stream_batching_ms / 1000)
 
-        async def app(scope, receive, send):
-            if scope["type"] == "http" and scope["path"] == "/health":
-                return await _json(send, 200, {"status": "ok", "models": sorted(self.names)})
-            return await router(scope, receive, send)
+    def vllm_routes(self) -> list[tuple[str, list[str]]]:
+        """(path, methods) of every route vLLM's app mounts: the tests walk them all."""
+        app = next(iter(self.apps.values()))
+        return [(r.path, sorted(getattr(r, "methods", None) or ["WEBSOCKET"])) for r in app.routes]
 
-        return StreamCoalescer(Guard(app, settings=self.settings), self.sc.stream_batching_ms / 1000)
+    def unfinished_requests(self) -> int:
+        """Requests the engines are still running (generating or waiting)."""
+        return sum(e.output_processor.get_num_unfinished_requests() for e in self.engines)
 
     async def check_health(self) -> None:
         for engine in self.engines:  # a dead engine process makes Serve replace this replica
@@ -244,7 +259,9 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
         serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
         autoscaling_config={"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
                             "target_ongoing_requests": sc.target_ongoing_requests},
-        max_ongoing_requests=sc.max_ongoing_requests, max_queued_requests=sc.max_queued_requests,
+        # the guard sheds load beyond its capacity with an OpenAI-style 503 and Retry-After; Serve's own
+        # limit sits above it so that Serve's bare text/plain 503 does not come first
+        max_ongoing_requests=sc.guard_capacity() + 16, max_queued_requests=sc.max_queued_requests,
         health_check_period_s=10, graceful_shutdown_timeout_s=30)
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
 

@@ -1,111 +1,97 @@
-"""The guard in front of the OpenAI endpoints: API keys, per-key rate limits, size and max_tokens
-caps, prompt and response filters, an A/B split between hosted models, OpenAI-style errors,
-Prometheus metrics.
+"""The guard in front of the OpenAI endpoints, deny by default. In order, for every request:
 
-A plain ASGI middleware (no framework), so it wraps Ray Serve LLM's FastAPI ingress unchanged.
-Keys are compared in constant time and never logged: logs and metrics name a key by a short hash.
+    IP allow-list -> /health -> API key (wrong keys throttled per address) -> route allow-list
+    -> per-key request rate -> body (size, read timeout, JSON depth) -> schema -> prompt filter
+    -> cost caps and per-key token budget -> in-flight capacity -> the app (response filter,
+    A/B split, disconnects abort the engine request)
+
+A plain ASGI middleware (no framework), so it wraps vLLM's app and Ray Serve LLM's FastAPI
+ingress alike. Every rejection is an OpenAI-style error body with a 4xx status (503 only for
+capacity), decided before vLLM sees the body. The routes and bodies it admits are in routes.py,
+costs in cost.py, filters in filters.py, keys in keys.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import hmac
+import ipaddress
 import json
-import os
-import re
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from tailorlm.serving import keys as api_keys
+from tailorlm.serving.cost import TokenBucket, cap_problem, prompt_lengths, request_cost, retry_after
+from tailorlm.serving.filters import Blocklist, StreamFilter, prompt_texts, response_text
+from tailorlm.serving.routes import BY_PATH, OPENAPI, HEALTH, BodyError, Route, openapi_schema, validate_body
+
+log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-PUBLIC_PATHS = {"/health", "/-/healthz", "/-/routes"}
 OPENAI_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
                       "rate_limit_error", "server_error", "content_filter"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 @dataclass
 class GuardSettings:
-    api_keys: list[str]
+    """What the guard enforces; built from serve.* by from_config. Holds key digests, never keys."""
+    key_digests: list[str]
     require_key: bool
-    rate_limit_per_minute: int
-    max_request_bytes: int
-    max_tokens_cap: int
-    max_model_len: int
+    allow_ips: list[str] = field(default_factory=list)
+    rate_limit_per_minute: int = 600
+    tokens_per_minute: int = 200_000
+    auth_failures_per_minute: int = 20
+    max_request_bytes: int = 1_000_000
+    max_json_depth: int = 32
+    body_timeout_s: float = 10.0
+    max_tokens_cap: int = 512
+    max_n: int = 4
+    max_prompts: int = 8
+    max_model_len: int = 1024
+    max_inflight: int = 128
     blocklist: list[str] = field(default_factory=list)
     response_blocklist: list[str] = field(default_factory=list)
     ab_alias: str | None = None  # requests for this model name are split by ab_weights
     ab_weights: dict[str, float] = field(default_factory=dict)
     ab_sticky: bool = True  # one client (API key, else address) always gets the same arm
+    openapi_schema: bool = False
 
     @classmethod
     def from_config(cls, sc) -> "GuardSettings":
-        keys = list(sc.api_keys) + [k.strip() for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
+        keys = api_keys.read_keys(sc)
         require = sc.require_api_key if sc.require_api_key is not None else sc.host not in LOCAL_HOSTS
         if require and not keys:
             why = "serve.require_api_key is true" if sc.require_api_key else f"host {sc.host} is beyond localhost"
             raise ValueError(f"serve: API keys are required ({why}) but none are set: export "
                              f"{sc.api_keys_env}=key1,key2 or set serve.api_keys")
-        return cls(keys, require, sc.rate_limit_per_minute, sc.max_request_bytes, sc.max_tokens_cap,
-                   sc.max_model_len, list(sc.blocklist), list(sc.response_blocklist),
-                   sc.model_id if sc.ab_split else None, dict(sc.ab_split), sc.ab_sticky)
+        return cls(
+            key_digests=sorted({api_keys.digest(k) for k in keys}), require_key=require, allow_ips=list(sc.allow_ips),
+            rate_limit_per_minute=sc.rate_limit_per_minute, tokens_per_minute=sc.tokens_per_minute,
+            auth_failures_per_minute=sc.auth_failures_per_minute, max_request_bytes=sc.max_request_bytes,
+            max_json_depth=sc.max_json_depth, body_timeout_s=sc.body_timeout_s, max_tokens_cap=sc.max_tokens_cap,
+            max_n=sc.max_n, max_prompts=sc.max_prompts, max_model_len=sc.max_model_len,
+            max_inflight=sc.guard_capacity(), blocklist=list(sc.blocklist),
+            response_blocklist=list(sc.response_blocklist), ab_alias=sc.model_id if sc.ab_split else None,
+            ab_weights=dict(sc.ab_split), ab_sticky=sc.ab_sticky, openapi_schema=sc.openapi_schema)
 
 
-def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
+class Reject(Exception):
+    """A request refused with an OpenAI-style error."""
 
-
-class TokenBucket:
-    """Per-client token bucket: `rate` requests per minute, bursts up to `rate`."""
-
-    def __init__(self, per_minute: int):
-        self.rate, self.state = per_minute / 60.0, {}
-        self.capacity = float(per_minute)
-
-    def allow(self, client: str) -> bool:
-        now = time.monotonic()
-        tokens, last = self.state.get(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self.state[client] = (tokens, now)
-            return False
-        self.state[client] = (tokens - 1, now)
-        return True
+    def __init__(self, status: int, message: str, param: str | None = None, etype: str | None = None,
+                 code: str | None = None, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or []
+        self.etype, self.code = etype or ERROR_TYPES.get(status, "server_error"), code
 
 
 def error_body(status: int, message: str, etype: str, param: str | None = None, code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": etype, "param": param, "code": code or status}}).encode()
-
-
-def _prompt_text(body: dict[str, Any]) -> str:
-    parts = []
-    prompt = body.get("prompt")
-    parts += prompt if isinstance(prompt, list) else [prompt]
-    for m in body.get("messages") or []:
-        c = m.get("content") if isinstance(m, dict) else None
-        parts += [x.get("text", "") for x in c if isinstance(x, dict)] if isinstance(c, list) else [c]
-    return "\n".join(p for p in parts if isinstance(p, str))
-
-
-def check_body(body: Any, s: GuardSettings) -> tuple[int, str, str, str | None] | None:
-    """None if the request may pass, else (status, message, type, param)."""
-    if not isinstance(body, dict):
-        return 400, "request body must be a JSON object", "invalid_request_error", None
-    mt = body.get("max_tokens", body.get("max_completion_tokens"))
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
-        return 400, f"max_tokens must be a positive integer, got {mt!r}", "invalid_request_error", "max_tokens"
-    if mt is not None and mt > s.max_tokens_cap:
-        return 400, f"max_tokens {mt} exceeds this server's cap of {s.max_tokens_cap}", "invalid_request_error", \
-            "max_tokens"
-    if "messages" in body and not isinstance(body["messages"], list):
-        return 400, "messages must be a list of {role, content}", "invalid_request_error", "messages"
-    text = _prompt_text(body)
-    if len(text) > 8 * s.max_model_len:  # cheap bound before tokenizing: no tokenizer yields < 1/8 char
-        return 400, f"prompt is longer than the context of {s.max_model_len} tokens", "invalid_request_error", \
-            "messages" if "messages" in body else "prompt"
-    for pattern in s.blocklist:
-        if re.search(pattern, text, flags=re.IGNORECASE):
-            return 400, "the prompt was rejected by this server's content filter", "content_filter", None
-    return None
 
 
 def ab_arm(weights: dict[str, float], draw: float) -> str:
@@ -118,184 +104,235 @@ def ab_arm(weights: dict[str, float], draw: float) -> str:
     return max(sorted(weights))
 
 
-def _response_text(body: dict[str, Any]) -> str:
-    parts = []
-    for ch in body.get("choices") or []:
-        if not isinstance(ch, dict):
-            continue
-        parts.append(ch.get("text") or "")
-        for k in ("message", "delta"):
-            if isinstance(ch.get(k), dict):
-                parts.append(ch[k].get("content") or "")
-    return "".join(p for p in parts if isinstance(p, str))
+def _reject_constant(token: str):
+    raise ValueError(f"{token} is not valid JSON")
 
 
-class ResponseFilter:
-    """Checks generated text against the response blocklist. Non-streaming: a match replaces the
-    answer with an OpenAI content_filter error (400). Streaming: text accumulates over the SSE
-    events; at a match the event is withheld and the stream ends with a content_filter error
-    event and `data: [DONE]` (what was already sent stays sent)."""
-
-    def __init__(self, patterns: list[str]):
-        self.patterns = [re.compile(p, flags=re.IGNORECASE) for p in patterns]
-        self.seen, self.buffer, self.blocked = "", b"", False
-
-    def hit(self, text: str) -> bool:
-        return any(p.search(text) for p in self.patterns)
-
-    def stream_chunk(self, data: bytes) -> bytes:
-        """Filtered bytes to pass on for one body chunk of an SSE stream."""
-        if self.blocked:
-            return b""
-        self.buffer += data
-        out = b""
-        while b"\n\n" in self.buffer:
-            event, self.buffer = self.buffer.split(b"\n\n", 1)
-            payload = event[5:].strip() if event.startswith(b"data:") else b""
-            if payload and payload != b"[DONE]":
-                try:
-                    self.seen += _response_text(json.loads(payload))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
-                if self.hit(self.seen):
-                    self.blocked = True
-                    err = error_body(400, "the response was stopped by this server's content filter",
-                                     "content_filter")
-                    return out + b"data: " + err + b"\n\ndata: [DONE]\n\n"
-            out += event + b"\n\n"
-        return out
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """json.loads that refuses NaN/Infinity, over-deep nesting and over-long numbers with a 400."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise Reject(400, f"request body nests deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a 5000-digit int
+        raise Reject(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
+    stack = [(body, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise Reject(400, f"request body nests deeper than {max_depth} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack += [(c, depth + 1) for c in children if isinstance(c, (dict, list))]
+    return body
 
 
 class Guard:
-    """ASGI middleware applying GuardSettings to every /v1 request."""
+    """ASGI middleware applying GuardSettings. tokenizer (optional, the hosted model's): exact
+    prompt token counts for the cost, the context check, and the text of token-id prompts."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], settings: GuardSettings):
-        self.app, self.s = app, settings
-        self.limiter = TokenBucket(settings.rate_limit_per_minute)
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: GuardSettings, tokenizer: Any = None):
+        self.app, self.s, self.tokenizer = app, settings, tokenizer
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_ips]
+        self.requests = TokenBucket(settings.rate_limit_per_minute)
+        self.tokens = TokenBucket(settings.tokens_per_minute)
+        self.auth_failures = TokenBucket(settings.auth_failures_per_minute)
+        self.blocklist, self.response_blocklist = Blocklist(settings.blocklist), Blocklist(settings.response_blocklist)
+        self.inflight, self._draws = 0, 0
         self.metrics = _Metrics()
-        self._draws = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or not scope["path"].startswith("/v1"):
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
-        start = time.monotonic()
-        status_box = {"status": 500}
-        held: dict[str, Any] = {}
+        if scope["type"] != "http":  # websockets (vLLM's realtime routes): not part of the served surface
+            return await send({"type": "websocket.close", "code": 1008})
+        route = BY_PATH.get(scope["path"])
+        start, status = time.monotonic(), {"code": 500, "started": False}
 
-        async def send_tracked(message):
-            # error responses are held back until complete, so that a body in another shape
-            # (FastAPI's {"detail": ...}) can be rewritten into an OpenAI error object
+        async def tracked(message):
             if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-                if message["status"] >= 400:
-                    held.update(start=message, body=b"")
-                    return
-            elif held:
-                held["body"] += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                return await _reply(send, held["start"]["status"], openai_error(held["start"]["status"], held["body"]))
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_tracked)
+            await self._handle(scope, receive, tracked, route)
+        except Reject as r:
+            await _reply(tracked, r.status, error_body(r.status, r.message, r.etype, r.param, r.code), r.headers)
+        except Exception:  # a defect of ours: one log line per request, no traceback flood, no body
+            log.exception("guard: internal error on %s %s", scope.get("method"), route.name if route else "unmatched")
+            if not status["started"]:
+                await _reply(tracked, 500, error_body(500, "internal error", "server_error"))
         finally:
-            self.metrics.observe(scope["path"], status_box["status"], time.monotonic() - start)
+            label = route.name if route is not None and route.method == scope.get("method") else "unmatched"
+            self.metrics.observe(label, status["code"], time.monotonic() - start)
 
-    async def _handle(self, scope, receive, send):
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        client = (scope.get("client") or ("unknown", 0))[0]
-        if self.s.require_key or self.s.api_keys:
+    async def _handle(self, scope, receive, send, route: Route | None):
+        s = self.s
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        address = (scope.get("client") or ("unknown", 0))[0]
+        if self.networks and not self._allowed_ip(address):
+            raise Reject(403, "this client address is not allowed to use the API", code="ip_not_allowed")
+        if route is HEALTH and scope["method"] == "GET":
+            return await _reply(send, 200, b'{"status": "ok"}')
+        client = address
+        if s.require_key or s.key_digests:
             auth = headers.get("authorization", "")
-            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if not any(hmac.compare_digest(token, k) for k in self.s.api_keys):
-                if self.s.require_key or token:
-                    return await _reply(send, 401, error_body(401, "invalid or missing API key (send "
-                                        "'Authorization: Bearer <key>')", "authentication_error",
-                                                              code="invalid_api_key"))
-            else:
-                client = "key:" + key_id(token)
-        if not self.limiter.allow(client):
-            return await _reply(send, 429, error_body(429, f"rate limit of {self.s.rate_limit_per_minute} requests "
-                                "per minute exceeded", "rate_limit_error", code="rate_limit_exceeded"),
-                                extra=[(b"retry-after", b"1")])
-        if scope["method"] != "POST":
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            wait = self.auth_failures.wait_s(address)
+            if wait > 0:  # before comparing: a throttled address learns nothing about its guesses
+                raise Reject(429, "too many failed API key attempts from this address", code="auth_throttled",
+                             headers=[(b"retry-after", retry_after(wait))])
+            matched = api_keys.matching_digest(token, s.key_digests) if token else None
+            if matched is None and (s.require_key or token):
+                if token:  # a wrong guess costs allowance; a missing key is no guess
+                    self.auth_failures.take(address)
+                raise Reject(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                             code="invalid_api_key")
+            client = "key:" + api_keys.key_id(matched) if matched else address
+        if route is None or (route is OPENAPI and not s.openapi_schema):
+            raise Reject(404, f"unknown route {scope['path'][:100]!r}; this server answers "
+                         "/v1/models, /v1/completions and /v1/chat/completions", code="unknown_route")
+        if scope["method"] != route.method:
+            raise Reject(405, f"{route.path} takes {route.method}", code="method_not_allowed",
+                         headers=[(b"allow", route.method.encode())])
+        wait = self.requests.take(client)
+        if wait > 0:
+            raise Reject(429, f"rate limit of {s.rate_limit_per_minute} requests per minute exceeded",
+                         code="rate_limit_exceeded", headers=[(b"retry-after", retry_after(wait))])
+        if route is OPENAPI:
+            return await _reply(send, 200, json.dumps(openapi_schema()).encode())
+        if route.body is None:
             return await self.app(scope, receive, send)
-        length = int(headers.get("content-length") or 0)
-        if length > self.s.max_request_bytes:
-            return await _reply(send, 413, error_body(413, f"request body of {length} bytes exceeds the "
-                                f"{self.s.max_request_bytes}-byte cap", "invalid_request_error"))
-        chunks, size = [], 0
+        parsed = parse_json(await self._read_body(headers, receive), s.max_json_depth)
+        try:
+            body = validate_body(route, parsed)
+        except BodyError as exc:
+            raise Reject(400, str(exc), exc.param) from None
+        await self._generate(scope, receive, send, route, body, client)
+
+    def _allowed_ip(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks)
+
+    async def _read_body(self, headers: dict[str, str], receive) -> bytes:
+        cap = self.s.max_request_bytes
+        declared = headers.get("content-length", "0").strip() or "0"
+        if not declared.isdigit():
+            raise Reject(400, "content-length header is not a number")
+        if int(declared) > cap:
+            raise Reject(413, f"request body of {declared} bytes exceeds the {cap}-byte cap")
+        chunks, size, deadline = [], 0, time.monotonic() + self.s.body_timeout_s
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                raise Reject(408, f"request body not received within {self.s.body_timeout_s:g} s",
+                             code="request_timeout") from None
+            if msg["type"] == "http.disconnect":
+                raise Reject(400, "client disconnected before sending the whole body")
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
-            if size > self.s.max_request_bytes:
-                return await _reply(send, 413, error_body(413, f"request body exceeds the "
-                                    f"{self.s.max_request_bytes}-byte cap", "invalid_request_error"))
+            if size > cap:
+                raise Reject(413, f"request body exceeds the {cap}-byte cap")
             if not msg.get("more_body"):
-                break
-        raw = b"".join(chunks)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return await _reply(send, 400, error_body(400, f"request body is not valid JSON: {exc}",
-                                                      "invalid_request_error"))
-        problem = check_body(body, self.s)
+                return b"".join(chunks)
+
+    def _count(self, text: str) -> int:
+        if self.tokenizer is None:  # an upper bound for byte-level BPE tokenizers: at most a token a byte
+            return len(text.encode("utf-8", "surrogatepass"))
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    async def _generate(self, scope, receive, send, route: Route, body: dict[str, Any], client: str):
+        s = self.s
+        prompt = body.get("prompt")
+        if self.tokenizer is not None and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+            vocab = len(self.tokenizer)
+            for ids in [prompt] if isinstance(prompt[0], int) else prompt:
+                if max(ids) >= vocab:
+                    raise Reject(400, f"token id {max(ids)} is outside the vocabulary of {vocab}", "prompt")
+        if self.blocklist and any(self.blocklist.hit(t) for t in prompt_texts(body, self._detokenize)):
+            raise Reject(400, "the prompt was rejected by this server's content filter", etype="content_filter",
+                         code="content_filter")
+        exact, lengths = self.tokenizer is not None, prompt_lengths(body, self._count)
+        default_output = s.max_tokens_cap
+        if exact and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            # what vLLM does unasked (the rest of the context), within the cap: written into the body below
+            default_output = max(1, min(s.max_tokens_cap, s.max_model_len - max(lengths)))
+        cost = request_cost(body, default_output, lengths)
+        problem = cap_problem(cost, body, s, exact)
         if problem:
-            status, message, etype, param = problem
-            return await _reply(send, status, error_body(status, message, etype, param))
+            raise Reject(400, *problem)
+        wait = self.tokens.take(client, cost.total)
+        if wait > 0:
+            raise Reject(429, f"token budget of {s.tokens_per_minute} per minute exceeded (this request may cost "
+                         f"{cost.total})", code="token_rate_limit_exceeded",
+                         headers=[(b"retry-after", retry_after(wait))])
+        if self.inflight >= s.max_inflight:
+            raise Reject(503, f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
+                         etype="server_error", code="overloaded", headers=[(b"retry-after", b"1")])
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = self.s.max_tokens_cap  # an uncapped request would run to the context end
-            raw = json.dumps(body).encode()
-        if self.s.ab_weights and body.get("model") == self.s.ab_alias:
-            if self.s.ab_sticky:  # a stable hash of the client: the same arm on every request
-                draw = int(hashlib.sha256(client.encode()).hexdigest()[:12], 16) / 16**12
-            else:  # a low-discrepancy sequence: the split matches the weights closely at any volume
-                self._draws += 1
-                draw = (self._draws * 0.6180339887498949) % 1.0
-            body["model"] = ab_arm(self.s.ab_weights, draw)
-            raw = json.dumps(body).encode()
-        if self.s.response_blocklist:
-            send = self._filtered_send(send, ResponseFilter(self.s.response_blocklist), bool(body.get("stream")))
+            body["max_tokens"] = default_output  # an uncapped request would run to the context end
+        if s.ab_weights and body.get("model") == s.ab_alias:
+            body["model"] = ab_arm(s.ab_weights, self._draw(client))
+        raw = json.dumps(body).encode()
+        out = _openai_errors(send)
+        if self.response_blocklist:
+            out = _filtered_send(out, self.response_blocklist, bool(body.get("stream")))
         new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         new_headers.append((b"content-length", str(len(raw)).encode()))
-        await self.app({**scope, "headers": new_headers}, replay(raw, receive), send)
+        self.inflight += 1
+        try:
+            await run_abortable(self.app, {**scope, "headers": new_headers}, raw, receive, out)
+        finally:
+            self.inflight -= 1
+
+    def _draw(self, client: str) -> float:
+        if self.s.ab_sticky:  # a stable hash of the client: the same arm on every request
+            return int(hashlib.sha256(client.encode()).hexdigest()[:12], 16) / 16**12
+        self._draws += 1  # a low-discrepancy sequence: the split matches the weights closely at any volume
+        return (self._draws * 0.6180339887498949) % 1.0
 
 
-    @staticmethod
-    def _filtered_send(send, flt: ResponseFilter, stream: bool):
-        held: dict[str, Any] = {}
+async def run_abortable(app, scope, body: bytes, receive, send) -> None:
+    """Run `app` on an already-read body so that a client disconnect aborts it.
 
-        async def filtered(message):
-            if message["type"] == "http.response.start":
-                if message["status"] >= 400:
-                    return await send(message)
-                held["start"], held["body"] = message, b""
-                return None
-            if message["type"] != "http.response.body" or "start" not in held:
-                return await send(message)
-            more = message.get("more_body", False)
-            if stream:  # pass events on as they come, minus a blocked tail
-                if not held.get("started"):
-                    held["started"] = True
-                    await send(held["start"])
-                return await send({**message, "body": flt.stream_chunk(message.get("body", b""))})
-            held["body"] += message.get("body", b"")
-            if more:
-                return None
-            try:
-                text = _response_text(json.loads(held["body"]))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                text = ""
-            if flt.hit(text):
-                return await _reply(send, 400, error_body(400, "the response was rejected by this server's "
-                                                          "content filter", "content_filter"))
-            headers = [(k, v) for k, v in held["start"]["headers"] if k.lower() != b"content-length"]
-            await send({**held["start"], "headers": headers + [(b"content-length", str(len(held["body"])).encode())]})
-            await send({"type": "http.response.body", "body": held["body"]})
+    vLLM's handlers (`with_cancellation`) and Starlette's streaming responses stop generating
+    when receive() returns http.disconnect. Ray Serve's direct ingress instead cancels the task
+    running the ASGI app, which cancels vLLM's wrapper but orphans the handler task it spawned:
+    the engine went on generating every token for nobody. So the app runs in a task of its own,
+    shielded from that cancellation; when it comes, the app is told of the disconnect the way
+    it listens for one, and given a moment to abort the engine request."""
+    gone = asyncio.Event()
+    first = True
 
-        return filtered
+    async def app_receive():
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        real, ours = asyncio.ensure_future(receive()), asyncio.ensure_future(gone.wait())
+        done, pending = await asyncio.wait({real, ours}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return real.result() if real in done else {"type": "http.disconnect"}
+
+    async def app_send(message):
+        if not gone.is_set():
+            await send(message)
+
+    task = asyncio.ensure_future(app(scope, app_receive, app_send))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        gone.set()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, timeout=10)
+        raise
 
 
 def replay(body: bytes, receive):
@@ -313,13 +350,71 @@ def replay(body: bytes, receive):
     return receive_again
 
 
+def _openai_errors(send):
+    """Error responses from the app are held until complete and rewritten into OpenAI's shape
+    (FastAPI's {"detail": ...}, vLLM's exception-class types), keeping their other headers."""
+    held: dict[str, Any] = {}
+
+    async def rewriting(message):
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            held.update(start=message, body=b"")
+            return
+        if held and message["type"] == "http.response.body":
+            held["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            status = held["start"]["status"]
+            keep = [(k, v) for k, v in held["start"].get("headers", [])
+                    if k.lower() not in (b"content-length", b"content-type")]
+            return await _reply(send, status, openai_error(status, held["body"]), keep)
+        await send(message)
+
+    return rewriting
+
+
+def _filtered_send(send, blocklist: Blocklist, stream: bool):
+    """The response blocklist: a non-streamed answer that matches becomes a content_filter error
+    (400); a stream ends at the event that completes a match (filters.StreamFilter)."""
+    held: dict[str, Any] = {}
+    err = error_body(400, "the response was stopped by this server's content filter", "content_filter",
+                     code="content_filter")
+    flt = StreamFilter(blocklist, err)
+
+    async def filtered(message):
+        if message["type"] == "http.response.start":
+            if message["status"] >= 400:
+                return await send(message)
+            held["start"], held["body"] = message, b""
+            return None
+        if message["type"] != "http.response.body" or "start" not in held:
+            return await send(message)
+        if stream:  # pass events on as they come, minus a blocked tail
+            if not held.get("started"):
+                held["started"] = True
+                await send(held["start"])
+            return await send({**message, "body": flt.chunk(message.get("body", b""))})
+        held["body"] += message.get("body", b"")
+        if message.get("more_body", False):
+            return None
+        try:
+            text = response_text(json.loads(held["body"]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            text = ""
+        if blocklist.hit(text):
+            return await _reply(send, 400, err)
+        headers = [(k, v) for k, v in held["start"]["headers"] if k.lower() != b"content-length"]
+        await send({**held["start"], "headers": headers + [(b"content-length", str(len(held["body"])).encode())]})
+        await send({"type": "http.response.body", "body": held["body"]})
+
+    return filtered
+
+
 def openai_error(status: int, body: bytes) -> bytes:
     try:
         parsed = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         parsed = body.decode(errors="replace")
-    etype = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+    etype = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         err = parsed["error"]
         if err.get("type") in OPENAI_ERROR_TYPES:
@@ -338,25 +433,27 @@ async def _reply(send, status: int, body: bytes, extra: list | None = None) -> N
 
 
 class _Metrics:
-    """Requests, latency and errors as Prometheus metrics, exported by Ray's metrics endpoint."""
+    """Requests, latency and errors as Prometheus metrics, exported by Ray's metrics endpoint.
+    Labelled by the allow-listed route's name ("unmatched" for anything else), never the raw
+    path: label sets stay bounded and a key pasted into a URL never reaches Prometheus."""
 
     def __init__(self) -> None:
         try:
             from ray.util.metrics import Counter, Histogram
 
-            self.requests = Counter("tailorlm_requests", "HTTP requests by path and status",
-                                    tag_keys=("path", "status"))
-            self.errors = Counter("tailorlm_errors", "HTTP 4xx/5xx responses", tag_keys=("path", "status"))
+            self.requests = Counter("tailorlm_requests", "HTTP requests by route and status",
+                                    tag_keys=("route", "status"))
+            self.errors = Counter("tailorlm_errors", "HTTP 4xx/5xx responses", tag_keys=("route", "status"))
             self.latency = Histogram("tailorlm_request_latency_s", "request latency in seconds",
-                                     boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=("path",))
+                                     boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=("route",))
         except Exception:  # outside a Ray worker (unit tests): count nothing
             self.requests = self.errors = self.latency = None
 
-    def observe(self, path: str, status: int, seconds: float) -> None:
+    def observe(self, route: str, status: int, seconds: float) -> None:
         if self.requests is None:
             return
-        tags = {"path": path, "status": str(status)}
+        tags = {"route": route, "status": str(status)}
         self.requests.inc(tags=tags)
         if status >= 400:
             self.errors.inc(tags=tags)
-        self.latency.observe(seconds, tags={"path": path})
+        self.latency.observe(seconds, tags={"route": route})

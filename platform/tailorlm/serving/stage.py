@@ -48,26 +48,35 @@ def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
 
 
 def sample_chat(cfg: PipelineConfig, model_id: str, question: str = SAMPLE, timeout_s: float = 600) -> dict[str, Any]:
-    """Wait for the endpoint, then ask one chat question with the official openai client."""
+    """Wait for the endpoint, then ask one chat question with the official openai client. An
+    answer (or question) the configured content filters withhold is a served request too: it is
+    recorded as withheld, never a failed start."""
     import openai
 
+    from tailorlm.serving.keys import read_keys
     from tailorlm.serving.security import LOCAL_HOSTS
 
     sc = cfg.serve
     host = "127.0.0.1" if sc.host in LOCAL_HOSTS | {"0.0.0.0"} else sc.host
-    keys = list(sc.api_keys) + [k for k in os.environ.get(sc.api_keys_env, "").split(",") if k.strip()]
+    keys = read_keys(sc)
     client = openai.OpenAI(base_url=f"http://{host}:{sc.port}/v1", api_key=keys[0] if keys else "none",
                            max_retries=0, timeout=120)
     deadline = time.time() + timeout_s
     while True:
+        t = time.time()
         try:
-            t = time.time()
             resp = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}],
                                                   max_tokens=32, temperature=0)
             return {"question": question, "answer": resp.choices[0].message.content,
                     "latency_s": round(time.time() - t, 3), "usage": resp.usage.model_dump() if resp.usage else None}
-        except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError,
-                openai.APIStatusError) as exc:
+        except openai.BadRequestError as exc:
+            error = (exc.body or {}) if isinstance(exc.body, dict) else {}
+            if error.get("type") != "content_filter" and (error.get("error") or {}).get("type") != "content_filter":
+                raise RuntimeError(f"serve: the sample request was refused: {exc}") from exc
+            return {"question": question, "answer": None, "withheld": "content_filter",
+                    "latency_s": round(time.time() - t, 3), "usage": None}
+        except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError) as exc:
+            # not up yet: nothing listens, the proxy has no route yet (404), or no replica (503)
             if time.time() > deadline:
                 raise RuntimeError(f"serve: endpoint did not answer within {timeout_s}s: {exc}") from exc
             time.sleep(2)
@@ -126,7 +135,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         info = {"url": url, "models": models, "sample": answer}
         sdir.write_json("endpoint.json", info)
         print(f"[serve] {url}  models: {', '.join(models)}")
-        print(f"[serve] Q: {answer['question']}\n[serve] A: {answer['answer']}  ({answer['latency_s']}s)")
+        shown = answer["answer"] if answer["answer"] is not None else "(withheld by the content filter)"
+        print(f"[serve] Q: {answer['question']}\n[serve] A: {shown}  ({answer['latency_s']}s)")
         if cfg.serve.keep_serving:
             print("[serve] serving until interrupted (Ctrl-C)")
             while True:

@@ -1,0 +1,121 @@
+"""Content filters on what the model sees and what it says, whichever route carries it.
+
+The prompt blocklist runs on every piece of text the engine will see (all message roles and
+names, every prompt of a list, the detokenized form of token-id prompts); the response blocklist
+on the text of every choice, streamed or not. Both match a normalized form of the text, so that
+invisible or look-alike characters do not walk a word past the filter:
+- NFKC folds compatibility forms (full-width letters, ligatures, superscripts) to plain ones;
+- characters of Unicode category Cf (zero-width space/joiner, soft hyphen, bidi controls) and
+  combining marks are removed;
+- a pattern also runs on the ASCII skeleton (anyascii: Cyrillic "а" -> "a", Greek "ο" -> "o"),
+  so a word spelled with confusable letters still matches. The unfolded text is checked too, so a
+  pattern in Chinese or any other script matches as written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from typing import Any, Callable, Iterable
+
+from anyascii import anyascii
+
+
+def normalized_forms(text: str) -> tuple[str, str]:
+    """(normalized text, its ASCII skeleton): the two forms every pattern is matched against."""
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    kept = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Cf", "Mn", "Me"))
+    clean = unicodedata.normalize("NFKC", kept)
+    return clean, anyascii(clean)
+
+
+class Blocklist:
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = [re.compile(p, flags=re.IGNORECASE) for p in patterns]
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def hit(self, text: str) -> bool:
+        if not self.patterns or not text:
+            return False
+        forms = (text, *normalized_forms(text))
+        return any(p.search(f) for p in self.patterns for f in forms)
+
+
+def _content_text(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):  # content parts; the request schema admits text parts only
+        return [part.get("text", "") for part in content if isinstance(part, dict)]
+    return []
+
+
+def prompt_texts(body: dict[str, Any], detokenize: Callable[[list[int]], str] | None) -> list[str]:
+    """Every text the engine will see for a validated completions or chat body."""
+    texts: list[str] = []
+    for message in body.get("messages") or []:
+        texts += _content_text(message.get("content"))
+        if message.get("name"):
+            texts.append(message["name"])
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        texts.append(prompt)
+    elif isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            texts += prompt
+        else:  # token ids: one prompt (list[int]) or several (list[list[int]])
+            lists = [prompt] if isinstance(prompt[0], int) else prompt
+            if detokenize is not None:
+                texts += [detokenize(ids) for ids in lists]
+    return texts
+
+
+def response_text(body: Any) -> str:
+    """The generated text in a completions/chat response or stream chunk (all choices)."""
+    parts: list[str] = []
+    for choice in (body.get("choices") or []) if isinstance(body, dict) else []:
+        if not isinstance(choice, dict):
+            continue
+        parts.append(choice.get("text") or "")
+        for key in ("message", "delta"):
+            if isinstance(choice.get(key), dict):
+                parts.append(choice[key].get("content") or "")
+                parts.append(choice[key].get("reasoning_content") or "")
+    return "".join(p for p in parts if isinstance(p, str))
+
+
+class StreamFilter:
+    """The response blocklist over an SSE stream: text accumulates per choice index over the
+    events; at a match the event is withheld and the stream ends with a content_filter error
+    event and `data: [DONE]` (what was already sent stays sent)."""
+
+    def __init__(self, blocklist: Blocklist, error_event: bytes):
+        self.blocklist, self.error_event = blocklist, error_event
+        self.seen: dict[int, str] = {}
+        self.buffer, self.blocked = b"", False
+
+    def chunk(self, data: bytes) -> bytes:
+        """Filtered bytes to pass on for one body chunk of the stream."""
+        if self.blocked:
+            return b""
+        self.buffer += data
+        out = b""
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            payload = event[5:].strip() if event.startswith(b"data:") else b""
+            if payload and payload != b"[DONE]":
+                try:
+                    parsed = json.loads(payload)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    parsed = {}
+                for choice in parsed.get("choices") or [] if isinstance(parsed, dict) else []:
+                    if isinstance(choice, dict):
+                        idx = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
+                        self.seen[idx] = self.seen.get(idx, "") + response_text({"choices": [choice]})
+                if any(self.blocklist.hit(text) for text in self.seen.values()):
+                    self.blocked = True
+                    return out + b"data: " + self.error_event + b"\n\ndata: [DONE]\n\n"
+            out += event + b"\n\n"
+        return out
