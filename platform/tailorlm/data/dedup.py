@@ -39,6 +39,7 @@ from tailorlm.config import NearDedupConfig
 from tailorlm.data.minhash import band_keys, estimated_jaccard, exact_jaccard, signatures
 
 DUP_COLUMNS = ["id", "duplicate_of", "reason"]
+EDGE_COLUMNS = ["id_a", "rank_a", "id_b", "rank_b", "jaccard"]
 MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smallest member
 # Up to this many candidate pairs the driver verifies them (their signatures: <= 2 x pairs x
 # num_perm x 4 bytes, 1 GiB at 128 perms); more go through two distributed joins instead. On
@@ -51,6 +52,24 @@ VERIFY_PAIRS_PER_TASK = 20_000
 
 def _empty_dups() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=object) for c in DUP_COLUMNS})
+
+
+def _empty_edges() -> pd.DataFrame:
+    return pd.DataFrame({"id_a": pd.Series([], dtype=object), "rank_a": pd.Series([], dtype="int64"),
+                         "id_b": pd.Series([], dtype=object), "rank_b": pd.Series([], dtype="int64"),
+                         "jaccard": pd.Series([], dtype="float64")})
+
+
+def _empty_pairs() -> pd.DataFrame:
+    return pd.DataFrame({"a": pd.Series([], dtype="uint64"), "b": pd.Series([], dtype="uint64")})
+
+
+def _to_pandas(ds, empty: pd.DataFrame) -> pd.DataFrame:
+    """`ds.to_pandas()`, or `empty` when it has no rows: Ray Data gives a dataset without rows a
+    frame without columns (no pairs, no edges, every row filtered out), which the next step
+    would index by column name."""
+    df = ds.to_pandas()
+    return df if len(df) else empty
 
 
 def num_partitions(rows: int, cpus: int, rows_per_partition: int = 2_000_000) -> int:
@@ -102,12 +121,13 @@ def _exact_groups(batch: pd.DataFrame) -> pd.DataFrame:
 def exact_duplicates(live, cpus: int) -> pd.DataFrame:
     small = live.select_columns(["text_hash", "rank", "id"])
     parts = _partition(small, ["text_hash"], num_partitions(small.count(), cpus))
-    out = parts.map_batches(_exact_groups, batch_size=None, batch_format="pandas").to_pandas()
-    return out if len(out) else _empty_dups()
+    return _to_pandas(parts.map_batches(_exact_groups, batch_size=None, batch_format="pandas"), _empty_dups())
 
 
 # ----------------------------------------------------------------------------- near
 def _band_rows(batch: pd.DataFrame, bands: int, rows: int, num_perm: int) -> pd.DataFrame:
+    if batch.empty:  # an empty block may come without columns
+        return pd.DataFrame({"bucket": pd.Series([], dtype="uint64"), "key": pd.Series([], dtype="uint64")})
     sig = np.frombuffer(b"".join(batch["sig"]), dtype=np.uint32).reshape(len(batch), num_perm)
     has = ~(sig == np.uint32(0xFFFFFFFF)).all(axis=1)  # docs without tokens join no bucket
     keys = band_keys(sig[has], bands, rows)
@@ -116,9 +136,11 @@ def _band_rows(batch: pd.DataFrame, bands: int, rows: int, num_perm: int) -> pd.
 
 def _bucket_pairs(batch: pd.DataFrame) -> pd.DataFrame:
     """Candidate pairs (a < b) from every bucket with two or more members."""
+    if batch.empty:
+        return _empty_pairs()
     b = batch[batch["bucket"].duplicated(keep=False)].sort_values(["bucket", "key"], kind="stable")
     if b.empty:
-        return pd.DataFrame({"a": pd.Series([], dtype="uint64"), "b": pd.Series([], dtype="uint64")})
+        return _empty_pairs()
     bucket, key = b["bucket"].to_numpy(), b["key"].to_numpy(np.uint64)
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
     sizes = np.diff(np.r_[starts, len(bucket)])
@@ -139,9 +161,9 @@ def _bucket_pairs(batch: pd.DataFrame) -> pd.DataFrame:
 
 def _verify(batch: pd.DataFrame, num_perm: int, threshold: float) -> pd.DataFrame:
     """Pairs whose estimated Jaccard reaches the threshold; texts ride along for an exact check."""
+    if batch.empty:  # possibly without columns; the exact check needs none of them then
+        return _empty_edges()
     keep = ["id_a", "rank_a", "id_b", "rank_b"] + [c for c in ("text_a", "text_b") if c in batch]
-    if batch.empty:
-        return batch[keep].assign(jaccard=[])
     sa = np.frombuffer(b"".join(batch["sig_a"]), dtype=np.uint32).reshape(len(batch), num_perm)
     sb = np.frombuffer(b"".join(batch["sig_b"]), dtype=np.uint32).reshape(len(batch), num_perm)
     j = estimated_jaccard(sa, sb)
@@ -149,6 +171,8 @@ def _verify(batch: pd.DataFrame, num_perm: int, threshold: float) -> pd.DataFram
 
 
 def _verify_exact(batch: pd.DataFrame, threshold: float, ngram: int, cjk_ngram: int) -> pd.DataFrame:
+    if batch.empty:
+        return _empty_edges()
     j = exact_jaccard(batch["text_a"].tolist(), batch["text_b"].tolist(), ngram, cjk_ngram)
     return batch.loc[j >= threshold, ["id_a", "rank_a", "id_b", "rank_b"]].assign(jaccard=j[j >= threshold])
 
@@ -170,7 +194,10 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     pairs = buckets.map_batches(_bucket_pairs, batch_size=None, batch_format="pandas").materialize()
     verify = dict(num_perm=cfg.num_perm, threshold=cfg.threshold - EXACT_MARGIN if exact else cfg.threshold)
     exact_args = dict(threshold=cfg.threshold, ngram=cfg.ngram, cjk_ngram=cfg.cjk_ngram)
-    if pairs.count() <= broadcast_pairs:
+    n_pairs = pairs.count()
+    if n_pairs == 0:  # a corpus without near duplicates: nothing to verify
+        return _empty_edges()
+    if n_pairs <= broadcast_pairs:
         p = pairs.to_pandas().drop_duplicates()
         need = np.unique(np.concatenate([p["a"].to_numpy(np.uint64), p["b"].to_numpy(np.uint64)]))
         rows = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas").to_pandas()
@@ -182,9 +209,9 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
         if not exact or edges.empty:
             return edges
         step = VERIFY_PAIRS_PER_TASK
-        return (ray.data.from_pandas([edges.iloc[i:i + step] for i in range(0, len(edges), step)])
-                .map_batches(_verify_exact, fn_kwargs=exact_args, batch_size=None, batch_format="pandas")
-                .to_pandas().reset_index(drop=True))
+        return _to_pandas(ray.data.from_pandas([edges.iloc[i:i + step] for i in range(0, len(edges), step)])
+                          .map_batches(_verify_exact, fn_kwargs=exact_args, batch_size=None, batch_format="pandas"),
+                          _empty_edges()).reset_index(drop=True)
     parts = num_partitions(n, cpus)
     side_a = sigs.rename_columns({c: f"{c}_a" if c != "key" else "a" for c in sigs.columns()})
     side_b = sigs.rename_columns({c: f"{c}_b" if c != "key" else "b" for c in sigs.columns()})
@@ -192,7 +219,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     edges = joined.map_batches(_verify, fn_kwargs=verify, batch_format="pandas")
     if exact:
         edges = edges.map_batches(_verify_exact, fn_kwargs=exact_args, batch_format="pandas")
-    return edges.to_pandas()
+    return _to_pandas(edges, _empty_edges())
 
 
 def components(edges: pd.DataFrame) -> pd.DataFrame:

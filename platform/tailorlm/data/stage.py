@@ -6,6 +6,11 @@
 Outputs in the stage folder: `kept/` (Parquet, with a `split` column: train or eval) and
 `dropped/` (Parquet, each row with `reason` and, for duplicates, `duplicate_of`), `stats.json`.
 Every input row appears exactly once across kept/ and dropped/; the stage checks it.
+
+Any readable input completes, including one with no rows (an empty file, blank lines only) and one
+whose every row a filter drops: kept/ and dropped/ then hold one empty Parquet file with the output
+schema, stats.json counts 0, and `_COMPLETE.json` is written. Only input that cannot be read at all
+(a missing path, an unsupported format, a corrupt gzip) is an error.
 """
 
 from __future__ import annotations
@@ -87,20 +92,28 @@ def strings_or_none(batch: pd.DataFrame) -> pd.DataFrame:
 def _rows_where_reason(table: pa.Table, dropped: bool) -> pa.Table:
     import pyarrow.compute as pc
 
+    if table.num_rows == 0:
+        return OUT_SCHEMA.empty_table()
     null = pc.is_null(table["reason"])
     return table.filter(pc.invert(null) if dropped else null)
 
 
 def _live(batch: pd.DataFrame) -> pd.DataFrame:
+    if batch.empty:
+        return batch
     return batch[batch["reason"].isna()]
 
 
 def _without(batch: pd.DataFrame, ids: set) -> pd.DataFrame:
+    if batch.empty:
+        return batch
     return batch[~batch["id"].isin(ids)]
 
 
 def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
     """Mark duplicate rows dropped (reason, duplicate_of) and cast to the output schema."""
+    if batch.empty:  # an empty block may come without columns
+        return OUT_SCHEMA.empty_table()
     if len(dups):
         found = batch["id"].map(dups.set_index("id")["reason"])
         hit = found.notna() & batch["reason"].isna()
@@ -114,7 +127,17 @@ def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
     return pa.table(cols, schema=OUT_SCHEMA)
 
 
+COUNT_COLUMNS = {"reason": object, "split": object, "rows": "int64", "chars": "int64", "pii": "int64",
+                 "pii_json": object}
+
+
+def _empty_counts() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in COUNT_COLUMNS.items()})
+
+
 def count_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    if batch.empty:
+        return _empty_counts()
     reason = batch["reason"].fillna("kept")
     pii = [sum(json.loads(p).values()) if isinstance(p, str) else 0 for p in batch["pii"]]
     return pd.DataFrame({"reason": reason, "split": batch["split"].fillna(""), "chars":
@@ -131,6 +154,21 @@ def _sum_pii(values) -> dict[str, int]:
             for k, n in json.loads(v).items():
                 total[k] = total.get(k, 0) + n
     return total
+
+
+def write_rows(ds, uri: str) -> None:
+    """Parquet files under uri; an empty dataset still gets the folder and one empty file with
+    the output schema (Ray Data writes nothing for it, and readers of kept/ need the schema)."""
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    ds.write_parquet(uri)
+    fs, path = url_to_fs(uri)
+    if fs.exists(path) and any(p.endswith(".parquet") for p in fs.ls(path, detail=False)):
+        return
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path.rstrip('/')}/empty.parquet", "wb") as fh:
+        pq.write_table(OUT_SCHEMA.empty_table(), fh)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -187,13 +225,13 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
 
     t = time.time()
     final = annotated.map_batches(apply_duplicates, fn_kwargs={"dups": dups}, batch_format="pandas").materialize()
-    counts = final.map_batches(count_batch, batch_format="pandas").to_pandas()
+    counts = dedup._to_pandas(final.map_batches(count_batch, batch_format="pandas"), _empty_counts())
     n_out = int(counts["rows"].sum())
     if n_out != n_input:
         raise RuntimeError(f"data stage lost rows: {n_input} read, {n_out} accounted for")
     for name, dropped in (("kept", False), ("dropped", True)):
-        final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow") \
-            .write_parquet(sdir.sub(name))
+        write_rows(final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow"),
+                   sdir.sub(name))
     timings["write"] = time.time() - t
     timings["total"] = time.time() - t0
 

@@ -1,0 +1,86 @@
+"""Regression tests for inputs the data stage once failed on, each its smallest failing example.
+
+The property tests (tests/property/) found or confirmed these; they stay here as plain tests so a
+regression fails the same way every time, whatever hypothesis draws.
+"""
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tailorlm.config import load_config
+from tailorlm.data.stage import OUT_SCHEMA
+from tailorlm.pipeline import run_stage
+
+pytestmark = pytest.mark.integration
+
+DOC = ("The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
+       "return with their catch while the market opens beside the old stone bridge near the church.")
+OTHER = ("A small railway connects the valley villages with the coast, and in winter the line is kept open "
+         "by crews who clear the snow from the tracks before the first train leaves the station at dawn.")
+
+
+def run_data(tmp_path, lines: list[str], *overrides: str, name: str = "in.jsonl"):
+    """`tailorlm data --input <file> --output <out>` on these lines, defaults otherwise (but a
+    token floor the tiny tokenizer can meet); returns kept, dropped and stats."""
+    src = tmp_path / name
+    src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{src}'}}]",
+                             "data.filters.min_tokens=1", *overrides])
+    run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
+    assert (out / "_COMPLETE.json").exists()
+    kept, dropped = (pq.read_table(out / d).to_pandas() for d in ("kept", "dropped"))
+    return kept, dropped, json.loads((out / "stats.json").read_text())
+
+
+def test_one_clean_document_is_kept(ray_local, tmp_path):
+    """The crash of issue 15: no candidate pair at all (any corpus without near duplicates) made
+    the broadcast path index an empty, column-less frame: KeyError: 'a'."""
+    kept, dropped, stats = run_data(tmp_path, [json.dumps({"id": "only", "text": DOC})])
+    assert kept["id"].tolist() == ["only"] and dropped.empty
+    assert stats["input_rows"] == 1 and stats["near_dup_verified_edges"] == 0
+
+
+def test_empty_input_gives_complete_empty_outputs(ray_local, tmp_path):
+    """An empty file (or one of blank lines) is a readable corpus of no rows: kept/ and dropped/
+    hold the output schema and no rows, stats say 0, the stage completes."""
+    for lines in ([], ["", "   "]):
+        kept, dropped, stats = run_data(tmp_path, lines)
+        for table in (kept, dropped):
+            assert table.empty and list(table.columns) == OUT_SCHEMA.names
+        assert stats["input_rows"] == stats["accounted_rows"] == stats["kept"] == stats["dropped"] == 0
+
+
+def test_every_row_dropped_by_filters_before_dedup(ray_local, tmp_path):
+    """No live row reaches exact or near dedup: the dedup steps see an empty dataset."""
+    lines = [json.dumps({"text": "too short"}), json.dumps({"text": "too short"}), "{not json"]
+    kept, dropped, stats = run_data(tmp_path, lines)
+    assert kept.empty and list(kept.columns) == OUT_SCHEMA.names
+    assert sorted(dropped["reason"]) == ["malformed_json", "too_short_chars", "too_short_chars"]
+    assert stats["kept"] == 0 and stats["dropped"] == 3
+
+
+def test_candidate_edges_without_pairs_or_without_verified_edges(ray_local):
+    """Both edge-list paths (driver broadcast, distributed joins), both checks: no candidate pair
+    (two unrelated documents), and candidates of which none verifies (threshold 1.0, a near copy)
+    give an empty edge list with its columns, and no duplicates."""
+    import ray
+
+    from tailorlm.config import NearDedupConfig
+    from tailorlm.data.dedup import EDGE_COLUMNS, add_signatures, candidate_edges, components
+
+    near_copy = DOC.replace("morning", "evening")
+    for texts in ([DOC, OTHER], [DOC, near_copy]):
+        df = pd.DataFrame({"id": ["a", "b"], "text": texts, "rank": 0})
+        cfg = NearDedupConfig(threshold=1.0)
+        ds = ray.data.from_pandas([df.iloc[:1], df.iloc[1:]]).map_batches(
+            lambda b: add_signatures(b, cfg, [True] * len(b), seed=1), batch_format="pandas").materialize()
+        for verify in ("estimated", "exact"):
+            for broadcast_pairs in (1_000_000, 0):
+                edges = candidate_edges(ds, NearDedupConfig(threshold=1.0, verify=verify), 2,
+                                        broadcast_pairs=broadcast_pairs)
+                assert edges.empty and set(EDGE_COLUMNS) <= set(edges.columns), (texts[1][:20], verify)
+                assert components(edges).empty
