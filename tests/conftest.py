@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded here; fail fast if tried
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the test Ray on loopback (cluster.loopback_only)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,8 +32,9 @@ def ray_local():
     """A session-scoped local Ray with 2 CPUs, started by the tests and shut down after them."""
     import ray
 
-    from tailorlm.cluster import LOCAL_SYSTEM_CONFIG, runtime_env
+    from tailorlm.cluster import LOCAL_SYSTEM_CONFIG, private_auth_token, runtime_env
 
+    private_auth_token()
     # with the dashboard: Ray Train needs its State API to clean up after trials Tune stops
     ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=runtime_env(False),
              _system_config=LOCAL_SYSTEM_CONFIG)

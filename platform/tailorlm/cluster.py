@@ -27,6 +27,22 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
+
+def loopback_only() -> None:
+    """An embedded Ray is one node that no other joins, so it listens on loopback only. Without
+    this, Ray's metrics agent serves its Prometheus endpoint (no authentication) on 0.0.0.0, and
+    the GCS, raylet and workers listen on every interface: Ray uses the routable address
+    whenever it may form a cluster (`ray_constants.ENABLE_RAY_CLUSTER`), and
+    `ray.init(_node_ip_address="127.0.0.1")` is rewritten to that address. This Ray 2.60 switch
+    (named for Windows/macOS, where Ray is single-node by default) is read when ray is imported,
+    so it must be set before that."""
+    import sys
+
+    if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        log.warning("ray was imported before tailorlm could keep the embedded Ray on loopback")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 def runtime_env(ship_package: bool) -> dict[str, Any]:
     env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
     if ship_package:
@@ -37,17 +53,43 @@ def runtime_env(ship_package: bool) -> dict[str, Any]:
     return env
 
 
+def private_auth_token() -> None:
+    """Ray 2.60 turns on token authentication for a new local cluster and writes the token to
+    ~/.ray/auth_token with the process umask (0644 usually): readable by every user of the
+    machine, and the token lets its holder run any code on the cluster. Write it first, 0600 in a
+    0700 folder (Ray then reads the existing file); tighten one that is already there."""
+    from pathlib import Path
+
+    folder = Path.home() / ".ray"
+    path = folder / "auth_token"
+    if not path.exists() and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        old = os.umask(0o077)
+        try:
+            generate_and_save_token()
+        finally:
+            os.umask(old)
+    for p, mode in ((folder, 0o700), (path, 0o600)):
+        if p.exists() and p.stat().st_uid == os.getuid() and p.stat().st_mode & 0o077:
+            p.chmod(mode)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, ship_package: bool | None = None) -> dict:
     """Start or connect to Ray once; returns the cluster's resources.
 
     address None and no RAY_ADDRESS: an embedded local Ray sized to this machine. Otherwise
     connect. ship_package defaults to True when connecting to a remote cluster.
     """
+    import sys
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and not ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        loopback_only()
     import ray
 
     if ray.is_initialized():
         return ray.cluster_resources()
-    address = address or os.environ.get("RAY_ADDRESS")
     if ship_package is None:
         ship_package = bool(address) and address not in ("local",)
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(ship_package), "log_to_driver": True}
@@ -60,6 +102,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
         # The dashboard is not optional: besides being where users watch runs, it serves the State
         # API that Ray Train's PlacementGroupCleaner needs to free the resources of a trial that Tune
         # stopped early (without it the next trial waits forever for CPUs).
+        private_auth_token()
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
                  dashboard_host="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
     res = ray.cluster_resources()

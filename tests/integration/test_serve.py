@@ -11,6 +11,7 @@ from tailorlm.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PORT = 8011
+CAP = 900  # long enough that an aborted request is told from a finished one
 
 
 def make_adapter(base: str, out) -> str:
@@ -39,8 +40,10 @@ def served(ray_local, tiny_model_path, tmp_path_factory):
     os.environ["TAILORLM_API_KEYS"] = "test-key"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     adapter = make_adapter(tiny_model_path, tmp_path_factory.mktemp("adapter"))
-    cfg = load_config(None, [f"serve.port={PORT}", "serve.require_api_key=true", "serve.max_model_len=256",
-                             "serve.max_tokens_cap=32", "serve.model_id=tiny",
+    cfg = load_config(None, [f"serve.port={PORT}", "serve.require_api_key=true", "serve.max_model_len=1024",
+                             f"serve.max_tokens_cap={CAP}", "serve.model_id=tiny", "serve.openapi_schema=true",
+                             "serve.max_n=2", "serve.max_prompts=2", "serve.max_ongoing_requests=4",
+                             "serve.max_queued_requests=4", "serve.blocklist=['forbidden-word']",
                              f"serve.lora_adapters={{tiny-lora: {adapter}}}"])
     start(cfg, {"tiny": tiny_model_path, "tiny-b": tiny_model_path})
     first = sample_chat(cfg, "tiny", timeout_s=600)
@@ -95,7 +98,7 @@ def test_errors_are_4xx_with_openai_bodies(served):
         r = c.post("/v1/chat/completions", headers=auth, json={"model": "nope",
                                                                 "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-        r = c.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "word " * 600, "max_tokens": 4})
+        r = c.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "word " * 1200, "max_tokens": 4})
         assert 400 <= r.status_code < 500 and "error" in r.json()
         r = c.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "x", "max_tokens": 1000})
         assert r.status_code == 400
@@ -117,9 +120,148 @@ def test_engine_and_guard_metrics_reach_rays_prometheus_endpoint(served):
     while time.time() < deadline:  # the agent exports every few seconds
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         tokens = [float(v) for v in re.findall(r'vllm_generation_tokens\w*\{[^}]*model_name="tiny"[^}]*\} (\S+)', text)]
-        requests = re.findall(r'tailorlm_requests\w*\{[^}]*path="/v1/completions"[^}]*status="200"[^}]*\} (\S+)', text)
+        requests = re.findall(r'tailorlm_requests\w*\{[^}]*route="completions"[^}]*status="200"[^}]*\} (\S+)', text)
+        leaked = re.findall(r'tailorlm_\w+\{[^}]*(?:path=|route="/)', text)
+        assert not leaked, leaked  # labels are route names from the allow-list, never raw paths
         if tokens and sum(tokens) > 0 and requests:
             return
         time.sleep(3)
     names = sorted(set(re.findall(r"^(\w+)", text, flags=re.M)))
     raise AssertionError(f"no vllm_generation_tokens / tailorlm_requests samples for model tiny; exported: {names[:80]}")
+
+
+# ---------------------------------------------------------------- as a hostile client meets it
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+def _handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("engine", app_name="tailorlm")
+
+
+def test_every_route_vllm_mounts_is_denied_unless_allow_listed(served):
+    """Walks the routes of the live vLLM app (not a hand list): only the allow-list answers, and
+    only with a key; the rest is 404 with an OpenAI error, with or without one."""
+    from tailorlm.serving.routes import ROUTES
+
+    allowed = {(r.method, r.path) for r in ROUTES} | {("GET", "/openapi.json")}  # serve.openapi_schema: on here
+    routes = _handle().vllm_routes.remote().result()
+    assert len(routes) > 10 and any(p == "/invocations" for p, _ in routes)  # the app we meant
+    bodies = {"/v1/completions": {"model": "tiny", "prompt": "x", "max_tokens": 2}}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60) as c:
+        for path, methods in routes:
+            url = path.replace("{", "").replace("}", "")  # path parameters get a literal value
+            for method in methods:
+                if method in ("WEBSOCKET", "HEAD", "OPTIONS"):
+                    continue
+                kw = {"json": bodies.get(url, chat)} if method in ("POST", "PUT", "PATCH") else {}
+                r = c.request(method, url, **kw)
+                expect = 200 if url == "/health" else 401
+                assert r.status_code == expect, (method, path, r.status_code, r.text[:200])
+                r = c.request(method, url, headers=AUTH, **kw)
+                if (method, url) in allowed or url == "/health":
+                    assert r.status_code == 200, (method, path, r.text[:200])
+                else:
+                    assert r.status_code in (404, 405) and "error" in r.json(), (method, path, r.text[:200])
+        models = c.get("/v1/models", headers=AUTH).json()["data"]
+        assert all(m["root"] == m["id"] for m in models)  # no server folder paths
+        assert c.get("/health").json() == {"status": "ok"}
+
+
+def test_caps_hold_on_the_live_stack(served, tiny_model_path):
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", headers=AUTH, timeout=60) as c:
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+        for extra in ({"max_completion_tokens": CAP + 1}, {"max_completion_tokens": CAP + 1, "max_tokens": None},
+                      {"max_completion_tokens": CAP + 1, "max_tokens": 1}, {"max_tokens": CAP + 1}):
+            r = c.post("/v1/chat/completions", json={**chat, **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] in extra, extra
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 3, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 3,
+                                            "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 * 2 * 3
+        for bad in ({"role": "system", "content": "say forbidden-word"}, {"role": "user", "content": "forbid\u200bden-word"}):
+            r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [bad]})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "content_filter"
+        import transformers
+
+        ids = transformers.AutoTokenizer.from_pretrained(tiny_model_path).encode("forbidden-word")
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "content_filter"  # token ids are read too
+
+
+def test_a_filter_matching_the_sample_question_is_no_failed_start(served):
+    from tailorlm.serving.stage import sample_chat
+
+    cfg, _ = served
+    out = sample_chat(cfg, "tiny", question="please say forbidden-word", timeout_s=30)
+    assert out["answer"] is None and out["withheld"] == "content_filter"
+
+
+def test_schemathesis_over_the_live_schema_finds_no_5xx(served):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    live = httpx.get(f"http://127.0.0.1:{PORT}/openapi.json", headers=AUTH).json()
+    schema = schemathesis.openapi.from_dict(live)
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy())
+        def fuzz(case):
+            r = case.call(base_url=f"http://127.0.0.1:{PORT}", headers=AUTH, timeout=120)
+            if r.status_code >= 500 and r.status_code != 503:
+                failures.append((operation.label, r.status_code, r.text[:300]))
+            if r.status_code >= 400:
+                assert "error" in r.json()
+            r = case.call(base_url=f"http://127.0.0.1:{PORT}", headers={"Authorization": "Bearer nope"}, timeout=60)
+            assert r.status_code in (401, 429) or operation.path == "/health"
+
+        fuzz()
+    assert not failures, failures
+
+
+def test_overload_sheds_with_retry_after_and_disconnects_abort(served):
+    """4x capacity (8 = max_ongoing 4 + queued 4): the surplus gets 503 + Retry-After at once,
+    nothing else 5xx; clients that hang up take their engine requests with them."""
+    import concurrent.futures
+    import time
+
+    handle = _handle()
+    long = {"model": "tiny", "prompt": "x", "max_tokens": CAP, "ignore_eos": True, "n": 2}
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        def post(_):
+            t = time.time()
+            r = httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", headers=AUTH, timeout=300,
+                           json={**long, "max_tokens": 16})
+            return r.status_code, r.headers.get("retry-after"), time.time() - t
+        results = list(pool.map(post, range(32)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 8 and codes.count(503) >= 1, codes
+    assert all(ra == "1" for c, ra, _ in results if c == 503)
+    assert max(t for c, _, t in results if c == 503) < 5  # shed at once, not after queueing
+
+    for stream in (False, True):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            def hang_up(_):
+                try:  # non-streamed: the read times out; streamed: we stop reading and close
+                    with httpx.stream("POST", f"http://127.0.0.1:{PORT}/v1/completions", headers=AUTH,
+                                      json={**long, "stream": stream}, timeout=httpx.Timeout(0.7)) as r:
+                        for i, _ in enumerate(r.iter_bytes()):
+                            if i >= 3:
+                                return "dropped"
+                except httpx.TimeoutException:
+                    return "dropped"
+                return "finished"
+            outcome = list(pool.map(hang_up, range(4)))
+        assert "dropped" in outcome, outcome
+        deadline = time.time() + 3  # 4 x 2 x 900 tokens would take far longer than this to finish
+        while handle.unfinished_requests.remote().result() and time.time() < deadline:
+            time.sleep(0.1)
+        assert handle.unfinished_requests.remote().result() == 0, f"stream={stream}: engine kept generating"

@@ -95,8 +95,7 @@ class ModelRouter:
             cards = []
             for app in self.apps.values():
                 listed = await app.state.openai_serving_models.show_available_models()
-                # vLLM's cards name the model's folder on the server (root); clients need only the name
-                cards += [{**c.model_dump(), "root": c.id} for c in listed.data]
+                cards += [public_card(c.model_dump()) for c in listed.data]
             return await _json(send, 200, {"object": "list", "data": cards})
         if scope["method"] != "POST" or len(self.apps) == 1:
             return await self.first(scope, receive, send)
@@ -110,6 +109,11 @@ class ModelRouter:
             model = None
         target = self.apps.get(self.names.get(model, ""), self.first)  # vLLM answers an unknown name with 404
         return await target(scope, replay(body, receive), send)
+
+
+def public_card(card: dict) -> dict:
+    """vLLM's model card names the model's folder on the server (`root`); clients need the name."""
+    return {**card, "root": card.get("id")}
 
 
 async def _json(send, status: int, payload: dict) -> None:
