@@ -45,6 +45,7 @@ async def level(url: str, clients: int, rounds: int, output_len: int) -> dict:
     import httpx
 
     results: list[tuple[int, bool, float]] = []
+    openai_shaped = [0]  # 429/503 bodies that are OpenAI error objects (the guard's, not Serve's text/plain)
     body = {"model": "demo", "prompt": "The capital of Daleglen is", "max_tokens": output_len, "ignore_eos": True}
 
     async def client(c: httpx.AsyncClient):
@@ -53,6 +54,8 @@ async def level(url: str, clients: int, rounds: int, output_len: int) -> dict:
             try:
                 r = await c.post("/v1/completions", json=body)
                 results.append((r.status_code, "retry-after" in r.headers, time.perf_counter() - t))
+                if r.status_code in (429, 503) and r.headers.get("content-type") == "application/json":
+                    openai_shaped[0] += "error" in r.json()
             except httpx.HTTPError:
                 results.append((-1, False, time.perf_counter() - t))
 
@@ -64,7 +67,7 @@ async def level(url: str, clients: int, rounds: int, output_len: int) -> dict:
     shed = [(s, ra, t) for s, ra, t in results if s in (429, 503)]
     return {"clients": clients, "2xx": sum(200 <= s < 300 for s in codes), "429": codes.count(429),
             "503": codes.count(503), "5xx": sum(s >= 500 and s != 503 for s in codes),
-            "errors": codes.count(-1), "retry_after": sum(ra for _, ra, _ in shed) / len(shed) if shed else 1.0,
+            "errors": codes.count(-1), "openai": openai_shaped[0] / len(shed) if shed else 1.0, "retry_after": sum(ra for _, ra, _ in shed) / len(shed) if shed else 1.0,
             "p50_ok": pct([t for s, _, t in results if s == 200], 0.5),
             "p99_ok": pct([t for s, _, t in results if s == 200], 0.99),
             "p50_shed": pct([t for _, _, t in shed], 0.5), "p99_shed": pct([t for _, _, t in shed], 0.99)}
@@ -131,12 +134,12 @@ def main() -> None:
               f"max_queued_requests {cfg.serve.max_queued_requests}), {args.rounds} requests per client, "
               f"{args.output_len} tokens each")
         print("| load | clients | 2xx | 429 | 503 | other 5xx | conn. errors | Retry-After on 429/503 | "
-              "p50 / p99 answered (s) | p50 / p99 shed (s) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "OpenAI error body on 429/503 | p50 / p99 answered (s) | p50 / p99 shed (s) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for lv in args.levels:
             r = asyncio.run(level(url, lv * cfg.serve.guard_capacity(), args.rounds, args.output_len))
             print(f"| {lv}x | {r['clients']} | {r['2xx']} | {r['429']} | {r['503']} | {r['5xx']} | {r['errors']} | "
-                  f"{r['retry_after']:.0%} | {r['p50_ok']:.2f} / {r['p99_ok']:.2f} | "
+                  f"{r['retry_after']:.0%} | {r['openai']:.0%} | {r['p50_ok']:.2f} / {r['p99_ok']:.2f} | "
                   f"{r['p50_shed']:.3f} / {r['p99_shed']:.3f} |")
         for stream in (False, True):
             dropped = asyncio.run(drops(url, args.drops, stream))

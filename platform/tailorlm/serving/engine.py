@@ -239,6 +239,7 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     """The Ray Serve application for serve.backend=vllm. direct_ingress: the replica serves HTTP on
     serve.port itself (the Serve controller must run with `direct_ingress_env` too)."""
     from ray import serve
+    from ray.serve.config import BackpressureConfig
 
     from tailorlm.serving.security import GuardSettings
 
@@ -263,9 +264,13 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
         serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
         autoscaling_config={"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
                             "target_ongoing_requests": sc.target_ongoing_requests},
-        # the guard sheds load beyond its capacity with an OpenAI-style 503 and Retry-After; Serve's own
-        # limit sits above it so that Serve's bare text/plain 503 does not come first
-        max_ongoing_requests=sc.guard_capacity() + 16, max_queued_requests=sc.max_queued_requests,
+        # The guard sheds load beyond its capacity with an OpenAI-style 503 and Retry-After. Serve's own
+        # limits sit well above it, so that Serve's text/plain 503 does not come first: under direct
+        # ingress Serve counts a burst's arrivals as queued until each takes a slot, and a queue limit
+        # near the guard's shed a third of a 2x burst itself (bench/load.py). What Serve still sheds
+        # carries Retry-After too.
+        max_ongoing_requests=sc.guard_capacity() + 64, max_queued_requests=4 * (sc.guard_capacity() + 64),
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         health_check_period_s=10, graceful_shutdown_timeout_s=30)
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
 

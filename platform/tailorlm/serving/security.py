@@ -316,10 +316,13 @@ async def run_abortable(app, scope, body: bytes, receive, send) -> None:
             first = False
             return {"type": "http.request", "body": body, "more_body": False}
         real, ours = asyncio.ensure_future(receive()), asyncio.ensure_future(gone.wait())
-        done, pending = await asyncio.wait({real, ours}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        return real.result() if real in done else {"type": "http.disconnect"}
+        try:
+            await asyncio.wait({real, ours}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the app cancels its own listener: no task left behind
+            for task in (real, ours):
+                if not task.done():
+                    task.cancel()
+        return real.result() if real.done() and not real.cancelled() else {"type": "http.disconnect"}
 
     async def app_send(message):
         if not gone.is_set():
