@@ -335,3 +335,37 @@ async def test_response_filter_holds_on_every_choice_and_normalized_text():
     async with client(answers, "serve.response_blocklist=['secret plan']") as c:
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "n": 2})
     assert r.status_code == 400 and _error(r)["type"] == "content_filter"
+
+
+@pytest.mark.anyio
+async def test_only_listed_headers_reach_the_app_and_never_the_key():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]))
+        await echo_app(scope, receive, send)
+
+    async with client(app) as c:
+        await c.post("/v1/chat/completions", json=CHAT, headers={**KEY, "x-request-id": "mine",
+                                                                  "endpoint-load-metrics-format": "TEXT"})
+        await c.get("/v1/models", headers=KEY)
+    for headers in seen:
+        assert b"authorization" not in headers and b"x-request-id" not in headers
+        assert b"endpoint-load-metrics-format" not in headers
+    assert seen[0][b"content-type"] == b"application/json"
+
+
+def test_client_addresses_count_as_what_they_are():
+    from tailorlm.serving.security import client_address
+
+    assert client_address({"client": ("::ffff:10.0.0.1", 1)})[0] == "10.0.0.1"  # IPv4 mapped into IPv6
+    a = client_address({"client": ("2001:db8::1", 1)})[0]
+    assert a == client_address({"client": ("2001:db8::ffff:1", 1)})[0] == "2001:db8::/64"  # one host's /64
+
+
+@pytest.mark.anyio
+async def test_echo_with_logprobs_is_refused():
+    async with client() as c:
+        r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "echo": True,
+                                                                "logprobs": 1})
+    assert r.status_code == 400 and _error(r)["param"] == "echo"

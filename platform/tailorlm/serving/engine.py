@@ -225,6 +225,12 @@ class EngineServer:
             engine.shutdown()
 
 
+# Serve runs uvicorn with its defaults, which trust X-Forwarded-For from 127.0.0.1: any process on
+# the node (any Ray job among them) could then claim any client address, past serve.allow_ips and
+# the per-address key-guessing limit. No proxy of ours sets it, so trust it from nowhere.
+NO_FORWARDED_FOR = {"FORWARDED_ALLOW_IPS": ""}
+
+
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Environment for the Serve controller and the replica under Ray's direct ingress: the one
     replica serves HTTP on `port` itself. Ray holds a released port back (quarantine) and drains a
@@ -257,6 +263,7 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     # Serve runs user code on a thread of its own by default, so every streamed chunk would cross
     # threads; the engine server is all asyncio (AsyncLLM), so it can share the replica's loop.
     env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    env.update(NO_FORWARDED_FOR)
     if direct_ingress:
         env.update(direct_ingress_env(sc.port))
     actor["runtime_env"] = {"env_vars": env}
@@ -269,7 +276,8 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
         # ingress Serve counts a burst's arrivals as queued until each takes a slot, and a queue limit
         # near the guard's shed a third of a 2x burst itself (bench/load.py). What Serve still sheds
         # carries Retry-After too.
-        max_ongoing_requests=sc.guard_capacity() + 64, max_queued_requests=4 * (sc.guard_capacity() + 64),
+        # (x2: requests still sending their bodies count against the guard's capacity as well)
+        max_ongoing_requests=2 * sc.guard_capacity() + 64, max_queued_requests=4 * (sc.guard_capacity() + 64),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         health_check_period_s=10, graceful_shutdown_timeout_s=30)
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)

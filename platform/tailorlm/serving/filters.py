@@ -7,27 +7,52 @@ invisible or look-alike characters do not walk a word past the filter:
 - NFKC folds compatibility forms (full-width letters, ligatures, superscripts) to plain ones;
 - characters of Unicode category Cf (zero-width space/joiner, soft hyphen, bidi controls) and
   combining marks are removed;
-- a pattern also runs on the ASCII skeleton (anyascii: Cyrillic "а" -> "a", Greek "ο" -> "o"),
-  so a word spelled with confusable letters still matches. The unfolded text is checked too, so a
-  pattern in Chinese or any other script matches as written.
+- control characters other than tab and newlines are removed too;
+- a pattern also runs on a look-alike skeleton: every letter Unicode's confusables table
+  (UTS #39 data, shipped by the MIT-licensed confusable_homoglyphs package) lists as confusable
+  with one ASCII letter or digit becomes it (Cyrillic "с" -> "c", Greek "ρ" -> "p"), then
+  anyascii transliterates what is left (anyascii alone goes by sound: "с" -> "s"). The unfolded
+  text is checked too, so a pattern in Chinese or any other script matches as written.
+
+Streams are checked incrementally: each event re-checks only the choices it extends, over the
+last STREAM_WINDOW characters, so the work grows linearly with the stream (a match must lie
+within that window: a pattern spanning more characters is not caught in streams).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
+from importlib import resources
 from typing import Any, Callable, Iterable
 
 from anyascii import anyascii
 
+STREAM_WINDOW = 512
+_DROPPED = {"Cf", "Mn", "Me", "Cc"}
+
+
+@functools.cache
+def _lookalikes() -> dict[int, str]:
+    """Non-ASCII character -> the ASCII letter or digit it is confusable with."""
+    table = json.loads(resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text("utf-8"))
+    out = {}
+    for ch, glyphs in table.items():
+        if len(ch) == 1 and not ch.isascii():
+            ascii_ = [g["c"] for g in glyphs if len(g["c"]) == 1 and g["c"].isascii() and g["c"].isalnum()]
+            if ascii_:
+                out[ord(ch)] = ascii_[0]
+    return out
+
 
 def normalized_forms(text: str) -> tuple[str, str]:
-    """(normalized text, its ASCII skeleton): the two forms every pattern is matched against."""
+    """(normalized text, its look-alike skeleton): the forms every pattern is matched against."""
     folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
-    kept = "".join(ch for ch in folded if unicodedata.category(ch) not in ("Cf", "Mn", "Me"))
+    kept = "".join(ch for ch in folded if unicodedata.category(ch) not in _DROPPED or ch in "\t\n\r")
     clean = unicodedata.normalize("NFKC", kept)
-    return clean, anyascii(clean)
+    return clean, anyascii(clean.translate(_lookalikes()))
 
 
 class Blocklist:
@@ -48,7 +73,10 @@ def _content_text(content: Any) -> list[str]:
     if isinstance(content, str):
         return [content]
     if isinstance(content, list):  # content parts; the request schema admits text parts only
-        return [part.get("text", "") for part in content if isinstance(part, dict)]
+        parts = [part.get("text", "") for part in content if isinstance(part, dict)]
+        # the engine sees the parts joined: with "\n" (string-format chat templates) or with nothing
+        # (templates that loop over parts), so a phrase split across parts is checked whole
+        return parts + ["\n".join(parts), "".join(parts)] if len(parts) > 1 else parts
     return []
 
 
@@ -81,8 +109,9 @@ def response_text(body: Any) -> str:
         parts.append(choice.get("text") or "")
         for key in ("message", "delta"):
             if isinstance(choice.get(key), dict):
-                parts.append(choice[key].get("content") or "")
-                parts.append(choice[key].get("reasoning_content") or "")
+                for field in ("content", "reasoning", "reasoning_content", "refusal"):
+                    value = choice[key].get(field)
+                    parts.append(value if isinstance(value, str) else "")
     return "".join(p for p in parts if isinstance(p, str))
 
 
@@ -93,7 +122,7 @@ class StreamFilter:
 
     def __init__(self, blocklist: Blocklist, error_event: bytes):
         self.blocklist, self.error_event = blocklist, error_event
-        self.seen: dict[int, str] = {}
+        self.tail: dict[int, str] = {}  # per choice: the last STREAM_WINDOW characters seen
         self.buffer, self.blocked = b"", False
 
     def chunk(self, data: bytes) -> bytes:
@@ -110,11 +139,16 @@ class StreamFilter:
                     parsed = json.loads(payload)
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     parsed = {}
+                touched = []
                 for choice in parsed.get("choices") or [] if isinstance(parsed, dict) else []:
                     if isinstance(choice, dict):
                         idx = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
-                        self.seen[idx] = self.seen.get(idx, "") + response_text({"choices": [choice]})
-                if any(self.blocklist.hit(text) for text in self.seen.values()):
+                        new = response_text({"choices": [choice]})
+                        if new:
+                            window = self.tail.get(idx, "")[-STREAM_WINDOW:] + new
+                            self.tail[idx] = window
+                            touched.append(idx)
+                if any(self.blocklist.hit(self.tail[idx]) for idx in touched):
                     self.blocked = True
                     return out + b"data: " + self.error_event + b"\n\ndata: [DONE]\n\n"
             out += event + b"\n\n"

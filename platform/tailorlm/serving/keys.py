@@ -31,7 +31,7 @@ def take_from_env(env_name: str) -> None:
 def read_keys(sc) -> list[str]:
     """serve.api_keys plus the keys in serve.api_keys_env (from the environment, or taken from it)."""
     env = os.environ.get(sc.api_keys_env)
-    return list(sc.api_keys) + (_split(env) if env is not None else _TAKEN.get(sc.api_keys_env, []))
+    return _split(",".join(sc.api_keys)) + (_split(env) if env is not None else _TAKEN.get(sc.api_keys_env, []))
 
 
 def digest(key: str) -> str:

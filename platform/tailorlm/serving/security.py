@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 OPENAI_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
                       "rate_limit_error", "server_error", "content_filter"}
+# what reaches vLLM of the client's headers: vLLM reads more (x-request-id sets the response id,
+# endpoint-load-metrics-format returns server load, x-data-parallel-rank picks an engine rank)
+FORWARDED_HEADERS = {b"host", b"accept", b"user-agent", b"accept-encoding"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_error"}
@@ -104,6 +108,31 @@ def ab_arm(weights: dict[str, float], draw: float) -> str:
     return max(sorted(weights))
 
 
+def client_address(scope) -> tuple[str, Any]:
+    """(the name the per-address limits count under, the parsed address or None). An IPv4
+    address mapped into IPv6 counts as itself; an IPv6 client as its /64, which one host can
+    rotate through freely."""
+    address = (scope.get("client") or ("unknown", 0))[0]
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address, None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)), ip
+    return str(ip), ip
+
+
+def forwarded_scope(scope, body: bytes) -> dict:
+    """The scope vLLM sees: the guard's own body (as JSON, with its length), of the client's
+    headers only FORWARDED_HEADERS (the API key among those left behind)."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() in FORWARDED_HEADERS]
+    if body:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {**scope, "headers": headers}
+
+
 def _reject_constant(token: str):
     raise ValueError(f"{token} is not valid JSON")
 
@@ -137,7 +166,7 @@ class Guard:
         self.tokens = TokenBucket(settings.tokens_per_minute)
         self.auth_failures = TokenBucket(settings.auth_failures_per_minute)
         self.blocklist, self.response_blocklist = Blocklist(settings.blocklist), Blocklist(settings.response_blocklist)
-        self.inflight, self._draws = 0, 0
+        self.inflight, self.reading, self._draws = 0, 0, 0
         self.metrics = _Metrics()
 
     async def __call__(self, scope, receive, send):
@@ -168,8 +197,8 @@ class Guard:
     async def _handle(self, scope, receive, send, route: Route | None):
         s = self.s
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        address = (scope.get("client") or ("unknown", 0))[0]
-        if self.networks and not self._allowed_ip(address):
+        address, ip = client_address(scope)
+        if self.networks and not (ip is not None and any(ip in net for net in self.networks)):
             raise Reject(403, "this client address is not allowed to use the API", code="ip_not_allowed")
         if route is HEALTH and scope["method"] == "GET":
             return await _reply(send, 200, b'{"status": "ok"}')
@@ -200,26 +229,28 @@ class Guard:
                          code="rate_limit_exceeded", headers=[(b"retry-after", retry_after(wait))])
         if route is OPENAPI:
             return await _reply(send, 200, json.dumps(openapi_schema()).encode())
-        if route.body is None:
-            return await self.app(scope, receive, send)
-        parsed = parse_json(await self._read_body(headers, receive), s.max_json_depth)
+        if route.body is None:  # GET /v1/models: no client body or headers go on
+            return await self.app(forwarded_scope(scope, b""), replay(b"", receive), send)
+        if self.reading + self.inflight >= s.max_inflight:
+            # slow uploads count against the capacity too: they hold a connection and a Serve slot
+            raise Reject(503, f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
+                         etype="server_error", code="overloaded", headers=[(b"retry-after", b"1")])
+        self.reading += 1
+        try:
+            raw = await self._read_body(headers, receive)
+        finally:
+            self.reading -= 1
+        parsed = parse_json(raw, s.max_json_depth)
         try:
             body = validate_body(route, parsed)
         except BodyError as exc:
             raise Reject(400, str(exc), exc.param) from None
         await self._generate(scope, receive, send, route, body, client)
 
-    def _allowed_ip(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.networks)
-
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
         cap = self.s.max_request_bytes
         declared = headers.get("content-length", "0").strip() or "0"
-        if not declared.isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", declared):  # str.isdigit() admits "²", which int() refuses
             raise Reject(400, "content-length header is not a number")
         if int(declared) > cap:
             raise Reject(413, f"request body of {declared} bytes exceeds the {cap}-byte cap")
@@ -249,6 +280,15 @@ class Guard:
 
     async def _generate(self, scope, receive, send, route: Route, body: dict[str, Any], client: str):
         s = self.s
+        if self.response_blocklist and (body.get("logprobs") or body.get("top_logprobs")):
+            # the alternatives at each position would show the words the filter withholds
+            raise Reject(400, "logprobs are not available on this server (it filters responses)", "logprobs")
+        if body.get("echo") and body.get("logprobs") is not None:
+            raise Reject(400, "echo with logprobs (prompt logprobs) is not supported by this server", "echo")
+        texts = prompt_texts(body, None)
+        if sum(map(len, texts)) > 8 * s.max_model_len * s.max_prompts:  # before normalizing or tokenizing it
+            raise Reject(400, f"prompt text is longer than {s.max_prompts} prompts of {s.max_model_len} tokens",
+                         "messages" if "messages" in body else "prompt")
         prompt = body.get("prompt")
         if self.tokenizer is not None and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
             vocab = len(self.tokenizer)
@@ -283,11 +323,9 @@ class Guard:
         out = _openai_errors(send)
         if self.response_blocklist:
             out = _filtered_send(out, self.response_blocklist, bool(body.get("stream")))
-        new_headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        new_headers.append((b"content-length", str(len(raw)).encode()))
         self.inflight += 1
         try:
-            await run_abortable(self.app, {**scope, "headers": new_headers}, raw, receive, out)
+            await run_abortable(self.app, forwarded_scope(scope, raw), raw, receive, out)
         finally:
             self.inflight -= 1
 

@@ -109,7 +109,9 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
         direct = False
     # Only a controller started here gets these settings (a running one keeps its own), so
     # `serve deploy` setups run Ray's defaults.
-    controller_env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(sc.controller_loop_s)}
+    from tailorlm.serving.engine import NO_FORWARDED_FOR
+
+    controller_env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(sc.controller_loop_s), **NO_FORWARDED_FOR}
     http = {"host": sc.host, "port": sc.port}
     if direct:
         from tailorlm.serving.engine import direct_ingress_env
