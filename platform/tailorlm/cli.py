@@ -101,7 +101,8 @@ def recap(results: dict) -> str:
         if stage == "data" and s:
             what = f"{s['input_rows']} rows in, {s['kept']} kept, {s['dropped']} dropped (reasons in stats.json)"
         elif stage == "tune" and s:
-            what = f"best of {s['trials']} trials: {s['best_overrides']} (eval_loss {s['eval_loss']:.3f}; " \
+            metric = s.get("metric", "eval_loss")  # markers written before tune summaries named their metric
+            what = f"best of {s['trials']} trials: {s['best_overrides']} ({metric} {s[metric]:.3f}; " \
                    f"{s['stopped_early']} stopped early by the scheduler)"
         elif stage == "train" and s:
             what = f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> " \

@@ -211,8 +211,11 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations")
-    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations; each evaluation also "
+                            "writes a checkpoint (the one resume and the best-model choice use)")
+    log_every: int = Field(1, ge=1, description="optimizer steps between train-loss records in metrics.jsonl "
+                           "(and TensorBoard when on)")
+    tensorboard: bool = Field(True, description="also write TensorBoard event files (local run storage only)")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     merge_adapter: bool = False
@@ -229,7 +232,8 @@ class TuneConfig(Strict):
     num_samples: int = Field(8, ge=1)
     searcher: Literal["random", "grid", "optuna"] = "random"
     scheduler: Literal["asha", "median", "none"] = "asha"
-    metric: str = "eval_loss"
+    metric: Literal["eval_loss", "eval_ppl"] = Field("eval_loss", description="what trials are ranked and "
+                                                     "stopped by (both measured on the eval split)")
     mode: Literal["min", "max"] = "min"
     max_concurrent_trials: int = Field(1, ge=1)
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
@@ -250,6 +254,8 @@ class TuneConfig(Strict):
                 raise ValueError(f"search_space.{key}.{kind}: expected a non-empty list, got {values!r}")
             if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
                 raise ValueError(f"search_space.{key}.{kind}: expected [low, high], got {values!r}")
+        if self.mode != "min":
+            raise ValueError(f"mode: {self.metric} is a loss: lower is better, so mode must be min")
         if self.searcher == "grid" and any(next(iter(s)) not in ("grid", "choice") for s in self.search_space.values()):
             raise ValueError("searcher: grid needs every search_space entry to be a grid or choice list")
         return self
@@ -257,7 +263,6 @@ class TuneConfig(Strict):
 
 # ----------------------------------------------------------------------------- export
 class ExportConfig(Strict):
-    merge_lora: bool = True
     quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(default_factory=lambda: ["w8a8", "w4a16"])
     method: Literal["rtn", "gptq"] = Field("gptq", description="gptq: calibrated on train rows of the data stage "
                                            "(integer schemes; fp8 stays round-to-nearest); rtn: round-to-nearest")
@@ -296,7 +301,8 @@ class ServeConfig(Strict):
     ab_split: dict[str, float] = Field(default_factory=dict, description="A/B test: requests for model_id go to "
                                        "these hosted models by weight, e.g. {demo: 0.9, demo-w4a16: 0.1}")
     ab_sticky: bool = Field(True, description="A/B: a client (API key, else address) always gets the same model")
-    max_queued_requests: int = Field(64, ge=1, description="beyond this, new requests get 503 instead of queueing")
+    max_queued_requests: int = Field(64, ge=1, description="requests per replica waiting beside the running ones; "
+                                     "beyond both, 503 with Retry-After at once")
     max_tokens_cap: int = Field(512, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     min_replicas: int = Field(1, ge=0)

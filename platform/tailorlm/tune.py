@@ -306,7 +306,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     print(board.drop(columns=["error"]).to_string(index=False))
     print(f"best: {overrides} ({cfg.tune.metric} {best[cfg.tune.metric]:.4f})")
     print(f"leaderboard: {sdir.sub('leaderboard.csv')}\nbest:        {sdir.sub('best.yaml')}")
-    return {"best_overrides": overrides, cfg.tune.metric: float(best[cfg.tune.metric]), "trials": len(board),
+    return {"best_overrides": overrides, "metric": cfg.tune.metric, cfg.tune.metric: float(best[cfg.tune.metric]),
+            "trials": len(board),
             "stopped_early": int((board["status"] == "stopped early").sum()),
             "errors": int((board["status"] == "error").sum()),
             "trial_steps": int(board["steps"].sum())}

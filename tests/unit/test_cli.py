@@ -38,3 +38,32 @@ def test_bad_config_key_is_one_clear_error(tmp_path):
 def test_config_prints_resolved_yaml():
     out = tailorlm("config", "jobs/configs/tiny_cpu.yaml", "train.lr=0.5")
     assert out.returncode == 0 and "lr: 0.5" in out.stdout
+
+
+def test_recap_names_the_metric_the_sweep_ranked_by():
+    """tune.metric=eval_ppl crashed the final recap, which read the summary under eval_loss."""
+    from tailorlm.cli import recap
+
+    marker = {"summary": {"best_overrides": {"train.lr": 1e-3}, "metric": "eval_ppl", "eval_ppl": 12.5,
+                          "trials": 3, "stopped_early": 1}}
+    assert "eval_ppl 12.500" in recap({"tune": marker})
+
+
+def test_tune_metric_is_a_closed_set():
+    import pytest
+
+    from tailorlm.config import ConfigError, load_config
+
+    assert load_config(None, ["tune.metric=eval_ppl"]).tune.metric == "eval_ppl"
+    with pytest.raises(ConfigError, match="tune.metric"):
+        load_config(None, ["tune.metric=eval_los"])  # a typo fails here, not after every trial ran
+
+
+def test_dead_keys_are_refused():
+    import pytest
+
+    from tailorlm.config import ConfigError, load_config
+
+    for key in ("train.checkpoint_every=5", "export.merge_lora=true"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(None, [key])

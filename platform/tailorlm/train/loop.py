@@ -169,19 +169,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if micro % tc.grad_accum:  # engine.step() only stepped the optimizer at the boundary
                 continue
             step += 1
-            if writer:
+            if rank == 0 and step % tc.log_every == 0:  # the record; TensorBoard is one more sink
                 dt = max(time.time() - t_last, 1e-9)
-                grad_norm = engine.get_global_grad_norm()
-                writer.add_scalar("train_loss", loss.item(), step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("tokens_per_s", tokens * world / dt, step)
-                writer.add_scalar("rss_mib", proc.memory_info().rss / 2**20, step)
-                if grad_norm is not None:
-                    writer.add_scalar("grad_norm", float(grad_norm), step)
-                history.append({"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                                "tokens_per_s": tokens * world / dt,
-                                # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)
-                                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                record = {"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens * world / dt,
+                          # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)
+                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                history.append(record)
+                if writer:
+                    grad_norm = engine.get_global_grad_norm()
+                    for k in ("train_loss", "lr", "tokens_per_s"):
+                        writer.add_scalar(k, record[k], step)
+                    writer.add_scalar("rss_mib", proc.memory_info().rss / 2**20, step)
+                    if grad_norm is not None:
+                        writer.add_scalar("grad_norm", float(grad_norm), step)
                 tokens, t_last = 0, time.time()
             if step % tc.eval_every == 0 or step == total_steps:
                 eval_and_checkpoint(final=step == total_steps)

@@ -157,7 +157,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     splits, base_path, total_steps = prep["splits"], prep["base_path"], prep["total_steps"]
     local_stage = local_path(sdir.uri)
     trainer = make_trainer(cfg, prep, storage_uri=sdir.uri, name="ray",
-                           tensorboard_dir=os.path.join(local_stage, "tensorboard") if local_stage else None)
+                           tensorboard_dir=os.path.join(local_stage, "tensorboard")
+                           if local_stage and cfg.train.tensorboard else None)
     result = trainer.fit()
     if result.error:
         raise result.error
