@@ -59,7 +59,7 @@ def trial_driver(sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, t
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from tailorlm.train.stage import make_trainer, prepare
+    from tailorlm.train.trainer import make_trainer, prepare
 
     cfg = trial_config(base, sampled)
     prep = prepare(cfg, kept_uri)

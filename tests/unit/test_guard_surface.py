@@ -12,7 +12,8 @@ import pytest
 from tailorlm.config import load_config
 from tailorlm.serving import keys
 from tailorlm.serving.routes import ROUTES
-from tailorlm.serving.security import Guard, GuardSettings, run_abortable
+from tailorlm.serving.replies import run_abortable
+from tailorlm.serving.security import Guard, GuardSettings
 
 SEEN: list = []
 KEY = {"Authorization": "Bearer k1"}

@@ -159,7 +159,7 @@ def model_folder(args) -> str:
     if args.model:
         return args.model
     if args.run_dir:
-        from tailorlm.export.stage import latest_variant
+        from tailorlm.export.registry import latest_variant
         from tailorlm.runs import RunDir, local_path
 
         run = Path(args.run_dir).resolve()

@@ -19,10 +19,8 @@ import tempfile
 from typing import Any
 
 from tailorlm.config import PipelineConfig
+from tailorlm.export.registry import next_version, register
 from tailorlm.runs import RunDir, StageDir
-
-REGISTRY = "registry.json"
-
 
 def merged_bf16(cfg: PipelineConfig, model_dir: str, out_dir: str) -> str:
     """The finetuned model as one bf16 HF folder: LoRA adapters merged into the base (peft)."""
@@ -100,39 +98,11 @@ def calibration_texts(model_dir: str, rows: list[dict], n: int, seed: int) -> li
     return out
 
 
-def next_version(run_dir: RunDir) -> str:
-    """Semver plus date: 1.0.<n>+YYYYMMDD, n counting this run's exports."""
-    n = len(read_registry(run_dir))
-    return f"1.0.{n}+{dt.date.today():%Y%m%d}"
-
-
-def read_registry(run_dir: RunDir) -> list[dict[str, Any]]:
-    path = f"{run_dir.path}/{REGISTRY}"
-    if not run_dir.fs.exists(path):
-        return []
-    with run_dir.fs.open(path, "r") as fh:
-        return json.load(fh)
-
-
-def latest_variant(run_dir: RunDir, variant: str) -> tuple[str, dict]:
-    """(URI of a published variant of the newest registered version, its registry entry)."""
-    reg = read_registry(run_dir)
-    if not reg:
-        raise FileNotFoundError(f"no exported model in {run_dir.uri}/{REGISTRY}: run `tailorlm export` first")
-    entry = reg[-1]
-    v = entry["variants"].get(variant)
-    if not v or v["status"] == "refused":
-        published = [k for k, x in entry["variants"].items() if x["status"] != "refused"]
-        raise ValueError(f"serve.variant: {variant!r} is not published in version {entry['version']}; "
-                         f"published: {', '.join(published)}")
-    return v["uri"], entry
-
-
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
     from tailorlm.export.quantize import quantize, weights_size
-    from tailorlm.train.stage import splits_rows
+    from tailorlm.data.splits import splits_rows
 
     ec = cfg.export
     train, data = run_dir.stage("train"), run_dir.stage("data")
@@ -171,10 +141,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
                                                                   else cfg.model.base.model_dump())},
     }
     sdir.write_json(f"{version}/manifest.json", manifest)
-    registry = read_registry(run_dir) + [{k: manifest[k] for k in ("version", "created", "variants")}
-                                         | {"manifest": sdir.sub(f"{version}/manifest.json")}]
-    with run_dir.fs.open(f"{run_dir.path}/{REGISTRY}", "w") as fh:
-        json.dump(registry, fh, indent=2)
+    register(run_dir, {k: manifest[k] for k in ("version", "created", "variants")}
+             | {"manifest": sdir.sub(f"{version}/manifest.json")})
     print(summary(variants, version))
     return {"version": version, "variants": {k: v["status"] for k, v in variants.items()},
             "perplexity": {k: v["perplexity"] for k, v in variants.items()}}

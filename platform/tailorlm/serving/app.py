@@ -82,7 +82,7 @@ def build_ray_llm_app(cfg: PipelineConfig, models: dict[str, str]):
 
 def build_from_args(args: dict[str, Any]):
     """Serve application builder for `serve deploy` / `serve run` (args from serve/config.yaml)."""
-    from tailorlm.serving.stage import resolve_models
+    from tailorlm.serving.models import resolve_models
 
     cfg = load_config(args.get("config"), args.get("overrides") or [])
     return build_app(cfg, resolve_models(cfg))

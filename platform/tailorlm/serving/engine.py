@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from tailorlm.config import ServeConfig
-from tailorlm.serving.security import replay
+from tailorlm.serving.replies import replay
 
 # the engine may never log prompts: vLLM logs requests only with --enable-log-requests, which
 # vllm_argv refuses to pass on from serve.engine_args

@@ -19,76 +19,9 @@ from typing import Any
 
 from tailorlm.config import PipelineConfig
 from tailorlm.runs import RunDir, StageDir
+from tailorlm.train.trainer import make_trainer, prepare
 
 RESUMABLE = ("ray", "ray_inputs.json")
-
-
-def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cpus: int):
-    import ray
-
-    from tailorlm.train.formats import Tokenize
-
-    tc = cfg.train
-    kept = ray.data.read_parquet(kept_uri, columns=["id", "split", "text", "messages"])
-    out = {}
-    for split in ("train", "eval"):
-        ds = kept.filter(expr=f"split == '{split}'")
-        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=dict(
-            tokenizer_path=tokenizer_path, fmt=tc.format, max_len=tc.max_seq_len, packing=tc.packing,
-            chat_template=cfg.model.chat_template), concurrency=(1, max(1, cpus)), batch_format="pandas")
-        if split == "train":
-            ds = ds.random_shuffle(seed=cfg.run.seed)
-        out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
-    return out
-
-
-def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
-    """Everything a training run needs before the trainer starts: base model, tokenized splits, steps."""
-    import ray
-
-    from tailorlm.models import load_tokenizer, resolve_base
-    from tailorlm.train.ds_config import steps_for
-    from tailorlm.train.loop import build_shm_comm_once
-
-    tc = cfg.train
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    base_path = resolve_base(cfg.model)
-    tok = load_tokenizer(base_path, cfg.model.chat_template)
-    splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
-    n_train = splits["train"].count()
-    steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
-    print(f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
-          f"epoch, {total_steps} steps; global batch {tc.global_batch_size}")
-    if not tc.use_gpu:
-        build_shm_comm_once()
-    return {"splits": splits, "base_path": base_path, "pad_id": tok.pad_token_id, "total_steps": total_steps}
-
-
-def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, name: str,
-                 tensorboard_dir: str | None = None, callbacks: list | None = None):
-    """The TorchTrainer for one training run (the train stage, or one Tune trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from tailorlm.train.loop import train_loop_per_worker
-
-    tc = cfg.train
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "base_path": prep["base_path"], "total_steps": prep["total_steps"],
-                           "pad_id": prep["pad_id"], "tensorboard_dir": tensorboard_dir},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri, callbacks=callbacks,
-                             # Ray starts workers at niceness 15; training workers would then yield
-                             # to any normal-priority process on the node (Ray's own agents included)
-                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
-                                                                checkpoint_score_attribute="eval_loss",
-                                                                checkpoint_score_order="min")),
-        datasets=prep["splits"],
-    )
 
 
 def export_model(cfg: PipelineConfig, base_path: str, ckpt_dir: str, out_dir: str, merged_dir: str | None) -> None:
@@ -154,7 +87,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     sdir.write_json("ray_inputs.json", {"inputs": inputs})
 
     prep = prepare(cfg, data.sub("kept"))
-    splits, base_path, total_steps = prep["splits"], prep["base_path"], prep["total_steps"]
+    base_path, total_steps = prep["base_path"], prep["total_steps"]
     local_stage = local_path(sdir.uri)
     trainer = make_trainer(cfg, prep, storage_uri=sdir.uri, name="ray",
                            tensorboard_dir=os.path.join(local_stage, "tensorboard")
@@ -163,6 +96,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     if result.error:
         raise result.error
     best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["eval_loss"])
+
+    from tailorlm.data.splits import splits_rows
 
     eval_rows = splits_rows(data.sub("kept"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,15 +129,6 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     return {"model": sdir.sub("model"), "method": tc.method, "steps": total_steps,
             "base_perplexity": before["perplexity"], "perplexity": after["perplexity"],
             "base_f1": before.get("f1"), "f1": after.get("f1")}
-
-
-def splits_rows(kept_uri: str, split: str = "eval") -> list[dict]:
-    import pyarrow.dataset as pads
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(kept_uri)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["split", "text", "messages"])
-    return [r for r in table.to_pylist() if r["split"] == split]
 
 
 def summary(report: dict) -> str:

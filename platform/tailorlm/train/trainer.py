@@ -1,0 +1,78 @@
+"""One training run's set-up, shared by the train stage and every Tune trial: the tokenized
+splits as Ray Datasets, the resolved base model, the step count, and the TorchTrainer that runs
+train/loop.py on Ray Train with DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tailorlm.config import PipelineConfig
+
+
+def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cpus: int):
+    import ray
+
+    from tailorlm.train.formats import Tokenize
+
+    tc = cfg.train
+    kept = ray.data.read_parquet(kept_uri, columns=["id", "split", "text", "messages"])
+    out = {}
+    for split in ("train", "eval"):
+        ds = kept.filter(expr=f"split == '{split}'")
+        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=dict(
+            tokenizer_path=tokenizer_path, fmt=tc.format, max_len=tc.max_seq_len, packing=tc.packing,
+            chat_template=cfg.model.chat_template), concurrency=(1, max(1, cpus)), batch_format="pandas")
+        if split == "train":
+            ds = ds.random_shuffle(seed=cfg.run.seed)
+        out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
+    return out
+
+
+def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
+    """Everything a training run needs before the trainer starts: base model, tokenized splits, steps."""
+    import ray
+
+    from tailorlm.models import load_tokenizer, resolve_base
+    from tailorlm.train.ds_config import steps_for
+    from tailorlm.train.loop import build_shm_comm_once
+
+    tc = cfg.train
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    base_path = resolve_base(cfg.model)
+    tok = load_tokenizer(base_path, cfg.model.chat_template)
+    splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
+    n_train = splits["train"].count()
+    steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
+    print(f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
+          f"epoch, {total_steps} steps; global batch {tc.global_batch_size}")
+    if not tc.use_gpu:
+        build_shm_comm_once()
+    return {"splits": splits, "base_path": base_path, "pad_id": tok.pad_token_id, "total_steps": total_steps}
+
+
+def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, name: str,
+                 tensorboard_dir: str | None = None, callbacks: list | None = None):
+    """The TorchTrainer for one training run (the train stage, or one Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tailorlm.train.loop import train_loop_per_worker
+
+    tc = cfg.train
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "base_path": prep["base_path"], "total_steps": prep["total_steps"],
+                           "pad_id": prep["pad_id"], "tensorboard_dir": tensorboard_dir},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_uri, callbacks=callbacks,
+                             # Ray starts workers at niceness 15; training workers would then yield
+                             # to any normal-priority process on the node (Ray's own agents included)
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
+                                                                checkpoint_score_attribute="eval_loss",
+                                                                checkpoint_score_order="min")),
+        datasets=prep["splits"],
+    )
