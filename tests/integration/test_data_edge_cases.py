@@ -84,3 +84,45 @@ def test_candidate_edges_without_pairs_or_without_verified_edges(ray_local):
                                         broadcast_pairs=broadcast_pairs)
                 assert edges.empty and set(EDGE_COLUMNS) <= set(edges.columns), (texts[1][:20], verify)
                 assert components(edges).empty
+
+
+def test_repeated_ids_lose_one_copy_not_both(ray_local, tmp_path):
+    """Found by the property tests: dedup told rows apart by id, so two lines with id "a" and the
+    same text were both dropped as duplicates "of a" (nothing kept), and two near copies sharing
+    an id hashed to one key and were never compared."""
+    lines = [json.dumps({"id": "a", "text": DOC}), json.dumps({"id": "a", "text": DOC}),
+             json.dumps({"id": "b", "text": OTHER}), json.dumps({"id": "b", "text": OTHER.replace("winter", "summer")})]
+    kept, dropped, _ = run_data(tmp_path, lines, "data.eval_fraction=0.0", "data.dedup.near.threshold=0.7")
+    assert sorted(kept["id"]) == ["a", "b"]
+    assert sorted(zip(dropped["id"], dropped["reason"], dropped["duplicate_of"])) == \
+        [("a", "exact_duplicate", "a"), ("b", "near_duplicate", "b")]
+    src = str(tmp_path / "in.jsonl")
+    assert sorted(kept["row"]) == [f"{src}#0", f"{src}#2"]  # ties go to the earlier line
+
+
+def test_a_file_named_by_two_sources_is_an_error(ray_local, tmp_path):
+    from tailorlm.config import SourceConfig
+    from tailorlm.data.read import SourceError, read_sources
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
+    with pytest.raises(SourceError, match="more than one source"):
+        read_sources([SourceConfig(path=str(tmp_path / "a.jsonl")), SourceConfig(path=str(tmp_path / "*.jsonl"))])
+
+
+def test_gzip_input_is_read_once(ray_local, tmp_path):
+    """Found by the property tests: Ray gunzipped .gz files by their name and parse_file gunzipped
+    again, so every .jsonl.gz input failed ("not a valid gzip file"); a file that is not gzip
+    under a .gz name is one clear SourceError, not a remote traceback."""
+    import gzip
+
+    from tailorlm.data.read import SourceError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress((json.dumps({"id": "z", "text": DOC}) + "\n").encode()))
+    cfg = load_config(None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{tmp_path}/in'}}]",
+                             "data.filters.min_tokens=1"])
+    run_stage(cfg, "data", echo=lambda s: None, stage_uri=str(tmp_path / "out"))
+    assert pq.read_table(tmp_path / "out" / "kept").to_pandas()["id"].tolist() == ["z"]
+    (tmp_path / "in" / "a.jsonl.gz").write_bytes(b'{"text": "plain bytes under a .gz name"}\n')
+    with pytest.raises(SourceError, match="not valid gzip"):
+        run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(tmp_path / "out"))

@@ -17,7 +17,8 @@ near:  band keys per row -> hash-partition by band key -> candidate pairs inside
        of EXACT_MARGIN (a true 0.8 pair estimates below 0.7 with 128 permutations about once in
        a thousand), so only candidates' texts are shingled again.
 
-The representative of a group is its smallest (rank, id): rank 0 for eval rows when
+Ids must be unique (the stage passes `dedup_id`s: the input may repeat ids). The
+representative of a group is its smallest (rank, id): rank 0 for eval rows when
 decontamination is on (so a train row that duplicates an eval row is dropped as
 `eval_contamination`, never the eval row), else 0 for all. Same input, same representative.
 
@@ -89,10 +90,13 @@ def _drop_reason(rank, rep_rank, default: str) -> np.ndarray:
     return np.where(np.asarray(rank) > np.asarray(rep_rank), "eval_contamination", default)
 
 
-def add_signatures(batch: pd.DataFrame, cfg: NearDedupConfig, live: list[bool], seed: int) -> pd.DataFrame:
-    """`key` (uint64 of the id) and `sig` (MinHash bytes) columns; rows not live get an empty one."""
+def add_signatures(batch: pd.DataFrame, cfg: NearDedupConfig, live: list[bool], seed: int,
+                   ids: pd.Series | None = None) -> pd.DataFrame:
+    """`key` (uint64 of the id, or of `ids`: what dedup will see as the id) and `sig` (MinHash
+    bytes) columns; rows not live get an empty signature."""
     texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
-    batch["key"] = pd.util.hash_array(batch["id"].astype(str).to_numpy(dtype=object))
+    ids = batch["id"] if ids is None else ids
+    batch["key"] = pd.util.hash_array(ids.astype(str).to_numpy(dtype=object))
     sig = signatures(texts, cfg.num_perm, cfg.ngram, cfg.cjk_ngram, seed=seed) if cfg.enabled \
         else np.zeros((len(batch), 1), dtype=np.uint32)
     batch["sig"] = [row.tobytes() for row in sig]

@@ -21,13 +21,34 @@ from fsspec.core import url_to_fs
 
 from tailorlm.config import SourceConfig
 
-COLUMNS = ["id", "source", "kind", "text", "raw_text", "messages", "reason", "duplicate_of", "pii"]
+# row: `<path>#<position>` of the record, unique per input line even where the input repeats ids
+COLUMNS = ["id", "source", "row", "kind", "text", "raw_text", "messages", "reason", "duplicate_of", "pii"]
+GZIP_MAGIC = b"\x1f\x8b"
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
                   ".txt": "text", ".text": "text", ".md": "text"}
 
 
 class SourceError(ValueError):
     """A data source that cannot be read at all."""
+
+
+def source_error(exc: BaseException) -> SourceError | None:
+    """The SourceError a Ray task raised, out of the wrappers Ray Data puts around it
+    (UserCodeException caused by a RayTaskError whose `cause` is ours), so the user gets the one
+    line that says what is wrong with the file, not a remote traceback."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, SourceError):
+            return cause
+        if type(exc) is SourceError:
+            return exc
+        if isinstance(cause, OSError) and "inflate" in str(cause):
+            # Ray's reader gunzips .gz files itself and does not name the file that failed
+            return SourceError(f"data.sources: a .gz input file is not valid gzip ({str(cause).splitlines()[0]})")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def file_format(path: str, declared: str = "auto") -> str:
@@ -87,7 +108,7 @@ def _messages_from(rec: dict[str, Any]) -> list[dict[str, str]] | None:
 def record_to_row(rec: Any, kind: str, default_id: str, source: str) -> dict[str, Any]:
     """One parsed record -> a normalized row; unusable records get a reason instead of text."""
     row = dict.fromkeys(COLUMNS)
-    row.update(source=source, id=default_id, kind=kind)
+    row.update(source=source, id=default_id, row=default_id, kind=kind)
     if not isinstance(rec, dict):
         row["reason"] = "malformed_record"
         return row
@@ -123,7 +144,10 @@ def record_to_row(rec: Any, kind: str, default_id: str, source: str) -> dict[str
 
 def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str, Any]]:
     """Bytes of one file -> rows. Ids default to `<path>#<position>`."""
-    if path.endswith(".gz"):
+    # Ray's binary reader already gunzips .gz files by their name (it cannot be told not to:
+    # compression None means "infer"); gunzipping again failed every .gz input. So only bytes
+    # that still start with the gzip magic are ours to decompress.
+    if path.endswith(".gz") and data[:2] == GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
@@ -149,7 +173,7 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            yield {**dict.fromkeys(COLUMNS), "id": default_id, "source": path, "kind": kind,
+            yield {**dict.fromkeys(COLUMNS), "id": default_id, "row": default_id, "source": path, "kind": kind,
                    "reason": "invalid_utf8", "raw_text": raw.decode("utf-8", errors="replace")}
             continue
         if fmt == "text":  # one document per line
@@ -158,7 +182,7 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            yield {**dict.fromkeys(COLUMNS), "id": default_id, "source": path, "kind": kind,
+            yield {**dict.fromkeys(COLUMNS), "id": default_id, "row": default_id, "source": path, "kind": kind,
                    "reason": "malformed_json", "raw_text": line}
             continue
         yield record_to_row(rec, kind, default_id, path)
@@ -168,9 +192,15 @@ def read_sources(sources: list[SourceConfig]):
     """All sources -> one Ray Dataset of normalized rows (lazy)."""
     import ray
 
-    datasets = []
+    datasets, seen = [], set()
     for src in sources:
         files = expand_source(src)
+        # a file read twice would give two rows the same position (`row`), which dedup relies on
+        # being unique; naming a file twice is a mistake, so say so rather than double it
+        twice = seen.intersection(files)
+        if twice:
+            raise SourceError(f"data.sources: {sorted(twice)[0]!r} is named by more than one source")
+        seen.update(files)
 
         def parse(row: dict[str, Any], kind: str = src.kind, declared: str = src.format) -> list[dict[str, Any]]:
             return list(parse_file(row["bytes"], row["path"], file_format(row["path"], declared), kind))

@@ -5,7 +5,10 @@
 
 Outputs in the stage folder: `kept/` (Parquet, with a `split` column: train or eval) and
 `dropped/` (Parquet, each row with `reason` and, for duplicates, `duplicate_of`), `stats.json`.
-Every input row appears exactly once across kept/ and dropped/; the stage checks it.
+Every input row appears exactly once across kept/ and dropped/; the stage checks it. `row`
+(`<file>#<position>`) says where each came from. `id` is the record's own (`row` when it has
+none) and may repeat as the input's ids do: dedup tells rows apart by position, so of two lines
+with the same id and text one is kept, and `duplicate_of` names the kept row by its id.
 
 Any readable input completes, including one with no rows (an empty file, blank lines only) and one
 whose every row a filter drops: kept/ and dropped/ then hold one empty Parquet file with the output
@@ -29,13 +32,13 @@ from tailorlm.data import dedup
 from tailorlm.data.filters import ModelFilters, length_batch
 from tailorlm.data.normalize import normalize_batch
 from tailorlm.data.pii import pii_batch
-from tailorlm.data.read import COLUMNS, read_sources, write_demo
+from tailorlm.data.read import COLUMNS, read_sources, source_error, write_demo
 from tailorlm.runs import RunDir, StageDir
 
 log = logging.getLogger(__name__)
 
 OUT_COLUMNS = ["id", "split", "kind", "text", "messages", "language", "pii", "reason", "duplicate_of",
-               "source", "raw_text", "text_hash"]
+               "source", "row", "raw_text", "text_hash"]
 # perplexity: the perplexity filter's score (null when that filter is off or the row was not scored)
 OUT_SCHEMA = pa.schema([(c, pa.string()) for c in OUT_COLUMNS] + [("perplexity", pa.float64())])
 STEP_OF = {"malformed_json": "read", "invalid_utf8": "read", "malformed_record": "read", "missing_text": "read",
@@ -45,6 +48,21 @@ STEP_OF = {"malformed_json": "read", "invalid_utf8": "read", "malformed_record":
 
 def step_of(reason: str) -> str:
     return STEP_OF.get(reason, "filter")
+
+
+SEP = "\x00"
+
+
+def dedup_id(ids: pd.Series, rows: pd.Series) -> pd.Series:
+    """The id dedup sees: the record's id, NUL, its position (`row`). Unique where the input repeats
+    ids (two lines with id "a" and the same text must lose one, not both), and it sorts as the id
+    does (NUL sorts first), so a group's representative is still its smallest id, ties broken by
+    position."""
+    return ids.astype(str) + SEP + rows.astype(str)
+
+
+def user_id(uid: str) -> str:
+    return uid.rpartition(SEP)[0]  # positions hold no NUL; ids may
 
 
 # ----------------------------------------------------------------------------- batch steps
@@ -74,7 +92,7 @@ def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame
     live = batch["reason"].isna().tolist()
     texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
     batch["text_hash"] = [xxhash.xxh3_128_hexdigest(t.encode()) if ok else None for t, ok in zip(texts, live)]
-    batch = dedup.add_signatures(batch, cfg.dedup.near, live, seed=seed + 1)
+    batch = dedup.add_signatures(batch, cfg.dedup.near, live, seed=seed + 1, ids=dedup_id(batch["id"], batch["row"]))
     return strings_or_none(batch)
 
 
@@ -99,9 +117,12 @@ def _rows_where_reason(table: pa.Table, dropped: bool) -> pa.Table:
 
 
 def _live(batch: pd.DataFrame) -> pd.DataFrame:
+    """Rows still in the running, with the dedup id in place of the id."""
     if batch.empty:
         return batch
-    return batch[batch["reason"].isna()]
+    batch = batch[batch["reason"].isna()].copy()
+    batch["id"] = dedup_id(batch["id"], batch["row"])
+    return batch
 
 
 def _without(batch: pd.DataFrame, ids: set) -> pd.DataFrame:
@@ -111,14 +132,17 @@ def _without(batch: pd.DataFrame, ids: set) -> pd.DataFrame:
 
 
 def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
-    """Mark duplicate rows dropped (reason, duplicate_of) and cast to the output schema."""
+    """Mark duplicate rows dropped (reason, duplicate_of) and cast to the output schema. dups are
+    keyed by dedup id; duplicate_of names the representative by its record id."""
     if batch.empty:  # an empty block may come without columns
         return OUT_SCHEMA.empty_table()
     if len(dups):
-        found = batch["id"].map(dups.set_index("id")["reason"])
+        by_uid = dups.set_index("id")
+        uid = dedup_id(batch["id"], batch["row"])
+        found = uid.map(by_uid["reason"])
         hit = found.notna() & batch["reason"].isna()
         batch.loc[hit, "reason"] = found[hit]
-        batch.loc[hit, "duplicate_of"] = batch.loc[hit, "id"].map(dups.set_index("id")["duplicate_of"])
+        batch.loc[hit, "duplicate_of"] = uid[hit].map(by_uid["duplicate_of"]).map(user_id)
     if "language" not in batch:
         batch["language"] = None
     cols = {c: [v if isinstance(v, str) else None for v in batch[c].tolist()] for c in OUT_COLUMNS}
@@ -200,7 +224,13 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
                         batch_format="pandas")
     ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed},
                         batch_format="pandas")
-    annotated = ds.materialize()
+    try:
+        annotated = ds.materialize()
+    except Exception as exc:  # a file that cannot be read (corrupt gzip, bad JSON document) fails in a task
+        cause = source_error(exc)
+        if cause is None:
+            raise
+        raise cause from None
     n_input = annotated.count()
     timings["read_filter"] = time.time() - t0
 
@@ -283,3 +313,8 @@ def summary_table(stats: dict[str, Any]) -> str:
         lines.append("PII redacted: " + ", ".join(f"{k} {v}" for k, v in sorted(stats["pii_redacted"].items())))
     lines.append(f"{stats['throughput_docs_per_s']} docs/s; timings (s): {stats['timings_s']}")
     return "\n".join(lines)
+
+
+def recap(s: dict[str, Any]) -> str:
+    """One line for the end of `tailorlm run`."""
+    return f"{s['input_rows']} rows in, {s['kept']} kept, {s['dropped']} dropped (reasons in stats.json)"
