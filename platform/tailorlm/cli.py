@@ -16,17 +16,6 @@ import os
 import sys
 from typing import Sequence
 
-STAGE_HELP = {
-    "data": "clean, filter, PII-redact and deduplicate (exact + MinHash) the data sources on Ray Data; "
-            "writes kept/ and dropped/ Parquet (every drop with its reason), train/eval splits and stats.json",
-    "tune": "sweep hyperparameters of the train stage with Ray Tune (ASHA early stopping); writes a "
-            "leaderboard and best.yaml",
-    "train": "finetune the model (LoRA or full) with DeepSpeed on Ray Train; checkpoints, resume, eval; "
-             "writes the final model in HF format",
-    "export": "merge LoRA, quantize (W8A8, W4A16, FP8), evaluate each variant and register it",
-    "serve": "host the exported model on vLLM behind Ray Serve as an OpenAI-compatible HTTP API",
-}
-
 EPILOG = """\
 Config: one YAML with sections run, model, data, train, tune, export, serve
 (see jobs/configs/tiny_cpu.yaml). Override any key with dotted.key=value, e.g.
@@ -61,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                    help="rerun these stages even if finished ('all' for every stage)")
 
-    for stage, text in STAGE_HELP.items():
+    from tailorlm.stages import STAGES
+
+    for record in STAGES:
+        stage, text = record.name, record.help
         p = sub.add_parser(stage, help=text.split(";")[0], description=text[0].upper() + text[1:] + ".",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p, config_required=stage != "data")
@@ -93,34 +85,6 @@ def _adhoc_data_config(args):
     return load_config(args.config, overrides)
 
 
-def recap(results: dict) -> str:
-    """The end of `tailorlm run`: one line per stage with what it achieved and where it wrote."""
-    lines = ["", "=" * 72, "pipeline finished"]
-    for stage, marker in results.items():
-        s = marker.get("summary", {})
-        if stage == "data" and s:
-            what = f"{s['input_rows']} rows in, {s['kept']} kept, {s['dropped']} dropped (reasons in stats.json)"
-        elif stage == "tune" and s:
-            metric = s.get("metric", "eval_loss")  # markers written before tune summaries named their metric
-            what = f"best of {s['trials']} trials: {s['best_overrides']} ({metric} {s[metric]:.3f}; " \
-                   f"{s['stopped_early']} stopped early by the scheduler)"
-        elif stage == "train" and s:
-            what = f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> " \
-                   f"{s['perplexity']:.1f}" + (f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}" if s.get("f1")
-                                                is not None else "")
-        elif stage == "export" and s:
-            what = f"version {s['version']}: " + ", ".join(f"{k} ppl {s['perplexity'][k]:.2f} ({v})"
-                                                         for k, v in s["variants"].items())
-        elif stage == "serve" and s:
-            what = f"{s['url']} answered: {s['answer']!r}"
-        else:
-            what = marker.get("status", "")
-        lines.append(f"  {stage:7s} {what}")
-        if marker.get("outputs"):
-            lines.append(f"  {'':7s} -> {marker['outputs']}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
@@ -130,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tailorlm.config import ConfigError, dump_yaml
-    from tailorlm.pipeline import StageUnavailable, run_pipeline, run_stage
-    from tailorlm.tune import SweepInterrupted
+    from tailorlm.pipeline import StageUnavailable, recap, run_pipeline, run_stage
+    from tailorlm.tune.stage import SweepInterrupted
 
     try:
         if args.command == "report":

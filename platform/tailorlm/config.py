@@ -20,7 +20,6 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-STAGES = ("data", "tune", "train", "export", "serve")
 
 
 class ConfigError(ValueError):

@@ -10,40 +10,44 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from types import ModuleType
 from typing import Any, Callable
 
-from tailorlm.config import STAGES, PipelineConfig
+from tailorlm.config import PipelineConfig
 from tailorlm.runs import RunDir, StageDir
+from tailorlm.stages import BY_NAME, STAGES, Stage
 
 log = logging.getLogger(__name__)
-
-# stage -> (implementation "module:function", config sections it reads, resumable subfolders)
-STAGE_IMPLS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "data": ("tailorlm.data.stage:run", ("model", "data"), ()),
-    "tune": ("tailorlm.tune:run", ("model", "data", "train", "tune"), ("sweep", "trials")),
-    "train": ("tailorlm.train.stage:run", ("model", "data", "train", "tune"), ("ray", "ray_inputs.json")),
-    "export": ("tailorlm.export.stage:run", ("model", "data", "train", "tune", "export"), ()),
-    "serve": ("tailorlm.serving.stage:run", ("model", "data", "train", "tune", "export", "serve"), ()),
-}
 
 
 class StageUnavailable(RuntimeError):
     pass
 
 
-def stage_function(stage: str) -> Callable[..., dict[str, Any]]:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are: {', '.join(STAGES)}")
-    if stage not in STAGE_IMPLS:
-        raise StageUnavailable(f"stage '{stage}' is not implemented in this version of tailorlm yet")
-    module, func = STAGE_IMPLS[stage][0].split(":")
-    return getattr(importlib.import_module(module), func)
+def stage_record(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def stage_module(stage: Stage) -> ModuleType:
+    """The stage's module, imported only when it runs (so `tailorlm --help` stays free of torch)."""
+    return importlib.import_module(stage.module)
+
+
+def check_needs(stage: Stage, run_dir: RunDir) -> None:
+    """Every stage whose outputs this one reads has finished: one message for all of them."""
+    for need in stage.needs:
+        sdir = run_dir.stage(need)
+        if not sdir.is_complete():
+            raise StageUnavailable(f"{stage.name}: no finished {need} stage at {sdir.uri}; run `tailorlm {need}` "
+                                   f"first (or `tailorlm run`)")
 
 
 def with_tuned(cfg: PipelineConfig, run_dir: RunDir, echo: Callable[[str], None]) -> PipelineConfig:
     """The config with the finished sweep's winning overrides applied (the same override path)."""
     from tailorlm.config import apply_overrides, validate
-    from tailorlm.tune import best_overrides
+    from tailorlm.tune.stage import best_overrides
 
     best = best_overrides(run_dir)
     if best is None:
@@ -63,13 +67,15 @@ def run_stage(cfg: PipelineConfig, stage: str, force: bool = False, echo: Callab
 
     stage_uri writes the stage somewhere other than its run folder (ad-hoc `tailorlm data --output`).
     """
-    fn = stage_function(stage)
-    _, sections, resumable = STAGE_IMPLS[stage]
+    record = stage_record(stage)
     run_dir = RunDir.from_config(cfg)
+    if not stage_uri:  # an ad-hoc output (`tailorlm data --output`) reads no other stage
+        check_needs(record, run_dir)
     if stage == "train" and cfg.tune.enabled:
         cfg = with_tuned(cfg, run_dir, echo)
-    sdir = StageDir(stage_uri, stage, resumable) if stage_uri else run_dir.stage(stage, resumable=resumable)
-    inputs = cfg.section_hash("run", *sections)
+    fn = stage_module(record).run
+    sdir = StageDir(stage_uri, stage, record.keeps) if stage_uri else run_dir.stage(stage, resumable=record.keeps)
+    inputs = cfg.section_hash("run", *record.reads)
     marker = sdir.marker()
     if marker and not force:
         if marker.get("inputs") == inputs:
@@ -89,14 +95,23 @@ def run_stage(cfg: PipelineConfig, stage: str, force: bool = False, echo: Callab
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), echo: Callable[[str], None] = print) -> dict:
     """data -> tune (when enabled) -> train -> export -> serve, skipping finished stages."""
     results: dict[str, Any] = {}
-    for stage in STAGES:
+    for record in STAGES:
+        stage = record.name
         if not stage_enabled(cfg, stage):
             echo(f"[{stage}] disabled in config, skipping")
             continue
-        if stage not in STAGE_IMPLS:
-            echo(f"[{stage}] not implemented in this version yet, skipping")
-            results[stage] = {"status": "unavailable"}
-            continue
-        # serving is not an artifact: it always runs
-        results[stage] = run_stage(cfg, stage, force=stage in force or "all" in force or stage == "serve", echo=echo)
+        rerun = stage in force or "all" in force or record.always_runs
+        results[stage] = run_stage(cfg, stage, force=rerun, echo=echo)
     return results
+
+
+def recap(results: dict) -> str:
+    """The end of `tailorlm run`: one line per stage (its module's recap) and where it wrote."""
+    lines = ["", "=" * 72, "pipeline finished"]
+    for stage, marker in results.items():
+        summary = marker.get("summary")
+        what = stage_module(BY_NAME[stage]).recap(summary) if summary else marker.get("status", "")
+        lines.append(f"  {stage:7s} {what}")
+        if marker.get("outputs"):
+            lines.append(f"  {'':7s} -> {marker['outputs']}")
+    return "\n".join(lines)

@@ -94,7 +94,7 @@ def test_leaked_placement_group_is_released_and_used_ones_kept(ray_local):
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from tailorlm.tune import _release_leaked_placement_groups
+    from tailorlm.tune.placement import release_leaked_placement_groups
 
     @ray.remote(num_cpus=1)
     class Worker:
@@ -106,7 +106,7 @@ def test_leaked_placement_group_is_released_and_used_ones_kept(ray_local):
     ray.get([used.ready(), idle.ready(), tune_own.ready()])
     w = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     ray.get(w.ping.remote())
-    freed = _release_leaked_placement_groups(wait_s=0.5)  # (earlier tests may have left others)
+    freed = release_leaked_placement_groups(wait_s=0.5)  # (earlier tests may have left others)
     assert idle.id.hex() in freed and used.id.hex() not in freed and tune_own.id.hex() not in freed
     assert placement_group_table(idle)["state"] == "REMOVED"
     assert placement_group_table(used)["state"] == "CREATED"

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from tailorlm.cli import STAGE_HELP, main
+from tailorlm.cli import main
+from tailorlm.stages import NAMES
 
 
 def tailorlm(*args):
@@ -15,12 +16,12 @@ def tailorlm(*args):
 def test_top_level_help_lists_every_stage():
     out = tailorlm("--help")
     assert out.returncode == 0
-    for cmd in ["run", *STAGE_HELP, "config"]:
+    for cmd in ["run", *NAMES, "config"]:
         assert cmd in out.stdout
     assert "dotted.key=value" in out.stdout
 
 
-@pytest.mark.parametrize("stage", list(STAGE_HELP))
+@pytest.mark.parametrize("stage", NAMES)
 def test_stage_help(stage, capsys):
     with pytest.raises(SystemExit) as exc:
         main([stage, "--help"])
@@ -42,7 +43,7 @@ def test_config_prints_resolved_yaml():
 
 def test_recap_names_the_metric_the_sweep_ranked_by():
     """tune.metric=eval_ppl crashed the final recap, which read the summary under eval_loss."""
-    from tailorlm.cli import recap
+    from tailorlm.pipeline import recap
 
     marker = {"summary": {"best_overrides": {"train.lr": 1e-3}, "metric": "eval_ppl", "eval_ppl": 12.5,
                           "trials": 3, "stopped_early": 1}}

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tailorlm.config import load_config
-from tailorlm.pipeline import STAGE_IMPLS, run_stage
+from tailorlm.pipeline import run_stage
+from tailorlm.stages import BY_NAME
 from tailorlm.runs import COMPLETE, FAILED, RunDir
 
 
@@ -66,7 +67,9 @@ def counting_stage(monkeypatch):
     mod = types.ModuleType("tlm_fake_stage")
     mod.run = fake_run
     monkeypatch.setitem(sys.modules, "tlm_fake_stage", mod)
-    monkeypatch.setitem(STAGE_IMPLS, "data", ("tlm_fake_stage:run", ("data",), ()))
+    import dataclasses
+
+    monkeypatch.setitem(BY_NAME, "data", dataclasses.replace(BY_NAME["data"], module="tlm_fake_stage"))
     return calls
 
 

@@ -15,7 +15,7 @@ def test_search_space_shapes_are_validated():
 
 
 def test_bad_keys_and_values_fail_before_any_trial():
-    from tailorlm.tune import check_space
+    from tailorlm.tune.stage import check_space
 
     with pytest.raises(ConfigError, match="train.lrr"):
         check_space(load_config(None, ["tune.search_space={train.lrr: {choice: [0.1]}}"]))
@@ -28,7 +28,7 @@ def test_bad_keys_and_values_fail_before_any_trial():
 def test_space_maps_to_tune_domains():
     from ray import tune
 
-    from tailorlm.tune import search_space, trial_config
+    from tailorlm.tune.stage import search_space, trial_config
 
     cfg = load_config(None, ["tune.searcher=grid", "tune.search_space={train.lora.r: {choice: [8, 16]}}"])
     assert search_space(cfg) == {"train.lora.r": tune.grid_search([8, 16])}

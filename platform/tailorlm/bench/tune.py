@@ -66,7 +66,7 @@ def to_reach(events: list[dict], target: float) -> tuple[int, float] | None:
 
 def run_one(root: Path, scheduler: str, args) -> dict:
     from tailorlm.runs import StageDir
-    from tailorlm.tune import run_sweep
+    from tailorlm.tune.stage import run_sweep
 
     cfg = sweep_cfg(root, scheduler, args)
     sdir = StageDir(str(root / f"tune-{scheduler}"), "tune")

@@ -105,9 +105,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     from tailorlm.data.splits import splits_rows
 
     ec = cfg.export
-    train, data = run_dir.stage("train"), run_dir.stage("data")
-    if not train.is_complete():
-        raise FileNotFoundError(f"export: no finished train stage at {train.uri}; run `tailorlm train` first")
+    train, data = run_dir.stage("train"), run_dir.stage("data")  # finished: the pipeline checks needs
     version = next_version(run_dir)
     rows = splits_rows(data.sub("kept"))
     variants: dict[str, dict[str, Any]] = {}
@@ -155,3 +153,9 @@ def summary(variants: dict[str, dict], version: str) -> str:
         lines.append(f"{name:<8}{v['perplexity']:>12.3f}{v.get('ppl_increase', 0):>+9.1%}"
                      f"{v['greedy_agreement']:>14.1%}{v['size_bytes'] / 1e6:>9.2f}  {v['status']}")
     return "\n".join(lines)
+
+
+def recap(s: dict[str, Any]) -> str:
+    """One line for the end of `tailorlm run`."""
+    return f"version {s['version']}: " + ", ".join(f"{k} ppl {s['perplexity'][k]:.2f} ({v})"
+                                                 for k, v in s["variants"].items())

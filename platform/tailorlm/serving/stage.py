@@ -122,3 +122,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             serve.delete(APP_NAME)  # graceful: Serve drains in-flight requests before replicas stop
             serve.shutdown()
     return {"url": url, "models": list(models), "answer": answer["answer"]}
+
+
+def recap(s: dict[str, Any]) -> str:
+    """One line for the end of `tailorlm run`."""
+    return f"{s['url']} answered: {s['answer']!r}"

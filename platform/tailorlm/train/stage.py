@@ -76,9 +76,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     from tailorlm.train.loop import write_history
 
     tc = cfg.train
-    data = run_dir.stage("data")
-    if not data.is_complete():
-        raise FileNotFoundError(f"train: no finished data stage at {data.uri}; run `tailorlm data` first")
+    data = run_dir.stage("data")  # finished: the pipeline checks a stage's needs (stages.py)
     # checkpoints from a run with other inputs must not be resumed
     inputs = cfg.section_hash("run", "model", "data", "train")
     stale = sdir.fs.exists(sdir.sub("ray_inputs.json")) and sdir.read_json("ray_inputs.json")["inputs"] != inputs
@@ -141,3 +139,9 @@ def summary(report: dict) -> str:
     for s in a.get("samples", [])[:3]:
         lines.append(f"Q: {s['prompt']}\n   reference: {s['reference']}\n   finetuned: {s['answer']}")
     return "\n".join(lines)
+
+
+def recap(s: dict[str, Any]) -> str:
+    """One line for the end of `tailorlm run`."""
+    f1 = f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}" if s.get("f1") is not None else ""
+    return f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> {s['perplexity']:.1f}{f1}"

@@ -20,6 +20,7 @@ import yaml
 
 from tailorlm.config import PipelineConfig, apply_overrides, validate
 from tailorlm.runs import RunDir, StageDir
+from tailorlm.tune.placement import cleanup_callback
 
 SWEEP = "sweep"
 
@@ -96,74 +97,6 @@ def make_searcher(cfg: PipelineConfig):
     except ImportError as exc:  # optuna missing
         raise ValueError("tune.searcher: optuna needs the optuna package: pip install 'tailorlm[optuna]'") from exc
     return OptunaSearch(seed=cfg.run.seed)
-
-
-def _reserves_compute(bundle: dict) -> bool:
-    res = bundle.get("unit_resources", bundle)
-    return any(res.get(k, 0) > 0 for k in ("CPU", "GPU"))
-
-
-LIST_LIMIT = 10_000  # the State API server's maximum
-
-
-def _release_leaked_placement_groups(wait_s: float = 2.0) -> list[str]:
-    """Remove placement groups that no actor uses, seen twice wait_s apart; returns their ids.
-
-    When Tune stops a trial while its TorchTrainer is shutting down (Train has already stopped its
-    PlacementGroupCleaner), the trainer's placement group outlives it: Ray removes a non-detached
-    group only once its creator actor and its job are both gone, and the job is this sweep. Left
-    there, it holds the workers' CPUs and the next trial waits forever.
-    """
-    import time
-
-    import ray
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup
-    from ray.util.state import list_actors, list_placement_groups
-
-    def idle() -> set[str]:
-        # only groups that reserve CPUs or GPUs (trainer workers); Tune's own trial-driver groups
-        # reserve neither (see run_sweep) and are left to Tune
-        # filtered on the server and with a high limit: the default (100) returned dead actors of
-        # earlier trials first, so a group whose live actor fell past it looked unused
-        groups = {g.placement_group_id for g in list_placement_groups(
-            filters=[("state", "=", "CREATED")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
-            if not g.is_detached and any(_reserves_compute(b) for b in g.bundles or [])}
-        used = {a.placement_group_id for a in list_actors(
-            filters=[("state", "!=", "DEAD")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
-            if a.placement_group_id}
-        return groups - used
-
-    leaked = idle()
-    if leaked:
-        time.sleep(wait_s)
-        leaked &= idle()
-    for pg_id in leaked:
-        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
-    return sorted(leaked)
-
-
-def cleanup_callback():
-    """A Tune callback: after each trial ends, free placement groups its trainer left behind."""
-    from ray.tune import Callback
-
-    class ReleaseLeakedPlacementGroups(Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release()
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._release()
-
-        def _release(self) -> None:
-            try:
-                freed = _release_leaked_placement_groups()
-            except Exception as exc:  # the State API is best effort; never fail a sweep over cleanup
-                print(f"[tune] could not check for leaked placement groups: {exc}")
-                return
-            if freed:
-                print(f"[tune] released {len(freed)} placement group(s) a stopped trial left behind")
-
-    return ReleaseLeakedPlacementGroups()
 
 
 def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
@@ -281,9 +214,7 @@ def plot_trials(results, metric: str, path: str) -> None:
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import tempfile
 
-    data = run_dir.stage("data")
-    if not data.is_complete():
-        raise FileNotFoundError(f"tune: no finished data stage at {data.uri}; run `tailorlm data` first")
+    data = run_dir.stage("data")  # finished: the pipeline checks a stage's needs (stages.py)
     if not cfg.tune.search_space:
         raise ValueError("tune.search_space is empty: give at least one dotted key, e.g. "
                          "train.lr: {loguniform: [1.0e-5, 1.0e-3]}")
@@ -320,3 +251,10 @@ def best_overrides(run_dir: RunDir) -> dict[str, Any] | None:
         return None
     with sdir.open("best.yaml") as fh:
         return yaml.safe_load(fh)["overrides"]
+
+
+def recap(s: dict[str, Any]) -> str:
+    """One line for the end of `tailorlm run`."""
+    metric = s.get("metric", "eval_loss")  # markers written before tune summaries named their metric
+    return (f"best of {s['trials']} trials: {s['best_overrides']} ({metric} {s[metric]:.3f}; "
+            f"{s['stopped_early']} stopped early by the scheduler)")
