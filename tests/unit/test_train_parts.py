@@ -66,3 +66,28 @@ def test_pack_and_collate():
     b = collate({"input_ids": [p[0] for p in packed], "labels": [p[1] for p in packed]}, pad_id=0)
     assert b["input_ids"].shape == (2, 5) and b["labels"][1, 4].item() == IGNORE
     assert b["attention_mask"].sum().item() == 9
+
+
+def test_token_loss_is_the_mean_over_learned_tokens():
+    """The one evaluation loss (train report, export gate): a token-weighted mean, not a mean of rows."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tailorlm.train.evaluate import perplexity, token_loss
+    from tailorlm.train.formats import IGNORE
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    rows = [([1, 2, 3, 4, 5], [IGNORE, IGNORE, 3, 4, 5]), ([6, 7, 8], [IGNORE, 7, 8]), ([9, 10], [IGNORE, IGNORE])]
+    loss, n = token_loss(model, rows)
+    losses = []
+    with torch.no_grad():
+        for ids, labels in rows:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            keep = target != IGNORE
+            losses += F.cross_entropy(logits[keep], target[keep], reduction="none").tolist()
+    assert n == 5 == len(losses)
+    assert abs(loss - sum(losses) / len(losses)) < 1e-5 and abs(perplexity(loss) - torch.tensor(loss).exp()) < 1e-3

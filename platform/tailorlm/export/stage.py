@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import tempfile
 from typing import Any
@@ -50,7 +49,8 @@ def compare_variants(ref_dir: str, variants: dict[str, str], rows: list[dict], m
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from tailorlm.models import load_tokenizer
-    from tailorlm.train.formats import IGNORE, encode_sft, encode_text
+    from tailorlm.train.evaluate import perplexity, token_loss
+    from tailorlm.train.formats import encode_sft, encode_text
 
     tok = load_tokenizer(ref_dir)
     encoded, prompts = [], []
@@ -64,16 +64,11 @@ def compare_variants(ref_dir: str, variants: dict[str, str], rows: list[dict], m
     def run(path: str, quantized: bool):
         kw = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-        loss, n = 0.0, 0
+        loss, _ = token_loss(model, encoded)
         with torch.no_grad():
-            for ids, labels in encoded:
-                k = sum(l != IGNORE for l in labels[1:])
-                if k:
-                    loss += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * k
-                    n += k
             gens = [model.generate(**p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id)[0, p["input_ids"].shape[1]:] for p in prompts]
-        return math.exp(min(loss / max(1, n), 50)), gens
+        return perplexity(loss), gens
 
     ref_ppl, ref_gen = run(ref_dir, quantized=False)
     out = {"bf16": {"perplexity": ref_ppl, "greedy_agreement": 1.0}}

@@ -8,8 +8,6 @@ which keeps the best k by eval loss and hands the latest back after a failure or
 from __future__ import annotations
 
 import json
-import math
-import os
 import resource
 import tempfile
 import time
@@ -60,6 +58,7 @@ def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
+    from tailorlm.train.evaluate import perplexity
     from tailorlm.train.formats import IGNORE, collate
 
     engine.eval()
@@ -76,7 +75,7 @@ def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
         dist.all_reduce(t)
         sums = t.cpu()
     loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(sums[1].item())}
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(sums[1].item())}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
