@@ -226,6 +226,21 @@ class TrainConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- tune
+DIMENSION_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class Dimension(BaseModel):
+    """One axis of the search space: `train.lr: {loguniform: [1.0e-4, 3.0e-3]}` parsed once."""
+    model_config = ConfigDict(frozen=True)
+    key: str  # a dotted config key, applied through the same override path as the CLI
+    kind: Literal["loguniform", "uniform", "randint", "choice", "grid"]
+    values: tuple[Any, ...]  # [low, high] for the ranges, the options for choice and grid
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == "grid"
+
+
 class TuneConfig(Strict):
     enabled: bool = False
     num_samples: int = Field(8, ge=1)
@@ -242,20 +257,25 @@ class TuneConfig(Strict):
         default_factory=dict, description="dotted key -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | "
         "{choice: [...]} | {grid: [...]}")
 
+    def dimensions(self) -> list[Dimension]:
+        """The search space as typed axes (validated when the config is)."""
+        return [Dimension(key=key, kind=kind, values=tuple(values))
+                for key, spec in self.search_space.items() for kind, values in spec.items()]
+
     @model_validator(mode="after")
     def _check_space(self) -> "TuneConfig":
-        kinds = {"loguniform", "uniform", "randint", "choice", "grid"}
         for key, spec in self.search_space.items():
-            if len(spec) != 1 or next(iter(spec)) not in kinds:
-                raise ValueError(f"search_space.{key}: expected one of {sorted(kinds)} with its values, got {spec}")
-            kind, values = next(iter(spec.items()))
+            if len(spec) != 1 or next(iter(spec)) not in DIMENSION_KINDS:
+                raise ValueError(f"search_space.{key}: expected one of {list(DIMENSION_KINDS)} with its values, "
+                                 f"got {spec}")
+            (kind, values), = spec.items()
             if not isinstance(values, list) or not values:
                 raise ValueError(f"search_space.{key}.{kind}: expected a non-empty list, got {values!r}")
             if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
                 raise ValueError(f"search_space.{key}.{kind}: expected [low, high], got {values!r}")
         if self.mode != "min":
             raise ValueError(f"mode: {self.metric} is a loss: lower is better, so mode must be min")
-        if self.searcher == "grid" and any(next(iter(s)) not in ("grid", "choice") for s in self.search_space.values()):
+        if self.searcher == "grid" and any(d.kind not in ("grid", "choice") for d in self.dimensions()):
             raise ValueError("searcher: grid needs every search_space entry to be a grid or choice list")
         return self
 

@@ -29,13 +29,13 @@ def search_space(cfg: PipelineConfig) -> dict[str, Any]:
     from ray import tune
 
     space = {}
-    for key, spec in cfg.tune.search_space.items():
-        kind, values = next(iter(spec.items()))
-        space[key] = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
-                      "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice,
-                      "grid": tune.grid_search}[kind](values)
-        if cfg.tune.searcher == "grid" and kind == "choice":
-            space[key] = tune.grid_search(values)
+    for d in cfg.tune.dimensions():
+        values = list(d.values)
+        space[d.key] = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+                        "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice,
+                        "grid": tune.grid_search}[d.kind](values)
+        if cfg.tune.searcher == "grid" and d.kind == "choice":
+            space[d.key] = tune.grid_search(values)
     return space
 
 
@@ -43,9 +43,9 @@ def check_space(cfg: PipelineConfig) -> None:
     """Apply every listed value (and both range ends) through the override path, so a bad key or
     value fails before any trial starts."""
     base = cfg.to_dict()
-    for key, spec in cfg.tune.search_space.items():
-        for value in next(iter(spec.values())):
-            validate(apply_overrides(base, {key: value}))
+    for d in cfg.tune.dimensions():
+        for value in d.values:
+            validate(apply_overrides(base, {d.key: value}))
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> PipelineConfig:
@@ -156,10 +156,9 @@ def expected_trials(cfg: PipelineConfig) -> int:
     """Trials a full sweep runs: num_samples (1 for grid) times the size of every grid axis."""
     t = cfg.tune
     n = 1 if t.searcher == "grid" else t.num_samples
-    for spec in t.search_space.values():
-        kind, values = next(iter(spec.items()))
-        if kind == "grid" or (t.searcher == "grid" and kind == "choice"):
-            n *= len(values)
+    for d in t.dimensions():
+        if d.is_grid or (t.searcher == "grid" and d.kind == "choice"):
+            n *= len(d.values)
     return n
 
 
