@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tailorlm.cluster import init_ray
         from tailorlm.serving.keys import take_from_env
 
-        take_from_env(cfg.serve.api_keys_env)  # before Ray starts: its workers would inherit the keys
+        take_from_env(cfg.serve.guard.api_keys_env)  # before Ray starts: its workers would inherit the keys
         init_ray(args.address)
         if args.command == "run":
             results = run_pipeline(cfg, force=tuple(args.force))

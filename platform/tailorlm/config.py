@@ -291,59 +291,101 @@ class ExportConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- serve
-class ServeConfig(Strict):
-    model_id: str = "demo"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    api_keys_env: str = "TAILORLM_API_KEYS"
+class GuardConfig(Strict):
+    """serve.guard: who may call the endpoint, what one request may cost, what it may say."""
+    api_keys_env: str = Field("TAILORLM_API_KEYS", description="environment variable with comma-separated API "
+                              "keys; read by the CLI before Ray starts, never passed to Ray workers")
     api_keys: list[str] = Field(default_factory=list, description="prefer api_keys_env; never logged")
     require_api_key: bool | None = Field(None, description="default: required when host is not localhost")
-    variants: list[Literal["bf16", "w8a8", "w4a16", "fp8"]] = Field(
-        default_factory=lambda: ["bf16"], description="exported variants to host; the first is model_id, "
-        "the others model_id-<variant>")
+    allow_ips: list[str] = Field(default_factory=list, description="client address CIDRs allowed (checked before "
+                                 "the key); empty: any address")
     rate_limit_per_minute: int = Field(600, ge=1, description="requests per minute per API key (else per address)")
     tokens_per_minute: int = Field(200_000, ge=1, description="token budget per minute per API key: each request "
                                    "is charged its worst-case cost, prompt tokens + prompts x n x max output tokens")
-    auth_failures_per_minute: int = Field(20, ge=1, description="wrong or missing keys one client address may send "
+    auth_failures_per_minute: int = Field(20, ge=1, description="wrong API keys one client address may send "
                                           "per minute; beyond, 429 with Retry-After before any key is compared")
-    allow_ips: list[str] = Field(default_factory=list, description="client address CIDRs allowed (checked before "
-                                 "the key); empty: any address")
+    max_tokens_cap: int = Field(512, ge=1, description="cap on each output-length field (max_tokens, "
+                                "max_completion_tokens); a request that sets none gets it")
     max_n: int = Field(4, ge=1, le=128, description="most choices (n) per request")
     max_prompts: int = Field(8, ge=1, description="most prompts in one /v1/completions request")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_json_depth: int = Field(32, ge=4, le=256, description="deepest nesting of a request body")
     body_timeout_s: float = Field(10, gt=0, description="a request body not received within this time gets 408")
-    openapi_schema: bool = Field(False, description="serve /openapi.json (the allow-listed routes only, behind "
-                                 "the key); vLLM's /docs and its own schema are never served")
     blocklist: list[str] = Field(default_factory=list, description="regexes; a matching prompt is rejected (400)")
     response_blocklist: list[str] = Field(default_factory=list, description="regexes; a matching answer is "
                                           "withheld (content_filter error; streams end at the match)")
-    ab_split: dict[str, float] = Field(default_factory=dict, description="A/B test: requests for model_id go to "
-                                       "these hosted models by weight, e.g. {demo: 0.9, demo-w4a16: 0.1}")
-    ab_sticky: bool = Field(True, description="A/B: a client (API key, else address) always gets the same model")
-    max_queued_requests: int = Field(64, ge=1, description="requests per replica waiting beside the running ones; "
-                                     "beyond both, 503 with Retry-After at once")
-    max_tokens_cap: int = Field(512, ge=1)
-    max_request_bytes: int = Field(1_000_000, ge=1024)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: int = Field(8, ge=1)
-    use_gpu: bool = False
-    max_model_len: int = Field(1024, ge=64)
+    openapi_schema: bool = Field(False, description="serve /openapi.json (the allow-listed routes only, behind "
+                                 "the key); vLLM's /docs and its own schema are never served")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GuardConfig":
+        for cidr in self.allow_ips:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allow_ips: {cidr!r} is not an IP address or CIDR: {exc}") from exc
+        for pattern in self.blocklist + self.response_blocklist:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"blocklist: invalid regex {pattern!r}: {exc}") from exc
+        return self
+
+
+class AbConfig(Strict):
+    """serve.ab: an A/B split of requests for serve.model_id between hosted models."""
+    split: dict[str, float] = Field(default_factory=dict, description="hosted model -> weight, e.g. {demo: 0.9, "
+                                    "demo-w4a16: 0.1}; empty: no split")
+    sticky: bool = Field(True, description="a client (API key, else address) always gets the same model")
+
+
+class EngineConfig(Strict):
+    """serve.engine: how vLLM runs each hosted model."""
+    max_model_len: int = Field(1024, ge=64, description="context length (prompt + output tokens)")
+    use_gpu: bool = Field(False, description="one GPU per hosted model")
     memory_utilization: float | None = Field(
         None, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
         "default: 0.9 on GPU, 0.15 on CPU")
-    keep_serving: bool = False
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank among serve.lora_adapters")
+    args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: further `vllm serve` flags, "
+                                 "e.g. {enable-prefix-caching: true}")
+
+    def dtype(self) -> str:
+        return "auto" if self.use_gpu else "bfloat16"
+
+    def memory_share(self) -> float:
+        """vLLM's gpu_memory_utilization; on CPU vLLM reads it as the share of RAM to reserve (its
+        default, 0.92, is a whole machine)."""
+        return self.memory_utilization or (0.9 if self.use_gpu else 0.15)
+
+
+class ReplicasConfig(Strict):
+    """serve.replicas: how many replicas, and how much each takes on."""
+    min: int = Field(1, ge=0, description="fewest replicas the autoscaler keeps")
+    max: int = Field(1, ge=1, description="most replicas; more than 1 needs Serve's proxy (no direct ingress)")
+    target_ongoing_requests: int = Field(8, ge=1, description="the autoscaler's target per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica's engine runs at once (the guard "
+                                      "admits this + max_queued_requests)")
+    max_queued_requests: int = Field(64, ge=1, description="requests per replica waiting beside the running ones; "
+                                     "beyond both, 503 with Retry-After at once")
+    cpus: float = Field(1, ge=0, description="CPUs each replica reserves (backend vllm; vLLM's engine process "
+                        "runs beside it)")
+
+
+class ServeConfig(Strict):
+    model_id: str = Field("demo", description="the name clients ask for (the first variant)")
+    host: str = Field("127.0.0.1", description="address to bind; beyond localhost, API keys become mandatory")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the endpoint")
+    variants: list[Literal["bf16", "w8a8", "w4a16", "fp8"]] = Field(
+        default_factory=lambda: ["bf16"], description="exported variants to host; the first is model_id, "
+        "the others model_id-<variant>")
+    keep_serving: bool = Field(False, description="true: serve until interrupted; false: answer the sample "
+                               "request and shut down")
     backend: Literal["vllm", "ray_llm"] = Field(
         "vllm", description="vllm: one replica runs vLLM's OpenAI app around AsyncLLM (fastest; local LoRA "
         "adapters); ray_llm: ray.serve.llm (engines spread over several GPUs)")
-    replica_cpus: float = Field(1, ge=0, description="CPUs each replica reserves (backend vllm)")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica runs at once (backend vllm); "
-                                      "more wait in its queue, up to max_queued_requests")
     lora_adapters: dict[str, str] = Field(default_factory=dict, description="backend vllm: LoRA adapters served "
                                           "on model_id, as {name: local peft folder}; addressed by name")
-    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank among lora_adapters")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: further `vllm serve` "
-                                        "flags, e.g. {enable-prefix-caching: true}")
     stream_batching_ms: float = Field(0, ge=0, description="streamed chunks that come faster than one per "
                                       "this many ms leave the replica merged (fewer messages through the Ray "
                                       "Serve proxy); backend vllm sends the first chunks and any after a pause "
@@ -357,55 +399,41 @@ class ServeConfig(Strict):
     direct_ingress: bool | None = Field(
         None, description="the replica answers HTTP on serve.port itself, without the hop through Ray "
         "Serve's proxy (Ray's direct ingress; `tailorlm serve` only, the proxy moves to port + 1); null: on "
-        "for backend vllm with max_replicas 1, the only case where no proxy is needed to spread load")
+        "for backend vllm with replicas.max 1, the only case where no proxy is needed to spread load")
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    ab: AbConfig = Field(default_factory=AbConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
 
     def guard_capacity(self) -> int:
         """Requests the guard admits into one replica at once: those the engine runs plus those it
         queues. Beyond, it answers 503 with Retry-After at once (Ray Serve's own limits are set
         above this, so its text/plain 503 never comes first)."""
-        return self.max_ongoing_requests + self.max_queued_requests
+        return self.replicas.max_ongoing_requests + self.replicas.max_queued_requests
 
     def uses_direct_ingress(self) -> bool:
         if self.direct_ingress is not None:
             return self.direct_ingress
-        return self.backend == "vllm" and self.max_replicas == 1
-
-    def engine_dtype(self) -> str:
-        return "auto" if self.use_gpu else "bfloat16"
-
-    def engine_memory_utilization(self) -> float:
-        """vLLM's gpu_memory_utilization; on CPU vLLM reads it as the share of RAM to reserve (its
-        default, 0.92, is a whole machine)."""
-        return self.memory_utilization or (0.9 if self.use_gpu else 0.15)
+        return self.backend == "vllm" and self.replicas.max == 1
 
     def hosted_ids(self) -> list[str]:
         """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""
         return [self.model_id] + [f"{self.model_id}-{v}" for v in self.variants[1:]]
 
     @model_validator(mode="after")
-    def _check_ab(self) -> "ServeConfig":
-        for model, weight in self.ab_split.items():
+    def _check(self) -> "ServeConfig":
+        for model, weight in self.ab.split.items():
             if model not in self.hosted_ids():
-                raise ValueError(f"ab_split: {model!r} is not a hosted model; hosted: {self.hosted_ids()} "
+                raise ValueError(f"ab.split: {model!r} is not a hosted model; hosted: {self.hosted_ids()} "
                                  f"(add its variant to serve.variants)")
             if weight <= 0:
-                raise ValueError(f"ab_split.{model}: weight must be > 0, got {weight}")
-        for cidr in self.allow_ips:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"allow_ips: {cidr!r} is not an IP address or CIDR: {exc}") from exc
-        for pattern in self.blocklist + self.response_blocklist:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"blocklist: invalid regex {pattern!r}: {exc}") from exc
+                raise ValueError(f"ab.split.{model}: weight must be > 0, got {weight}")
         if self.lora_adapters and self.backend != "vllm":
             raise ValueError("lora_adapters: local adapters need serve.backend=vllm (ray.serve.llm loads "
                              "adapters from s3/gs/azure only)")
-        if self.direct_ingress and (self.backend != "vllm" or self.max_replicas > 1):
-            raise ValueError(f"direct_ingress: true needs serve.backend=vllm and serve.max_replicas=1 (got "
-                             f"{self.backend} and {self.max_replicas}): several replicas need the proxy to "
+        if self.direct_ingress and (self.backend != "vllm" or self.replicas.max > 1):
+            raise ValueError(f"direct_ingress: true needs serve.backend=vllm and serve.replicas.max=1 (got "
+                             f"{self.backend} and {self.replicas.max}): several replicas need the proxy to "
                              "spread requests; set direct_ingress: false")
         return self
 

@@ -40,10 +40,10 @@ def served(ray_local, tiny_model_path, tmp_path_factory):
     os.environ["TAILORLM_API_KEYS"] = "test-key"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     adapter = make_adapter(tiny_model_path, tmp_path_factory.mktemp("adapter"))
-    cfg = load_config(None, [f"serve.port={PORT}", "serve.require_api_key=true", "serve.max_model_len=1024",
-                             f"serve.max_tokens_cap={CAP}", "serve.model_id=tiny", "serve.openapi_schema=true",
-                             "serve.max_n=2", "serve.max_prompts=2", "serve.max_ongoing_requests=4",
-                             "serve.max_queued_requests=4", "serve.blocklist=['forbidden-word']",
+    cfg = load_config(None, [f"serve.port={PORT}", "serve.guard.require_api_key=true", "serve.engine.max_model_len=1024",
+                             f"serve.guard.max_tokens_cap={CAP}", "serve.model_id=tiny", "serve.guard.openapi_schema=true",
+                             "serve.guard.max_n=2", "serve.guard.max_prompts=2", "serve.replicas.max_ongoing_requests=4",
+                             "serve.replicas.max_queued_requests=4", "serve.guard.blocklist=['forbidden-word']",
                              f"serve.lora_adapters={{tiny-lora: {adapter}}}"])
     start(cfg, {"tiny": tiny_model_path, "tiny-b": tiny_model_path})
     first = sample_chat(cfg, "tiny", timeout_s=600)
@@ -145,7 +145,7 @@ def test_every_route_vllm_mounts_is_denied_unless_allow_listed(served):
     only with a key; the rest is 404 with an OpenAI error, with or without one."""
     from tailorlm.serving.routes import ROUTES
 
-    allowed = {(r.method, r.path) for r in ROUTES} | {("GET", "/openapi.json")}  # serve.openapi_schema: on here
+    allowed = {(r.method, r.path) for r in ROUTES} | {("GET", "/openapi.json")}  # serve.guard.openapi_schema: on here
     routes = _handle().vllm_routes.remote().result()
     assert len(routes) > 10 and any(p == "/invocations" for p, _ in routes)  # the app we meant
     bodies = {"/v1/completions": {"model": "tiny", "prompt": "x", "max_tokens": 2}}

@@ -20,8 +20,8 @@ def test_ray_llm_backend_chats_streams_and_guards(ray_local, tiny_model_path):
 
     os.environ["TAILORLM_API_KEYS"] = "test-key"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cfg = load_config(None, [f"serve.port={PORT}", "serve.require_api_key=true", "serve.max_model_len=256",
-                             "serve.max_tokens_cap=32", "serve.model_id=tiny", "serve.backend=ray_llm"])
+    cfg = load_config(None, [f"serve.port={PORT}", "serve.guard.require_api_key=true", "serve.engine.max_model_len=256",
+                             "serve.guard.max_tokens_cap=32", "serve.model_id=tiny", "serve.backend=ray_llm"])
     start(cfg, {"tiny": tiny_model_path})
     try:
         first = sample_chat(cfg, "tiny", timeout_s=600)

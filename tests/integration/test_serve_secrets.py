@@ -42,7 +42,7 @@ for proc in psutil.process_iter():
         pass
 print(json.dumps({"other_job": other.stdout.strip().splitlines()[-1:] , "other_rc": other.returncode,
                   "other_err": other.stderr[-2000:], "own_task": mine, "leaks": leaks, "metrics_bind": metrics_bind,
-                  "driver_keys": read_keys(load_config(None).serve)}))
+                  "driver_keys": read_keys(load_config(None).serve.guard)}))
 ray.shutdown()
 """
 

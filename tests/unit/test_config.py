@@ -94,13 +94,13 @@ def test_cross_field_rules():
         load_config(None, ["train.deepspeed.offload_params=true", "train.deepspeed.stage=2"])
     with pytest.raises(ConfigError, match="exceeds num_perm"):
         load_config(None, ["data.dedup.near.bands=32", "data.dedup.near.rows=8"])
-    with pytest.raises(ConfigError, match="direct_ingress: true needs serve.backend=vllm and serve.max_replicas=1"):
-        load_config(None, ["serve.direct_ingress=true", "serve.max_replicas=2"])
+    with pytest.raises(ConfigError, match="direct_ingress: true needs serve.backend=vllm and serve.replicas.max=1"):
+        load_config(None, ["serve.direct_ingress=true", "serve.replicas.max=2"])
 
 
 def test_direct_ingress_default_follows_backend_and_replicas():
     assert load_config(None).serve.uses_direct_ingress()
-    assert not load_config(None, ["serve.max_replicas=3"]).serve.uses_direct_ingress()
+    assert not load_config(None, ["serve.replicas.max=3"]).serve.uses_direct_ingress()
     assert not load_config(None, ["serve.backend=ray_llm"]).serve.uses_direct_ingress()
     assert not load_config(None, ["serve.direct_ingress=false"]).serve.uses_direct_ingress()
 

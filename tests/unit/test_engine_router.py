@@ -53,7 +53,7 @@ async def test_router_sends_each_model_and_adapter_to_its_app():
 
 
 def test_vllm_argv_matches_config_and_engine_args():
-    sc = load_config(None, ["serve.max_model_len=256", "serve.engine_args={enable-prefix-caching: true, "
+    sc = load_config(None, ["serve.engine.max_model_len=256", "serve.engine.args={enable-prefix-caching: true, "
                             "max-num-seqs: 8, enforce-eager: false}"]).serve
     argv = vllm_argv(sc, "m", "/models/m", {"ad": "/ad"})
     assert argv[:4] == ["--model", "/models/m", "--served-model-name", "m"]

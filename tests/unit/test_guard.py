@@ -41,7 +41,7 @@ async def test_non_openai_error_bodies_are_rewritten():
 
 
 def client(**overrides) -> httpx.AsyncClient:
-    sc = load_config(None, [f"serve.{k}={v}" for k, v in overrides.items()]).serve
+    sc = load_config(None, [f"serve.{'' if k == 'host' else 'guard.'}{k}={v}" for k, v in overrides.items()]).serve
     app = Guard(echo_app, GuardSettings.from_config(sc))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
@@ -112,8 +112,8 @@ def _settings(*overrides):
 @pytest.mark.anyio
 async def test_ab_split_routes_by_weight_and_sticks_per_key():
     SEEN.clear()
-    split = "serve.ab_split={demo: 3, demo-w4a16: 1}"
-    app = Guard(echo_app, _settings(split, "serve.ab_sticky=false"))
+    split = "serve.ab.split={demo: 3, demo-w4a16: 1}"
+    app = Guard(echo_app, _settings(split, "serve.ab.sticky=false"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for _ in range(200):
             assert (await c.post("/v1/completions", json={"model": "demo", "prompt": "hi"})).status_code == 200
@@ -123,7 +123,7 @@ async def test_ab_split_routes_by_weight_and_sticks_per_key():
     assert SEEN[200]["model"] == "demo-w4a16"
 
     SEEN.clear()
-    app = Guard(echo_app, _settings(split, "serve.api_keys=[k1,k2,k3,k4,k5,k6]"))
+    app = Guard(echo_app, _settings(split, "serve.guard.api_keys=[k1,k2,k3,k4,k5,k6]"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for key in ["k1", "k2", "k3", "k4", "k5", "k6"] * 5:
             await c.post("/v1/completions", json={"model": "demo", "prompt": "hi"},
@@ -138,7 +138,7 @@ def test_ab_split_must_name_hosted_models():
     from tailorlm.config import ConfigError
 
     with pytest.raises(ConfigError, match="not a hosted model"):
-        load_config(None, ["serve.ab_split={demo-fp8: 1}"])
+        load_config(None, ["serve.ab.split={demo-fp8: 1}"])
 
 
 def _answer_app(text: str, stream: bool):
@@ -159,7 +159,7 @@ def _answer_app(text: str, stream: bool):
 
 @pytest.mark.anyio
 async def test_response_filter_blocks_answers_and_cuts_streams():
-    s = _settings("serve.response_blocklist=['secret\\s+plan']")
+    s = _settings("serve.guard.response_blocklist=['secret\\s+plan']")
     req = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
             "the secret  plan is here", False), s)), base_url="http://t") as c:

@@ -21,7 +21,7 @@ def anyio_backend():
 
 
 def settings(*overrides) -> GuardSettings:
-    return GuardSettings.from_config(load_config(None, ["serve.api_keys=[k1]", "serve.host=0.0.0.0",
+    return GuardSettings.from_config(load_config(None, ["serve.guard.api_keys=[k1]", "serve.host=0.0.0.0",
                                                         *overrides]).serve)
 
 
@@ -72,7 +72,7 @@ async def test_content_length_with_a_non_ascii_digit_is_400_not_500():
 
 @pytest.mark.anyio
 async def test_cyrillic_look_alike_letter_is_caught():
-    async with client(OK, "serve.blocklist=['secret']") as c:
+    async with client(OK, "serve.guard.blocklist=['secret']") as c:
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "se\u0441ret"})
     assert r.status_code == 400
 
@@ -86,7 +86,7 @@ async def test_cyrillic_look_alike_letter_is_caught():
 ])
 async def test_a_phrase_split_across_content_parts_is_caught(parts, pattern):
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}]}
-    async with client(OK, f"serve.blocklist=[{json.dumps(pattern)}]") as c:
+    async with client(OK, f"serve.guard.blocklist=[{json.dumps(pattern)}]") as c:
         r = await c.post("/v1/chat/completions", headers=KEY, json=body)
     assert r.status_code == 400
 
@@ -102,7 +102,7 @@ async def test_blocked_text_in_the_reasoning_field_is_withheld(stream):
     else:
         app = answering({"choices": [{"index": 0, "message": {"role": "assistant", "content": "fine",
                                                               "reasoning": "the secret plan"}}]})
-    async with client(app, "serve.response_blocklist=['secret plan']") as c:
+    async with client(app, "serve.guard.response_blocklist=['secret plan']") as c:
         r = await c.post("/v1/chat/completions", headers=KEY,
                          json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
     assert "secret plan" not in r.text
@@ -120,7 +120,7 @@ async def test_blocked_text_in_the_reasoning_field_is_withheld(stream):
          {"token": "fine", "logprob": -0.1, "top_logprobs": [{"token": "secret", "logprob": -0.2}]}]}}]}),
 ])
 async def test_blocked_text_among_the_logprobs_is_withheld(route, body, answer):
-    async with client(answering(answer), "serve.response_blocklist=['secret']") as c:
+    async with client(answering(answer), "serve.guard.response_blocklist=['secret']") as c:
         r = await c.post(route, headers=KEY, json=body)
     assert "secret" not in r.text
 

@@ -41,10 +41,10 @@ async def recording_app(scope, receive, send):
 
 
 def guard() -> Guard:
-    sc = load_config(None, ["serve.api_keys=[fuzz-key]", "serve.host=0.0.0.0", "serve.openapi_schema=true",
-                            f"serve.max_tokens_cap={CAP}", f"serve.max_n={MAX_N}", f"serve.max_prompts={MAX_PROMPTS}",
-                            "serve.rate_limit_per_minute=1000000", "serve.tokens_per_minute=100000000",
-                            "serve.auth_failures_per_minute=1000000", "serve.blocklist=['forbidden']"]).serve
+    sc = load_config(None, ["serve.guard.api_keys=[fuzz-key]", "serve.host=0.0.0.0", "serve.guard.openapi_schema=true",
+                            f"serve.guard.max_tokens_cap={CAP}", f"serve.guard.max_n={MAX_N}", f"serve.guard.max_prompts={MAX_PROMPTS}",
+                            "serve.guard.rate_limit_per_minute=1000000", "serve.guard.tokens_per_minute=100000000",
+                            "serve.guard.auth_failures_per_minute=1000000", "serve.guard.blocklist=['forbidden']"]).serve
     return Guard(recording_app, GuardSettings.from_config(sc))
 
 

@@ -39,7 +39,7 @@ async def echo_app(scope, receive, send):
 
 
 def settings(*overrides) -> GuardSettings:
-    return GuardSettings.from_config(load_config(None, ["serve.api_keys=[k1,k2]", "serve.host=0.0.0.0",
+    return GuardSettings.from_config(load_config(None, ["serve.guard.api_keys=[k1,k2]", "serve.host=0.0.0.0",
                                                         *overrides]).serve)
 
 
@@ -82,7 +82,7 @@ async def test_deny_by_default():
 
 @pytest.mark.anyio
 async def test_openapi_schema_only_when_configured_and_behind_the_key():
-    async with client(echo_app, "serve.openapi_schema=true") as c:
+    async with client(echo_app, "serve.guard.openapi_schema=true") as c:
         assert (await c.get("/openapi.json")).status_code == 401
         paths = (await c.get("/openapi.json", headers=KEY)).json()["paths"]
         assert set(paths) == {r.path for r in ROUTES} | {"/health"}
@@ -91,7 +91,7 @@ async def test_openapi_schema_only_when_configured_and_behind_the_key():
 @pytest.mark.anyio
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 async def test_every_output_field_is_capped(field):
-    async with client(echo_app, "serve.max_tokens_cap=64") as c:
+    async with client(echo_app, "serve.guard.max_tokens_cap=64") as c:
         for extra in ({}, {"max_tokens": None}, {"max_tokens": 1}):
             r = await c.post("/v1/chat/completions", headers=KEY, json={**CHAT, **extra, field: 65})
             assert r.status_code == 400 and _error(r)["param"] == field, extra
@@ -102,8 +102,8 @@ async def test_every_output_field_is_capped(field):
 @pytest.mark.anyio
 async def test_n_prompt_lists_and_the_token_budget_are_capped():
     SEEN.clear()
-    async with client(echo_app, "serve.max_n=2", "serve.max_prompts=3", "serve.max_tokens_cap=100",
-                      "serve.tokens_per_minute=1000") as c:
+    async with client(echo_app, "serve.guard.max_n=2", "serve.guard.max_prompts=3", "serve.guard.max_tokens_cap=100",
+                      "serve.guard.tokens_per_minute=1000") as c:
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "n": 3})
         assert r.status_code == 400 and _error(r)["param"] == "n"
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": ["a"] * 4})
@@ -135,7 +135,7 @@ class FakeTokenizer:
 
 @pytest.mark.anyio
 async def test_prompt_filter_sees_every_text_the_engine_sees():
-    block = "serve.blocklist=['forbidden']"
+    block = "serve.guard.blocklist=['forbidden']"
     bad_chats = [
         [{"role": "system", "content": "forbidden"}, {"role": "user", "content": "hi"}],
         [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "forbidden"}]}],
@@ -153,7 +153,7 @@ async def test_prompt_filter_sees_every_text_the_engine_sees():
             r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": prompt})
             assert r.status_code == 400 and _error(r)["type"] == "content_filter", prompt
         assert (await c.post("/v1/chat/completions", headers=KEY, json=CHAT)).status_code == 200
-    async with client(echo_app, "serve.blocklist=['禁止']") as c:  # other scripts match as written
+    async with client(echo_app, "serve.guard.blocklist=['禁止']") as c:  # other scripts match as written
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "这是禁止的"})
         assert r.status_code == 400
 
@@ -199,13 +199,13 @@ async def test_garbage_is_4xx_never_5xx():
 
 @pytest.mark.anyio
 async def test_key_guessing_is_throttled_per_address():
-    async with client(echo_app, "serve.auth_failures_per_minute=5") as c:
+    async with client(echo_app, "serve.guard.auth_failures_per_minute=5") as c:
         codes = [(await c.get("/v1/models", headers={"Authorization": f"Bearer guess{i}"})).status_code
                  for i in range(8)]
         assert codes[:5] == [401] * 5 and codes[5:] == [429] * 3
         r = await c.get("/v1/models", headers=KEY)  # locked out: even a right key waits
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-    other = Guard(echo_app, settings("serve.auth_failures_per_minute=5"))
+    other = Guard(echo_app, settings("serve.guard.auth_failures_per_minute=5"))
     sent = []
 
     async def send(msg):
@@ -225,7 +225,7 @@ async def test_key_guessing_is_throttled_per_address():
 def test_keys_are_held_as_digests_only():
     import pickle
 
-    s = settings("serve.api_keys=[sekrit-key-1]")
+    s = settings("serve.guard.api_keys=[sekrit-key-1]")
     blob = pickle.dumps(s)
     assert b"sekrit-key-1" not in blob and keys.digest("sekrit-key-1") in s.key_digests
     assert keys.matching_digest("sekrit-key-1", s.key_digests) and not keys.matching_digest("sekrit", s.key_digests)
@@ -233,7 +233,7 @@ def test_keys_are_held_as_digests_only():
 
 def test_keys_taken_from_the_environment_stay_in_this_process(monkeypatch):
     monkeypatch.setenv("TAILORLM_TEST_KEYS", " a1 , b2 ")
-    sc = load_config(None, ["serve.api_keys_env=TAILORLM_TEST_KEYS"]).serve
+    sc = load_config(None, ["serve.guard.api_keys_env=TAILORLM_TEST_KEYS"]).serve.guard
     keys.take_from_env("TAILORLM_TEST_KEYS")
     import os
 
@@ -242,16 +242,16 @@ def test_keys_taken_from_the_environment_stay_in_this_process(monkeypatch):
 
 @pytest.mark.anyio
 async def test_allow_ips_checked_before_the_key():
-    async with client(echo_app, "serve.allow_ips=['10.0.0.0/8']") as c:  # the test client is 127.0.0.1
+    async with client(echo_app, "serve.guard.allow_ips=['10.0.0.0/8']") as c:  # the test client is 127.0.0.1
         r = await c.get("/v1/models", headers=KEY)
         assert r.status_code == 403 and _error(r)["type"] == "permission_error"
-    async with client(echo_app, "serve.allow_ips=['127.0.0.1/32', '::1']") as c:
+    async with client(echo_app, "serve.guard.allow_ips=['127.0.0.1/32', '::1']") as c:
         assert (await c.get("/v1/models", headers=KEY)).status_code == 200
 
 
 @pytest.mark.anyio
 async def test_stalled_body_times_out_with_408():
-    guard = Guard(echo_app, settings("serve.body_timeout_s=0.2"))
+    guard = Guard(echo_app, settings("serve.guard.body_timeout_s=0.2"))
     sent = []
 
     async def send(msg):
@@ -279,7 +279,7 @@ async def test_over_capacity_sheds_at_once_with_retry_after():
         return {"type": "http.request", "body": b, "more_body": False}
 
     # capacity = max_ongoing_requests + max_queued_requests = 2 + 1
-    async with client(slow_app, "serve.max_ongoing_requests=2", "serve.max_queued_requests=1") as c:
+    async with client(slow_app, "serve.replicas.max_ongoing_requests=2", "serve.replicas.max_queued_requests=1") as c:
         tasks = [asyncio.create_task(c.post("/v1/chat/completions", headers=KEY, json=CHAT)) for _ in range(3)]
         await asyncio.sleep(0.2)
         r = await c.post("/v1/chat/completions", headers=KEY, json=CHAT)
@@ -333,7 +333,7 @@ async def test_response_filter_holds_on_every_choice_and_normalized_text():
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
-    async with client(answers, "serve.response_blocklist=['secret plan']") as c:
+    async with client(answers, "serve.guard.response_blocklist=['secret plan']") as c:
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "n": 2})
     assert r.status_code == 400 and _error(r)["type"] == "content_filter"
 

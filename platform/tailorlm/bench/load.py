@@ -3,8 +3,8 @@
     python -m tailorlm.bench.load                       # the tiny factory model, capacity 8
     python -m tailorlm.bench.load --capacity 16 --levels 1 2 4 8
 
-Capacity is what the guard admits into the replica at once (serve.max_ongoing_requests +
-serve.max_queued_requests); beyond it a request should get 503 with Retry-After at once, never
+Capacity is what the guard admits into the replica at once (serve.replicas.max_ongoing_requests +
+serve.replicas.max_queued_requests); beyond it a request should get 503 with Retry-After at once, never
 wait in a queue and never see another 5xx. At each level, level x capacity clients each send
 --rounds non-streamed completions (ignore_eos, --output-len tokens). Prints, per level, the
 counts of 2xx / 429 / 503 / other 5xx, the share of 429/503 that carried Retry-After and p50/p99
@@ -27,11 +27,11 @@ def config(args):
     from tailorlm.config import load_config
 
     ongoing = max(1, args.capacity // 2)
-    return load_config(None, [f"serve.port={args.port}", "serve.model_id=demo", "serve.max_model_len=1024",
-                              f"serve.max_ongoing_requests={ongoing}",
-                              f"serve.max_queued_requests={max(1, args.capacity - ongoing)}",
-                              "serve.max_tokens_cap=1000", "serve.max_n=4", "serve.rate_limit_per_minute=1000000",
-                              "serve.tokens_per_minute=1000000000", f"serve.api_keys=[{KEY}]"])
+    return load_config(None, [f"serve.port={args.port}", "serve.model_id=demo", "serve.engine.max_model_len=1024",
+                              f"serve.replicas.max_ongoing_requests={ongoing}",
+                              f"serve.replicas.max_queued_requests={max(1, args.capacity - ongoing)}",
+                              "serve.guard.max_tokens_cap=1000", "serve.guard.max_n=4", "serve.guard.rate_limit_per_minute=1000000",
+                              "serve.guard.tokens_per_minute=1000000000", f"serve.guard.api_keys=[{KEY}]"])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -130,8 +130,8 @@ def main() -> None:
         wait_healthy(url + "/health")
         handle = serve.get_deployment_handle("engine", app_name="tailorlm")
         asyncio.run(level(url, 2, 1, args.output_len))  # warm-up
-        print(f"capacity {cfg.serve.guard_capacity()} (max_ongoing_requests {cfg.serve.max_ongoing_requests} + "
-              f"max_queued_requests {cfg.serve.max_queued_requests}), {args.rounds} requests per client, "
+        print(f"capacity {cfg.serve.guard_capacity()} (max_ongoing_requests {cfg.serve.replicas.max_ongoing_requests} + "
+              f"max_queued_requests {cfg.serve.replicas.max_queued_requests}), {args.rounds} requests per client, "
               f"{args.output_len} tokens each")
         print("| load | clients | 2xx | 429 | 503 | other 5xx | conn. errors | Retry-After on 429/503 | "
               "OpenAI error body on 429/503 | p50 / p99 answered (s) | p50 / p99 shed (s) |")

@@ -33,9 +33,10 @@ def bench_config(args, backend: str = "vllm"):
     from tailorlm.config import load_config
 
     return load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}", f"serve.backend={backend}",
-                              "serve.max_model_len=1024", "serve.memory_utilization=0.15",
-                              "serve.rate_limit_per_minute=1000000", f"serve.max_tokens_cap={args.output_len}",
-                              f"serve.engine_args={{stream-interval: {args.stream_interval}}}",
+                              "serve.engine.max_model_len=1024", "serve.engine.memory_utilization=0.15",
+                              "serve.guard.rate_limit_per_minute=1000000", "serve.guard.tokens_per_minute=1000000000",
+                              f"serve.guard.max_tokens_cap={args.output_len}",
+                              f"serve.engine.args={{stream-interval: {args.stream_interval}}}",
                               *([f"serve.stream_batching_ms={args.stream_batching_ms}"]
                                 if args.stream_batching_ms is not None else [])])
 

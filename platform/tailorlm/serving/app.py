@@ -25,15 +25,15 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
 
     sc = cfg.serve
     kwargs: dict[str, Any] = {}
-    if not sc.use_gpu:
+    if not sc.engine.use_gpu:
         kwargs["accelerator_config"] = {"kind": "cpu"}  # unset, the replica waits for a GPU forever
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_dir},
-        engine_kwargs={"max_model_len": sc.max_model_len, "dtype": sc.engine_dtype(),
-                       "gpu_memory_utilization": sc.engine_memory_utilization()},
-        deployment_config={"autoscaling_config": {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
-                                                  "target_ongoing_requests": sc.target_ongoing_requests},
-                           "max_queued_requests": sc.max_queued_requests},
+        engine_kwargs={"max_model_len": sc.engine.max_model_len, "dtype": sc.engine.dtype(),
+                       "gpu_memory_utilization": sc.engine.memory_share()},
+        deployment_config={"autoscaling_config": {"min_replicas": sc.replicas.min, "max_replicas": sc.replicas.max,
+                                                  "target_ongoing_requests": sc.replicas.target_ongoing_requests},
+                           "max_queued_requests": sc.replicas.max_queued_requests},
         log_engine_metrics=True,
         experimental_configs={"stream_batching_interval_ms": sc.stream_batching_ms},
         **kwargs,
@@ -73,7 +73,7 @@ def build_ray_llm_app(cfg: PipelineConfig, models: dict[str, str]):
     options = OpenAiIngress.get_deployment_options(list(configs.values()))
     # On a 2-CPU node the ingress must not reserve a CPU, or it is never scheduled beside the engine.
     options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
-    options["max_queued_requests"] = sc.max_queued_requests
+    options["max_queued_requests"] = sc.replicas.max_queued_requests
     from ray.llm._internal.serve.core.ingress.builder import to_model_metadata
 
     cards = {mid: to_model_metadata(mid, c) for mid, c in configs.items()}

@@ -64,23 +64,23 @@ def cap_problem(cost: Cost, body: dict[str, Any], s, exact: bool) -> tuple[str, 
     """(message, param) when the request exceeds a cap, else None. exact: prompt tokens were
     counted with the model's tokenizer (not an upper bound), so the context check is fair."""
     for f in OUTPUT_FIELDS:
-        if body.get(f) is not None and body[f] > s.max_tokens_cap:
-            return f"{f} {body[f]} exceeds this server's cap of {s.max_tokens_cap}", f
+        if body.get(f) is not None and body[f] > s.guard.max_tokens_cap:
+            return f"{f} {body[f]} exceeds this server's cap of {s.guard.max_tokens_cap}", f
     if (body.get("min_tokens") or 0) > cost.max_output:
         return f"min_tokens {body['min_tokens']} exceeds the request's max output of {cost.max_output}", "min_tokens"
-    if cost.n > s.max_n:
-        return f"n {cost.n} exceeds this server's cap of {s.max_n} choices per request", "n"
-    if cost.prompts > s.max_prompts:
-        return f"{cost.prompts} prompts exceed this server's cap of {s.max_prompts} per request", "prompt"
+    if cost.n > s.guard.max_n:
+        return f"n {cost.n} exceeds this server's cap of {s.guard.max_n} choices per request", "n"
+    if cost.prompts > s.guard.max_prompts:
+        return f"{cost.prompts} prompts exceed this server's cap of {s.guard.max_prompts} per request", "prompt"
     longest, param = max(cost.prompt_lengths), "messages" if "messages" in body else "prompt"
     if exact and longest + cost.max_output > s.max_model_len:
         return (f"prompt of {longest} tokens plus {cost.max_output} output tokens exceeds the context of "
                 f"{s.max_model_len} tokens", param)
     if not exact and longest > 8 * s.max_model_len:  # no tokenizer yields under 1/8 token per byte
         return f"prompt is longer than the context of {s.max_model_len} tokens", param
-    if cost.total > s.tokens_per_minute:
+    if cost.total > s.guard.tokens_per_minute:
         return (f"request costs up to {cost.total} tokens, more than this server's budget of "
-                f"{s.tokens_per_minute} tokens per minute per key (lower max_tokens, n or the number of prompts)",
+                f"{s.guard.tokens_per_minute} tokens per minute per key (lower max_tokens, n or the number of prompts)",
                 None)
     return None
 

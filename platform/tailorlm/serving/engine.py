@@ -27,21 +27,21 @@ from tailorlm.config import ServeConfig
 from tailorlm.serving.replies import replay
 
 # the engine may never log prompts: vLLM logs requests only with --enable-log-requests, which
-# vllm_argv refuses to pass on from serve.engine_args
+# vllm_argv refuses to pass on from serve.engine.args
 REFUSED_ENGINE_ARGS = {"enable-log-requests", "enable-log-outputs", "api-key", "disable-fastapi-docs"}
 
 
 def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str, str]) -> list[str]:
     """The `vllm serve` command line for one hosted model: the benchmark starts bare vLLM with the
     same flags, so the two differ only in what sits in front of the engine."""
-    argv = ["--model", model_dir, "--served-model-name", model_id, "--max-model-len", str(sc.max_model_len),
-            "--dtype", sc.engine_dtype(), "--gpu-memory-utilization", str(sc.engine_memory_utilization())]
+    argv = ["--model", model_dir, "--served-model-name", model_id, "--max-model-len", str(sc.engine.max_model_len),
+            "--dtype", sc.engine.dtype(), "--gpu-memory-utilization", str(sc.engine.memory_share())]
     if adapters:
-        argv += ["--enable-lora", "--max-lora-rank", str(sc.max_lora_rank), "--lora-modules",
+        argv += ["--enable-lora", "--max-lora-rank", str(sc.engine.max_lora_rank), "--lora-modules",
                  *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()]]
-    for key, value in sc.engine_args.items():  # any other `vllm serve` flag, e.g. {enable-prefix-caching: true}
+    for key, value in sc.engine.args.items():  # any other `vllm serve` flag, e.g. {enable-prefix-caching: true}
         if key.replace("_", "-") in REFUSED_ENGINE_ARGS:
-            raise ValueError(f"serve.engine_args.{key}: not allowed here (request logging would put prompts in "
+            raise ValueError(f"serve.engine.args.{key}: not allowed here (request logging would put prompts in "
                              "the logs; keys and docs are the guard's)")
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -189,7 +189,7 @@ class EngineServer:
         # the guard counts prompt tokens and reads token-id prompts with the hosted model's tokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(next(iter(models.values())))
         self.apps, self.engines, self.names = {}, [], {}
-        gpu_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if self.sc.use_gpu else []
+        gpu_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if self.sc.engine.use_gpu else []
         for i, (model_id, model_dir) in enumerate(models.items()):
             mine = adapters if i == 0 else {}  # adapters attach to the first (primary) model
             if gpu_ids:  # one GPU per hosted model: the engine process inherits this at spawn
@@ -226,7 +226,7 @@ class EngineServer:
 
 
 # Serve runs uvicorn with its defaults, which trust X-Forwarded-For from 127.0.0.1: any process on
-# the node (any Ray job among them) could then claim any client address, past serve.allow_ips and
+# the node (any Ray job among them) could then claim any client address, past serve.guard.allow_ips and
 # the per-address key-guessing limit. No proxy of ours sets it, so trust it from nowhere.
 NO_FORWARDED_FOR = {"FORWARDED_ALLOW_IPS": ""}
 
@@ -252,8 +252,8 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     sc = cfg.serve
     adapters = resolve_adapters(sc)
     settings = GuardSettings.from_config(sc)  # read here: keys set in this process's environment count
-    actor: dict[str, Any] = {"num_cpus": sc.replica_cpus}
-    if sc.use_gpu:
+    actor: dict[str, Any] = {"num_cpus": sc.replicas.cpus}
+    if sc.engine.use_gpu:
         actor["num_gpus"] = len(models)
     env = {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND") if k in os.environ}
     # Ray starts workers at niceness 15, and vLLM's engine process inherits it: on a busy node
@@ -269,8 +269,8 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     actor["runtime_env"] = {"env_vars": env}
     deployment = serve.deployment(
         serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
-        autoscaling_config={"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
-                            "target_ongoing_requests": sc.target_ongoing_requests},
+        autoscaling_config={"min_replicas": sc.replicas.min, "max_replicas": sc.replicas.max,
+                            "target_ongoing_requests": sc.replicas.target_ongoing_requests},
         # The guard sheds load beyond its capacity with an OpenAI-style 503 and Retry-After. Serve's own
         # limits sit well above it, so that Serve's text/plain 503 does not come first: under direct
         # ingress Serve counts a burst's arrivals as queued until each takes a slot, and a queue limit

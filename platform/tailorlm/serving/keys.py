@@ -28,10 +28,12 @@ def take_from_env(env_name: str) -> None:
         _TAKEN[env_name] = _split(value)
 
 
-def read_keys(sc) -> list[str]:
-    """serve.api_keys plus the keys in serve.api_keys_env (from the environment, or taken from it)."""
-    env = os.environ.get(sc.api_keys_env)
-    return _split(",".join(sc.api_keys)) + (_split(env) if env is not None else _TAKEN.get(sc.api_keys_env, []))
+def read_keys(guard) -> list[str]:
+    """serve.guard.api_keys plus the keys in serve.guard.api_keys_env (from the environment, or
+    taken from it), each stripped of surrounding whitespace."""
+    env = os.environ.get(guard.api_keys_env)
+    taken = _split(env) if env is not None else _TAKEN.get(guard.api_keys_env, [])
+    return _split(",".join(guard.api_keys)) + taken
 
 
 def digest(key: str) -> str:

@@ -109,7 +109,7 @@ ROUTES = (
     Route("POST", "/v1/chat/completions", "chat_completions", ChatBody, generates=True),
 )
 HEALTH = Route("GET", "/health", "health")
-OPENAPI = Route("GET", "/openapi.json", "openapi")  # only with serve.openapi_schema: true
+OPENAPI = Route("GET", "/openapi.json", "openapi")  # only with serve.guard.openapi_schema: true
 BY_PATH = {r.path: r for r in (*ROUTES, HEALTH, OPENAPI)}
 
 
@@ -165,7 +165,7 @@ def _body_error(route: Route, exc: ValidationError) -> BodyError:
 
 def openapi_schema(title: str = "tailorlm") -> dict[str, Any]:
     """An OpenAPI 3.1 document of the allow-listed surface (served at /openapi.json when
-    serve.openapi_schema is on; the API fuzzing tests run schemathesis over it)."""
+    serve.guard.openapi_schema is on; the API fuzzing tests run schemathesis over it)."""
     from pydantic.json_schema import models_json_schema
 
     bodies = [r.body for r in ROUTES if r.body is not None]

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from tailorlm.config import AbConfig, GuardConfig, ServeConfig
 from tailorlm.serving import keys as api_keys
 from tailorlm.serving.cost import TokenBucket, cap_problem, prompt_lengths, request_cost, retry_after
 from tailorlm.serving.filters import Blocklist, prompt_texts
@@ -36,45 +37,28 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 @dataclass
 class GuardSettings:
-    """What the guard enforces; built from serve.* by from_config. Holds key digests, never keys."""
+    """What the guard enforces: serve.guard as it is (minus any keys written in the config: the
+    guard holds their digests only), with what it needs from the rest of serve.*."""
+    guard: GuardConfig
     key_digests: list[str]
     require_key: bool
-    allow_ips: list[str] = field(default_factory=list)
-    rate_limit_per_minute: int = 600
-    tokens_per_minute: int = 200_000
-    auth_failures_per_minute: int = 20
-    max_request_bytes: int = 1_000_000
-    max_json_depth: int = 32
-    body_timeout_s: float = 10.0
-    max_tokens_cap: int = 512
-    max_n: int = 4
-    max_prompts: int = 8
-    max_model_len: int = 1024
-    max_inflight: int = 128
-    blocklist: list[str] = field(default_factory=list)
-    response_blocklist: list[str] = field(default_factory=list)
-    ab_alias: str | None = None  # requests for this model name are split by ab_weights
-    ab_weights: dict[str, float] = field(default_factory=dict)
-    ab_sticky: bool = True  # one client (API key, else address) always gets the same arm
-    openapi_schema: bool = False
+    max_model_len: int  # serve.engine.max_model_len: the context a prompt and its output must fit
+    max_inflight: int  # ServeConfig.guard_capacity()
+    ab: AbConfig = field(default_factory=AbConfig)
+    ab_alias: str | None = None  # requests for this model name are split by ab.split
 
     @classmethod
-    def from_config(cls, sc) -> "GuardSettings":
-        keys = api_keys.read_keys(sc)
-        require = sc.require_api_key if sc.require_api_key is not None else sc.host not in LOCAL_HOSTS
+    def from_config(cls, sc: ServeConfig) -> "GuardSettings":
+        g = sc.guard
+        keys = api_keys.read_keys(g)
+        require = g.require_api_key if g.require_api_key is not None else sc.host not in LOCAL_HOSTS
         if require and not keys:
-            why = "serve.require_api_key is true" if sc.require_api_key else f"host {sc.host} is beyond localhost"
+            why = "serve.guard.require_api_key is true" if g.require_api_key else f"host {sc.host} is beyond localhost"
             raise ValueError(f"serve: API keys are required ({why}) but none are set: export "
-                             f"{sc.api_keys_env}=key1,key2 or set serve.api_keys")
-        return cls(
-            key_digests=sorted({api_keys.digest(k) for k in keys}), require_key=require, allow_ips=list(sc.allow_ips),
-            rate_limit_per_minute=sc.rate_limit_per_minute, tokens_per_minute=sc.tokens_per_minute,
-            auth_failures_per_minute=sc.auth_failures_per_minute, max_request_bytes=sc.max_request_bytes,
-            max_json_depth=sc.max_json_depth, body_timeout_s=sc.body_timeout_s, max_tokens_cap=sc.max_tokens_cap,
-            max_n=sc.max_n, max_prompts=sc.max_prompts, max_model_len=sc.max_model_len,
-            max_inflight=sc.guard_capacity(), blocklist=list(sc.blocklist),
-            response_blocklist=list(sc.response_blocklist), ab_alias=sc.model_id if sc.ab_split else None,
-            ab_weights=dict(sc.ab_split), ab_sticky=sc.ab_sticky, openapi_schema=sc.openapi_schema)
+                             f"{g.api_keys_env}=key1,key2 or set serve.guard.api_keys")
+        return cls(guard=g.model_copy(update={"api_keys": []}), key_digests=sorted({api_keys.digest(k) for k in keys}),
+                   require_key=require, max_model_len=sc.engine.max_model_len, max_inflight=sc.guard_capacity(),
+                   ab=sc.ab, ab_alias=sc.model_id if sc.ab.split else None)
 
 
 class Reject(Exception):
@@ -141,11 +125,11 @@ class Guard:
 
     def __init__(self, app: Callable[..., Awaitable[None]], settings: GuardSettings, tokenizer: Any = None):
         self.app, self.s, self.tokenizer = app, settings, tokenizer
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in settings.allow_ips]
-        self.requests = TokenBucket(settings.rate_limit_per_minute)
-        self.tokens = TokenBucket(settings.tokens_per_minute)
-        self.auth_failures = TokenBucket(settings.auth_failures_per_minute)
-        self.blocklist, self.response_blocklist = Blocklist(settings.blocklist), Blocklist(settings.response_blocklist)
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in settings.guard.allow_ips]
+        self.requests = TokenBucket(settings.guard.rate_limit_per_minute)
+        self.tokens = TokenBucket(settings.guard.tokens_per_minute)
+        self.auth_failures = TokenBucket(settings.guard.auth_failures_per_minute)
+        self.blocklist, self.response_blocklist = Blocklist(settings.guard.blocklist), Blocklist(settings.guard.response_blocklist)
         self.inflight, self.reading, self._draws = 0, 0, 0
         self.metrics = _Metrics()
 
@@ -197,7 +181,7 @@ class Guard:
                 raise Reject(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                              code="invalid_api_key")
             client = "key:" + api_keys.key_id(matched) if matched else address
-        if route is None or (route is OPENAPI and not s.openapi_schema):
+        if route is None or (route is OPENAPI and not s.guard.openapi_schema):
             raise Reject(404, f"unknown route {scope['path'][:100]!r}; this server answers "
                          "/v1/models, /v1/completions and /v1/chat/completions", code="unknown_route")
         if scope["method"] != route.method:
@@ -205,7 +189,7 @@ class Guard:
                          headers=[(b"allow", route.method.encode())])
         wait = self.requests.take(client)
         if wait > 0:
-            raise Reject(429, f"rate limit of {s.rate_limit_per_minute} requests per minute exceeded",
+            raise Reject(429, f"rate limit of {s.guard.rate_limit_per_minute} requests per minute exceeded",
                          code="rate_limit_exceeded", headers=[(b"retry-after", retry_after(wait))])
         if route is OPENAPI:
             return await reply(send, 200, json.dumps(openapi_schema()).encode())
@@ -220,7 +204,7 @@ class Guard:
             raw = await self._read_body(headers, receive)
         finally:
             self.reading -= 1
-        parsed = parse_json(raw, s.max_json_depth)
+        parsed = parse_json(raw, s.guard.max_json_depth)
         try:
             body = validate_body(route, parsed)
         except BodyError as exc:
@@ -228,18 +212,18 @@ class Guard:
         await self._generate(scope, receive, send, route, body, client)
 
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
-        cap = self.s.max_request_bytes
+        cap = self.s.guard.max_request_bytes
         declared = headers.get("content-length", "0").strip() or "0"
         if not re.fullmatch(r"[0-9]{1,18}", declared):  # str.isdigit() admits "²", which int() refuses
             raise Reject(400, "content-length header is not a number")
         if int(declared) > cap:
             raise Reject(413, f"request body of {declared} bytes exceeds the {cap}-byte cap")
-        chunks, size, deadline = [], 0, time.monotonic() + self.s.body_timeout_s
+        chunks, size, deadline = [], 0, time.monotonic() + self.s.guard.body_timeout_s
         while True:
             try:
                 msg = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
-                raise Reject(408, f"request body not received within {self.s.body_timeout_s:g} s",
+                raise Reject(408, f"request body not received within {self.s.guard.body_timeout_s:g} s",
                              code="request_timeout") from None
             if msg["type"] == "http.disconnect":
                 raise Reject(400, "client disconnected before sending the whole body")
@@ -266,8 +250,8 @@ class Guard:
         if body.get("echo") and body.get("logprobs") is not None:
             raise Reject(400, "echo with logprobs (prompt logprobs) is not supported by this server", "echo")
         texts = prompt_texts(body, None)
-        if sum(map(len, texts)) > 8 * s.max_model_len * s.max_prompts:  # before normalizing or tokenizing it
-            raise Reject(400, f"prompt text is longer than {s.max_prompts} prompts of {s.max_model_len} tokens",
+        if sum(map(len, texts)) > 8 * s.max_model_len * s.guard.max_prompts:  # before normalizing or tokenizing it
+            raise Reject(400, f"prompt text is longer than {s.guard.max_prompts} prompts of {s.max_model_len} tokens",
                          "messages" if "messages" in body else "prompt")
         prompt = body.get("prompt")
         if self.tokenizer is not None and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
@@ -279,17 +263,17 @@ class Guard:
             raise Reject(400, "the prompt was rejected by this server's content filter", etype="content_filter",
                          code="content_filter")
         exact, lengths = self.tokenizer is not None, prompt_lengths(body, self._count)
-        default_output = s.max_tokens_cap
+        default_output = s.guard.max_tokens_cap
         if exact and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             # what vLLM does unasked (the rest of the context), within the cap: written into the body below
-            default_output = max(1, min(s.max_tokens_cap, s.max_model_len - max(lengths)))
+            default_output = max(1, min(s.guard.max_tokens_cap, s.max_model_len - max(lengths)))
         cost = request_cost(body, default_output, lengths)
         problem = cap_problem(cost, body, s, exact)
         if problem:
             raise Reject(400, *problem)
         wait = self.tokens.take(client, cost.total)
         if wait > 0:
-            raise Reject(429, f"token budget of {s.tokens_per_minute} per minute exceeded (this request may cost "
+            raise Reject(429, f"token budget of {s.guard.tokens_per_minute} per minute exceeded (this request may cost "
                          f"{cost.total})", code="token_rate_limit_exceeded",
                          headers=[(b"retry-after", retry_after(wait))])
         if self.inflight >= s.max_inflight:
@@ -297,8 +281,8 @@ class Guard:
                          etype="server_error", code="overloaded", headers=[(b"retry-after", b"1")])
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = default_output  # an uncapped request would run to the context end
-        if s.ab_weights and body.get("model") == s.ab_alias:
-            body["model"] = ab_arm(s.ab_weights, self._draw(client))
+        if s.ab.split and body.get("model") == s.ab_alias:
+            body["model"] = ab_arm(s.ab.split, self._draw(client))
         raw = json.dumps(body).encode()
         out = openai_errors(send)
         if self.response_blocklist:
@@ -310,7 +294,7 @@ class Guard:
             self.inflight -= 1
 
     def _draw(self, client: str) -> float:
-        if self.s.ab_sticky:  # a stable hash of the client: the same arm on every request
+        if self.s.ab.sticky:  # a stable hash of the client: the same arm on every request
             return int(hashlib.sha256(client.encode()).hexdigest()[:12], 16) / 16**12
         self._draws += 1  # a low-discrepancy sequence: the split matches the weights closely at any volume
         return (self._draws * 0.6180339887498949) % 1.0

@@ -32,7 +32,7 @@ def sample_chat(cfg: PipelineConfig, model_id: str, question: str = SAMPLE, time
 
     sc = cfg.serve
     host = "127.0.0.1" if sc.host in LOCAL_HOSTS | {"0.0.0.0"} else sc.host
-    keys = read_keys(sc)
+    keys = read_keys(sc.guard)
     client = openai.OpenAI(base_url=f"http://{host}:{sc.port}/v1", api_key=keys[0] if keys else "none",
                            max_retries=0, timeout=120)
     deadline = time.time() + timeout_s
