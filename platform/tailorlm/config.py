@@ -21,7 +21,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
-
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the value and what is allowed."""
 
@@ -34,37 +33,34 @@ class Strict(BaseModel):
 class RunConfig(Strict):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run folder name")
     storage: str = Field("./runs", description="local path or fsspec/pyarrow URI (s3://bucket/prefix)")
-    seed: int = 0
+    seed: int = Field(0, description="one seed for data splits, model init and training order")
 
 
 # ----------------------------------------------------------------------------- model
 class TinyModelSpec(Strict):
     """A small causal LM built from a config with a locally trained BPE tokenizer."""
 
-    factory: Literal["llama", "qwen2"] = "llama"
-    hidden_size: int = Field(128, ge=32)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
+    factory: Literal["llama", "qwen2"] = Field("llama", description="architecture of the tiny random-init model")
+    hidden_size: int = Field(128, ge=32, description="model width")
+    num_layers: int = Field(2, ge=1, description="transformer blocks")
+    num_heads: int = Field(4, ge=1, description="attention heads; hidden_size / num_heads >= 32 for vLLM on CPU")
     num_kv_heads: int | None = Field(None, ge=1, description="defaults to num_heads (no GQA)")
     intermediate_size: int | None = Field(None, ge=1, description="defaults to 4 * hidden_size")
-    vocab_size: int = Field(2048, ge=300)
-    max_position_embeddings: int = Field(1024, ge=64)
+    vocab_size: int = Field(2048, ge=300, description="upper bound of the trained BPE vocabulary")
+    max_position_embeddings: int = Field(1024, ge=64, description="longest sequence the model accepts")
     tokenizer_corpus: str = Field(
         "demo", description="'demo' (the generated domain corpus) or a text/JSONL file to train BPE on"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random initialization")
 
     @model_validator(mode="after")
     def _check_heads(self) -> "TinyModelSpec":
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         head = self.hidden_size // self.num_heads
         if head < 32:
             raise ValueError(
-                f"attention head size hidden_size/num_heads = {head}; it must be >= 32 "
-                "(vLLM's CPU backend rejects 16)"
+                f"attention head size hidden_size/num_heads = {head}; it must be >= 32 (vLLM's CPU backend rejects 16)"
             )
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
@@ -85,61 +81,80 @@ class ModelConfig(Strict):
         description="hub id (Qwen/Qwen2.5-0.5B), a local HF folder, or a tiny-model factory spec",
     )
     chat_template: str | None = Field(None, description="Jinja chat template overriding the model's")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype to load weights in (auto: the checkpoint's)"
+    )
 
 
 # ----------------------------------------------------------------------------- data
 class SourceConfig(Strict):
     path: str = Field(..., description="file, folder, glob or URI")
-    format: Literal["auto", "jsonl", "json", "parquet", "text"] = "auto"
-    kind: Literal["auto", "text", "alpaca", "chat"] = "auto"
+    format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
+        "auto", description="file format; auto: from the extension"
+    )
+    kind: Literal["auto", "text", "alpaca", "chat"] = Field(
+        "auto", description="row shape; auto: from the fields (text | instruction/output | messages)"
+    )
 
 
 class FilterConfig(Strict):
-    min_chars: int = Field(20, ge=0)
-    max_chars: int = Field(100_000, ge=1)
-    min_tokens: int = Field(32, ge=0)
-    max_tokens: int = Field(2048, ge=1)
+    min_chars: int = Field(20, ge=0, description="shorter rows are dropped")
+    max_chars: int = Field(100_000, ge=1, description="longer rows are dropped")
+    min_tokens: int = Field(32, ge=0, description="rows with fewer tokens are dropped (0: off, no tokenizing)")
+    max_tokens: int = Field(2048, ge=1, description="rows with more tokens are dropped")
     languages: list[str] = Field(default_factory=lambda: ["en", "zh"], description="ISO 639-1; [] = any")
-    min_language_score: float = Field(0.5, ge=0, le=1)
-    quality: bool = True
+    min_language_score: float = Field(
+        0.5, ge=0, le=1, description="fastText language confidence below this drops a row"
+    )
+    quality: bool = Field(True, description="Gopher-style quality heuristics (the fields below)")
     quality_min_words: int = Field(50, ge=0, description="repetition/stopword rules need this many words (Gopher: 50)")
-    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1)
-    max_top_ngram_fraction: float = Field(0.2, ge=0, le=1)
-    max_symbol_ratio: float = Field(0.1, ge=0, le=1)
-    min_mean_word_length: float = Field(3.0, ge=0)
-    max_mean_word_length: float = Field(10.0, ge=1)
+    max_duplicate_line_fraction: float = Field(
+        0.3, ge=0, le=1, description="share of repeated lines above which a row is dropped"
+    )
+    max_top_ngram_fraction: float = Field(0.2, ge=0, le=1, description="share of text in the most frequent 2-gram")
+    max_symbol_ratio: float = Field(0.1, ge=0, le=1, description="symbols (#, ...) per word")
+    min_mean_word_length: float = Field(3.0, ge=0, description="shortest mean word length kept")
+    max_mean_word_length: float = Field(10.0, ge=1, description="longest mean word length kept")
     min_stopwords: int = Field(2, ge=0, description="English only; Gopher uses 2")
-    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1)
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="share of words with a letter")
     domain_keywords: list[str] = Field(default_factory=list, description="TF-IDF relevance; [] = off")
     domain_reference: str | None = Field(None, description="reference corpus file for TF-IDF relevance")
-    min_domain_score: float = Field(0.05, ge=0, le=1)
-    max_perplexity: float | None = Field(None, gt=1, description="drop rows whose perplexity under "
-                                         "perplexity_model is above this (CCNet-style); null = off")
-    perplexity_model: str | None = Field(None, description="HF causal LM (path or hub id) for the perplexity "
-                                         "filter; default: the pipeline's base model")
+    min_domain_score: float = Field(
+        0.05, ge=0, le=1, description="TF-IDF similarity to domain_reference below which a row is dropped"
+    )
+    max_perplexity: float | None = Field(
+        None,
+        gt=1,
+        description="drop rows whose perplexity under perplexity_model is above this (CCNet-style); null = off",
+    )
+    perplexity_model: str | None = Field(
+        None, description="HF causal LM (path or hub id) for the perplexity filter; default: the pipeline's base model"
+    )
     perplexity_max_tokens: int = Field(256, ge=2, description="score only each document's first N tokens")
 
 
 class PIIConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="find and redact personal data")
     kinds: list[Literal["email", "phone", "ip", "credit_card", "id_number"]] = Field(
-        default_factory=lambda: ["email", "phone", "ip", "credit_card", "id_number"]
+        default_factory=lambda: ["email", "phone", "ip", "credit_card", "id_number"],
+        description="kinds of personal data to find",
     )
 
 
 class NearDedupConfig(Strict):
-    enabled: bool = True
-    num_perm: int = Field(128, ge=16)
-    bands: int = Field(16, ge=1)
-    rows: int = Field(8, ge=1)
+    enabled: bool = Field(True, description="MinHash-LSH near-duplicate removal")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (= bands x rows)")
+    bands: int = Field(16, ge=1, description="LSH bands")
+    rows: int = Field(8, ge=1, description="rows per LSH band")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity needed to call a pair a duplicate")
     ngram: int = Field(5, ge=1, description="word n-gram size (CJK text uses character n-grams)")
-    cjk_ngram: int = Field(5, ge=1)
+    cjk_ngram: int = Field(5, ge=1, description="character n-gram size for text without spaces (CJK)")
     verify: Literal["exact", "estimated"] = Field(
-        "exact", description="check candidate pairs against the exact shingle Jaccard after the MinHash "
+        "exact",
+        description="check candidate pairs against the exact shingle Jaccard after the MinHash "
         "estimate (NeMo Curator's false-positive check: precision and recall near the threshold), or "
-        "against the estimate alone (no second look at the candidates' text)")
+        "against the estimate alone (no second look at the candidates' text)",
+    )
 
     @model_validator(mode="after")
     def _check_banding(self) -> "NearDedupConfig":
@@ -151,33 +166,38 @@ class NearDedupConfig(Strict):
 
 
 class DedupConfig(Strict):
-    exact: bool = True
+    exact: bool = Field(True, description="drop exact copies (after normalization)")
     near: NearDedupConfig = Field(default_factory=NearDedupConfig)
 
 
 class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="demo")])
-    normalize: bool = True
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="demo")],
+        description="inputs: files, globs, folders or URIs; 'demo' = the generated set",
+    )
+    normalize: bool = Field(True, description="repair text (ftfy), normalize Unicode and whitespace")
     filters: FilterConfig = Field(default_factory=FilterConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
-    decontaminate: bool = True
-    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    decontaminate: bool = Field(True, description="drop training rows that near-duplicate an eval row")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of rows held out for evaluation")
     tokenizer: str | None = Field(None, description="tokenizer for token-length filters; default: the model's")
 
 
 # ----------------------------------------------------------------------------- train
 class LoraConfig(Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: int = Field(32, ge=1, description="adapter scaling (alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="modules that get adapters"
+    )
 
 
 class DeepSpeedConfig(Strict):
-    stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 (DDP-like) to 3 (parameters sharded)")
+    offload_optimizer: bool = Field(False, description="optimizer state in CPU memory")
+    offload_params: bool = Field(False, description="parameters in CPU memory (ZeRO-3)")
 
     @model_validator(mode="after")
     def _offload_needs_stage(self) -> "DeepSpeedConfig":
@@ -189,35 +209,44 @@ class DeepSpeedConfig(Strict):
 
 
 class TrainConfig(Strict):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full"] = Field("lora", description="lora: train an adapter; full: every weight")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    format: Literal["auto", "text", "sft"] = "auto"
+    format: Literal["auto", "text", "sft"] = Field(
+        "auto", description="text: learn every token; sft: only the answers; auto: from the rows"
+    )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="training precision")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU nodes)")
+    use_gpu: bool = Field(False, description="train on GPUs")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs each worker reserves")
     micro_batch_size: int = Field(8, ge=1, description="sequences per worker per step")
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(256, ge=16)
-    packing: bool = False
-    epochs: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(256, ge=16, description="longer sequences are truncated")
+    packing: bool = Field(False, description="pack short sequences into max_seq_len rows")
+    epochs: int = Field(1, ge=1, description="passes over the training split (unless max_steps)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    optimizer: Literal["adamw", "lion"] = "adamw"
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=1, description="optimizer steps between evaluations; each evaluation also "
-                            "writes a checkpoint (the one resume and the best-model choice use)")
-    log_every: int = Field(1, ge=1, description="optimizer steps between train-loss records in metrics.jsonl "
-                           "(and TensorBoard when on)")
+    optimizer: Literal["adamw", "lion"] = Field("adamw", description="optimizer")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warm-up"
+    )
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    grad_clip: float = Field(1.0, ge=0, description="gradient norm clipping (0: off)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations (less memory, more time)")
+    eval_every: int = Field(
+        50,
+        ge=1,
+        description="optimizer steps between evaluations; each evaluation also "
+        "writes a checkpoint (the one resume and the best-model choice use)",
+    )
+    log_every: int = Field(
+        1, ge=1, description="optimizer steps between train-loss records in metrics.jsonl (and TensorBoard when on)"
+    )
     tensorboard: bool = Field(True, description="also write TensorBoard event files (local run storage only)")
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)
-    merge_adapter: bool = False
+    keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept (by eval loss)")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+    merge_adapter: bool = Field(False, description="lora: also save the adapter merged into the base")
 
     @property
     def global_batch_size(self) -> int:
@@ -231,6 +260,7 @@ DIMENSION_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 class Dimension(BaseModel):
     """One axis of the search space: `train.lr: {loguniform: [1.0e-4, 3.0e-3]}` parsed once."""
+
     model_config = ConfigDict(frozen=True)
     key: str  # a dotted config key, applied through the same override path as the CLI
     kind: Literal["loguniform", "uniform", "randint", "choice", "grid"]
@@ -242,33 +272,41 @@ class Dimension(BaseModel):
 
 
 class TuneConfig(Strict):
-    enabled: bool = False
-    num_samples: int = Field(8, ge=1)
-    searcher: Literal["random", "grid", "optuna"] = "random"
-    scheduler: Literal["asha", "median", "none"] = "asha"
-    metric: Literal["eval_loss", "eval_ppl"] = Field("eval_loss", description="what trials are ranked and "
-                                                     "stopped by (both measured on the eval split)")
-    mode: Literal["min", "max"] = "min"
-    max_concurrent_trials: int = Field(1, ge=1)
+    enabled: bool = Field(False, description="sweep before training; train then uses the best trial")
+    num_samples: int = Field(8, ge=1, description="trials (per grid point)")
+    searcher: Literal["random", "grid", "optuna"] = Field("random", description="how trials are sampled")
+    scheduler: Literal["asha", "median", "none"] = Field("asha", description="early stopping of weak trials")
+    metric: Literal["eval_loss", "eval_ppl"] = Field(
+        "eval_loss", description="what trials are ranked and stopped by (both measured on the eval split)"
+    )
+    mode: Literal["min", "max"] = Field("min", description="min: lower is better (both metrics are losses)")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once")
     grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
-    trial_max_steps: int | None = Field(None, ge=1, description="train.max_steps for each trial (short proxy "
-                                        "runs); default: the full training length")
+    trial_max_steps: int | None = Field(
+        None, ge=1, description="train.max_steps for each trial (short proxy runs); default: the full training length"
+    )
     search_space: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="dotted key -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | "
-        "{choice: [...]} | {grid: [...]}")
+        default_factory=dict,
+        description="dotted key -> {loguniform|uniform: [lo, hi]} | {randint: [lo, hi]} | "
+        "{choice: [...]} | {grid: [...]}",
+    )
 
     def dimensions(self) -> list[Dimension]:
         """The search space as typed axes (validated when the config is)."""
-        return [Dimension(key=key, kind=kind, values=tuple(values))
-                for key, spec in self.search_space.items() for kind, values in spec.items()]
+        return [
+            Dimension(key=key, kind=kind, values=tuple(values))
+            for key, spec in self.search_space.items()
+            for kind, values in spec.items()
+        ]
 
     @model_validator(mode="after")
     def _check_space(self) -> "TuneConfig":
         for key, spec in self.search_space.items():
             if len(spec) != 1 or next(iter(spec)) not in DIMENSION_KINDS:
-                raise ValueError(f"search_space.{key}: expected one of {list(DIMENSION_KINDS)} with its values, "
-                                 f"got {spec}")
-            (kind, values), = spec.items()
+                raise ValueError(
+                    f"search_space.{key}: expected one of {list(DIMENSION_KINDS)} with its values, got {spec}"
+                )
+            ((kind, values),) = spec.items()
             if not isinstance(values, list) or not values:
                 raise ValueError(f"search_space.{key}.{kind}: expected a non-empty list, got {values!r}")
             if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
@@ -282,40 +320,69 @@ class TuneConfig(Strict):
 
 # ----------------------------------------------------------------------------- export
 class ExportConfig(Strict):
-    quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(default_factory=lambda: ["w8a8", "w4a16"])
-    method: Literal["rtn", "gptq"] = Field("gptq", description="gptq: calibrated on train rows of the data stage "
-                                           "(integer schemes; fp8 stays round-to-nearest); rtn: round-to-nearest")
+    quantize: list[Literal["w8a8", "w4a16", "fp8"]] = Field(
+        default_factory=lambda: ["w8a8", "w4a16"], description="compressed-tensors schemes to export besides bf16"
+    )
+    method: Literal["rtn", "gptq"] = Field(
+        "gptq",
+        description="gptq: calibrated on train rows of the data stage "
+        "(integer schemes; fp8 stays round-to-nearest); rtn: round-to-nearest",
+    )
     calibration_samples: int = Field(64, ge=1, description="train rows GPTQ calibrates on")
     max_ppl_increase: float = Field(0.02, ge=0, description="relative perplexity increase allowed")
-    on_quality_fail: Literal["refuse", "warn"] = "refuse"
+    on_quality_fail: Literal["refuse", "warn"] = Field(
+        "refuse", description="a variant over the perplexity limit: refuse or warn"
+    )
 
 
 # ----------------------------------------------------------------------------- serve
 class GuardConfig(Strict):
     """serve.guard: who may call the endpoint, what one request may cost, what it may say."""
-    api_keys_env: str = Field("TAILORLM_API_KEYS", description="environment variable with comma-separated API "
-                              "keys; read by the CLI before Ray starts, never passed to Ray workers")
+
+    api_keys_env: str = Field(
+        "TAILORLM_API_KEYS",
+        description="environment variable with comma-separated API "
+        "keys; read by the CLI before Ray starts, never passed to Ray workers",
+    )
     api_keys: list[str] = Field(default_factory=list, description="prefer api_keys_env; never logged")
     require_api_key: bool | None = Field(None, description="default: required when host is not localhost")
-    allow_ips: list[str] = Field(default_factory=list, description="client address CIDRs allowed (checked before "
-                                 "the key); empty: any address")
+    allow_ips: list[str] = Field(
+        default_factory=list, description="client address CIDRs allowed (checked before the key); empty: any address"
+    )
     rate_limit_per_minute: int = Field(600, ge=1, description="requests per minute per API key (else per address)")
-    tokens_per_minute: int = Field(200_000, ge=1, description="token budget per minute per API key: each request "
-                                   "is charged its worst-case cost, prompt tokens + prompts x n x max output tokens")
-    auth_failures_per_minute: int = Field(20, ge=1, description="wrong API keys one client address may send "
-                                          "per minute; beyond, 429 with Retry-After before any key is compared")
-    max_tokens_cap: int = Field(512, ge=1, description="cap on each output-length field (max_tokens, "
-                                "max_completion_tokens); a request that sets none gets it")
+    tokens_per_minute: int = Field(
+        200_000,
+        ge=1,
+        description="token budget per minute per API key: each request "
+        "is charged its worst-case cost, prompt tokens + prompts x n x max output tokens",
+    )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=1,
+        description="wrong API keys one client address may send "
+        "per minute; beyond, 429 with Retry-After before any key is compared",
+    )
+    max_tokens_cap: int = Field(
+        512,
+        ge=1,
+        description="cap on each output-length field (max_tokens, "
+        "max_completion_tokens); a request that sets none gets it",
+    )
     max_n: int = Field(4, ge=1, le=128, description="most choices (n) per request")
     max_prompts: int = Field(8, ge=1, description="most prompts in one /v1/completions request")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     max_json_depth: int = Field(32, ge=4, le=256, description="deepest nesting of a request body")
     body_timeout_s: float = Field(10, gt=0, description="a request body not received within this time gets 408")
     blocklist: list[str] = Field(default_factory=list, description="regexes; a matching prompt is rejected (400)")
-    response_blocklist: list[str] = Field(default_factory=list, description="regexes; a matching answer is "
-                                          "withheld (content_filter error; streams end at the match)")
-    openapi_schema: bool = Field(False, description="serve /openapi.json (the allow-listed routes only, behind "
-                                 "the key); vLLM's /docs and its own schema are never served")
+    response_blocklist: list[str] = Field(
+        default_factory=list,
+        description="regexes; a matching answer is withheld (content_filter error; streams end at the match)",
+    )
+    openapi_schema: bool = Field(
+        False,
+        description="serve /openapi.json (the allow-listed routes only, behind "
+        "the key); vLLM's /docs and its own schema are never served",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "GuardConfig":
@@ -334,21 +401,29 @@ class GuardConfig(Strict):
 
 class AbConfig(Strict):
     """serve.ab: an A/B split of requests for serve.model_id between hosted models."""
-    split: dict[str, float] = Field(default_factory=dict, description="hosted model -> weight, e.g. {demo: 0.9, "
-                                    "demo-w4a16: 0.1}; empty: no split")
+
+    split: dict[str, float] = Field(
+        default_factory=dict, description="hosted model -> weight, e.g. {demo: 0.9, demo-w4a16: 0.1}; empty: no split"
+    )
     sticky: bool = Field(True, description="a client (API key, else address) always gets the same model")
 
 
 class EngineConfig(Strict):
     """serve.engine: how vLLM runs each hosted model."""
+
     max_model_len: int = Field(1024, ge=64, description="context length (prompt + output tokens)")
     use_gpu: bool = Field(False, description="one GPU per hosted model")
     memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
-        "default: 0.9 on GPU, 0.15 on CPU")
+        None,
+        gt=0,
+        le=1,
+        description="vLLM gpu_memory_utilization; on CPU the fraction of RAM vLLM reserves. "
+        "default: 0.9 on GPU, 0.15 on CPU",
+    )
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank among serve.lora_adapters")
-    args: dict[str, Any] = Field(default_factory=dict, description="backend vllm: further `vllm serve` flags, "
-                                 "e.g. {enable-prefix-caching: true}")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="backend vllm: further `vllm serve` flags, e.g. {enable-prefix-caching: true}"
+    )
 
     def dtype(self) -> str:
         return "auto" if self.use_gpu else "bfloat16"
@@ -361,15 +436,21 @@ class EngineConfig(Strict):
 
 class ReplicasConfig(Strict):
     """serve.replicas: how many replicas, and how much each takes on."""
+
     min: int = Field(1, ge=0, description="fewest replicas the autoscaler keeps")
     max: int = Field(1, ge=1, description="most replicas; more than 1 needs Serve's proxy (no direct ingress)")
     target_ongoing_requests: int = Field(8, ge=1, description="the autoscaler's target per replica")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica's engine runs at once (the guard "
-                                      "admits this + max_queued_requests)")
-    max_queued_requests: int = Field(64, ge=1, description="requests per replica waiting beside the running ones; "
-                                     "beyond both, 503 with Retry-After at once")
-    cpus: float = Field(1, ge=0, description="CPUs each replica reserves (backend vllm; vLLM's engine process "
-                        "runs beside it)")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests one replica's engine runs at once (the guard admits this + max_queued_requests)"
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="requests per replica waiting beside the running ones; beyond both, 503 with Retry-After at once",
+    )
+    cpus: float = Field(
+        1, ge=0, description="CPUs each replica reserves (backend vllm; vLLM's engine process runs beside it)"
+    )
 
 
 class ServeConfig(Strict):
@@ -377,29 +458,45 @@ class ServeConfig(Strict):
     host: str = Field("127.0.0.1", description="address to bind; beyond localhost, API keys become mandatory")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the endpoint")
     variants: list[Literal["bf16", "w8a8", "w4a16", "fp8"]] = Field(
-        default_factory=lambda: ["bf16"], description="exported variants to host; the first is model_id, "
-        "the others model_id-<variant>")
-    keep_serving: bool = Field(False, description="true: serve until interrupted; false: answer the sample "
-                               "request and shut down")
+        default_factory=lambda: ["bf16"],
+        description="exported variants to host; the first is model_id, the others model_id-<variant>",
+    )
+    keep_serving: bool = Field(
+        False, description="true: serve until interrupted; false: answer the sample request and shut down"
+    )
     backend: Literal["vllm", "ray_llm"] = Field(
-        "vllm", description="vllm: one replica runs vLLM's OpenAI app around AsyncLLM (fastest; local LoRA "
-        "adapters); ray_llm: ray.serve.llm (engines spread over several GPUs)")
-    lora_adapters: dict[str, str] = Field(default_factory=dict, description="backend vllm: LoRA adapters served "
-                                          "on model_id, as {name: local peft folder}; addressed by name")
-    stream_batching_ms: float = Field(0, ge=0, description="streamed chunks that come faster than one per "
-                                      "this many ms leave the replica merged (fewer messages through the Ray "
-                                      "Serve proxy); backend vllm sends the first chunks and any after a pause "
-                                      "at once, ray_llm batches from the first (adds to time to first token); "
-                                      "0 sends every chunk as it comes")
+        "vllm",
+        description="vllm: one replica runs vLLM's OpenAI app around AsyncLLM (fastest; local LoRA "
+        "adapters); ray_llm: ray.serve.llm (engines spread over several GPUs)",
+    )
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="backend vllm: LoRA adapters served on model_id, as {name: local peft folder}; addressed by name",
+    )
+    stream_batching_ms: float = Field(
+        0,
+        ge=0,
+        description="streamed chunks that come faster than one per "
+        "this many ms leave the replica merged (fewer messages through the Ray "
+        "Serve proxy); backend vllm sends the first chunks and any after a pause "
+        "at once, ray_llm batches from the first (adds to time to first token); "
+        "0 sends every chunk as it comes",
+    )
     controller_loop_s: float = Field(
-        0.5, gt=0, le=10, description="period of the Ray Serve controller's control loop when `tailorlm serve` "
+        0.5,
+        gt=0,
+        le=10,
+        description="period of the Ray Serve controller's control loop when `tailorlm serve` "
         "starts the controller (Ray's default: 0.1). Each pass queries the GCS; at 0.1 s the controller and "
         "GCS took ~5% of a core that token generation needed on 2 CPUs. Replica starts, health and "
-        "autoscaling decisions are noticed up to this much later")
+        "autoscaling decisions are noticed up to this much later",
+    )
     direct_ingress: bool | None = Field(
-        None, description="the replica answers HTTP on serve.port itself, without the hop through Ray "
+        None,
+        description="the replica answers HTTP on serve.port itself, without the hop through Ray "
         "Serve's proxy (Ray's direct ingress; `tailorlm serve` only, the proxy moves to port + 1); null: on "
-        "for backend vllm with replicas.max 1, the only case where no proxy is needed to spread load")
+        "for backend vllm with replicas.max 1, the only case where no proxy is needed to spread load",
+    )
     guard: GuardConfig = Field(default_factory=GuardConfig)
     ab: AbConfig = Field(default_factory=AbConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -424,17 +521,23 @@ class ServeConfig(Strict):
     def _check(self) -> "ServeConfig":
         for model, weight in self.ab.split.items():
             if model not in self.hosted_ids():
-                raise ValueError(f"ab.split: {model!r} is not a hosted model; hosted: {self.hosted_ids()} "
-                                 f"(add its variant to serve.variants)")
+                raise ValueError(
+                    f"ab.split: {model!r} is not a hosted model; hosted: {self.hosted_ids()} "
+                    f"(add its variant to serve.variants)"
+                )
             if weight <= 0:
                 raise ValueError(f"ab.split.{model}: weight must be > 0, got {weight}")
         if self.lora_adapters and self.backend != "vllm":
-            raise ValueError("lora_adapters: local adapters need serve.backend=vllm (ray.serve.llm loads "
-                             "adapters from s3/gs/azure only)")
+            raise ValueError(
+                "lora_adapters: local adapters need serve.backend=vllm (ray.serve.llm loads "
+                "adapters from s3/gs/azure only)"
+            )
         if self.direct_ingress and (self.backend != "vllm" or self.replicas.max > 1):
-            raise ValueError(f"direct_ingress: true needs serve.backend=vllm and serve.replicas.max=1 (got "
-                             f"{self.backend} and {self.replicas.max}): several replicas need the proxy to "
-                             "spread requests; set direct_ingress: false")
+            raise ValueError(
+                f"direct_ingress: true needs serve.backend=vllm and serve.replicas.max=1 (got "
+                f"{self.backend} and {self.replicas.max}): several replicas need the proxy to "
+                "spread requests; set direct_ingress: false"
+            )
         return self
 
 

@@ -49,3 +49,18 @@ def test_every_leaf_is_in_the_commented_reference_config():
 
     missing = [leaf for leaf in leaves(PipelineConfig) if not present(leaf)]
     assert missing == [], f"tiny_cpu.yaml is the commented reference of every option; add {missing}"
+
+
+def test_every_leaf_and_section_is_described():
+    """`tailorlm config` and the reference config explain every option: each leaf has a description."""
+    def undescribed(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                out += undescribed(sub, f"{prefix}{name}.")
+            elif not field.description:
+                out.append(prefix + name)
+        return out
+
+    assert undescribed(PipelineConfig) == []
