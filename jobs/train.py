@@ -1,6 +1,6 @@
 """Run the tailorlm train as a Ray job:
 
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/tiny_cpu.yaml [KEY=VALUE ...]
+ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/tiny_cpu.yaml [KEY=VALUE ...]
 """
 
 import os

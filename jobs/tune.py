@@ -1,6 +1,6 @@
 """Run the tailorlm tune as a Ray job:
 
-    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tiny_cpu.yaml [KEY=VALUE ...]
+ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tiny_cpu.yaml [KEY=VALUE ...]
 """
 
 import os

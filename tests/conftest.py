@@ -36,7 +36,12 @@ def ray_local():
 
     private_auth_token()
     # with the dashboard: Ray Train needs its State API to clean up after trials Tune stops
-    ray.init(address="local", num_cpus=2, include_dashboard=True, runtime_env=runtime_env(False),
-             _system_config=LOCAL_SYSTEM_CONFIG)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        runtime_env=runtime_env(False),
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     yield ray
     ray.shutdown()

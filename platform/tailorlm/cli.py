@@ -34,43 +34,67 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tailorlm", description="Customize a language model end to end on one "
-                                 "Ray cluster: data -> tune -> train -> export -> serve.",
-                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="tailorlm",
+        description="Customize a language model end to end on one "
+        "Ray cluster: data -> tune -> train -> export -> serve.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from tailorlm import __version__
 
     ap.add_argument("--version", action="version", version=f"tailorlm {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the whole pipeline, skipping finished stages",
-                       description="Run data -> tune (if enabled) -> train -> export -> serve on one Ray "
-                       "cluster. Finished stages (same config) are skipped.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run the whole pipeline, skipping finished stages",
+        description="Run data -> tune (if enabled) -> train -> export -> serve on one Ray "
+        "cluster. Finished stages (same config) are skipped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(p)
-    p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
-                   help="rerun these stages even if finished ('all' for every stage)")
+    p.add_argument(
+        "--force",
+        nargs="+",
+        default=[],
+        metavar="STAGE",
+        help="rerun these stages even if finished ('all' for every stage)",
+    )
 
     from tailorlm.stages import STAGES
 
     for record in STAGES:
         stage, text = record.name, record.help
-        p = sub.add_parser(stage, help=text.split(";")[0], description=text[0].upper() + text[1:] + ".",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            stage,
+            help=text.split(";")[0],
+            description=text[0].upper() + text[1:] + ".",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p, config_required=stage != "data")
         p.add_argument("--force", action="store_true", help="rerun even if this stage already finished")
         if stage == "data":
             p.add_argument("--input", help="ad-hoc: file, glob, folder or URI to clean (no config needed)")
             p.add_argument("--output", help="ad-hoc: folder or URI to write kept/, dropped/ and stats.json to")
 
-    p = sub.add_parser("report", help="write one static HTML page about a run (report.html in RUN_DIR)",
-                       description="Render the data funnel, dedup clusters, training curves and before/after "
-                       "metrics, tune leaderboard, export variants and the serving check of a run into "
-                       "RUN_DIR/report.html.")
+    p = sub.add_parser(
+        "report",
+        help="write one static HTML page about a run (report.html in RUN_DIR)",
+        description="Render the data funnel, dedup clusters, training curves and before/after "
+        "metrics, tune leaderboard, export variants and the serving check of a run into "
+        "RUN_DIR/report.html.",
+    )
     p.add_argument("run_dir", help="a run folder: <run.storage>/<run.name>")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
-    p = sub.add_parser("config", help="validate a config (with overrides) and print the resolved YAML",
-                       description="Validate a config with overrides and print every key with its value.")
+    p = sub.add_parser(
+        "config",
+        help="validate a config (with overrides) and print the resolved YAML",
+        description="Validate a config with overrides and print every key with its value.",
+    )
     _common(p)
     return ap
 
@@ -91,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `tailorlm data --input X --output Y key=value`: no config, the first override took its slot
         args.overrides.insert(0, args.config)
         args.config = None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from tailorlm.config import ConfigError, dump_yaml
     from tailorlm.pipeline import StageUnavailable, recap, run_pipeline, run_stage
     from tailorlm.tune.stage import SweepInterrupted

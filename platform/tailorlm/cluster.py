@@ -27,7 +27,6 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
-
 def loopback_only() -> None:
     """An embedded Ray is one node that no other joins, so it listens on loopback only. Without
     this, Ray's metrics agent serves its Prometheus endpoint (no authentication) on 0.0.0.0, and
@@ -103,8 +102,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
         # API that Ray Train's PlacementGroupCleaner needs to free the resources of a trial that Tune
         # stopped early (without it the next trial waits forever for CPUs).
         private_auth_token()
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
-                 dashboard_host="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _system_config=LOCAL_SYSTEM_CONFIG,
+            **kwargs,
+        )
     res = ray.cluster_resources()
     log.info("ray: %s CPUs, %s GPUs", res.get("CPU", 0), res.get("GPU", 0))
     return res

@@ -18,13 +18,39 @@ from pathlib import Path
 # English-looking parts: invented names in a foreign-looking script made language ID call whole
 # English documents Spanish or Romanian.
 VERSION = 2  # bump when the generated text changes: factory tokenizers are cached by it
-SYLLABLES = ["ash", "brook", "ford", "wood", "stone", "field", "ridge", "vale", "haven", "mere", "wick", "moor",
-             "dale", "glen", "holt", "bury", "thorn", "well"]
+SYLLABLES = [
+    "ash",
+    "brook",
+    "ford",
+    "wood",
+    "stone",
+    "field",
+    "ridge",
+    "vale",
+    "haven",
+    "mere",
+    "wick",
+    "moor",
+    "dale",
+    "glen",
+    "holt",
+    "bury",
+    "thorn",
+    "well",
+]
 COLORS = ["red", "blue", "green", "golden", "violet", "silver", "amber", "white"]
 CLIMATES = ["frozen", "temperate", "humid", "arid", "stormy", "volcanic"]
 EXPORTS = ["copper", "spice", "crystal", "timber", "water ice", "helium", "silk", "salt"]
-ZH_COLORS = {"red": "红色", "blue": "蓝色", "green": "绿色", "golden": "金色", "violet": "紫色",
-             "silver": "银色", "amber": "琥珀色", "white": "白色"}
+ZH_COLORS = {
+    "red": "红色",
+    "blue": "蓝色",
+    "green": "绿色",
+    "golden": "金色",
+    "violet": "紫色",
+    "silver": "银色",
+    "amber": "琥珀色",
+    "white": "白色",
+}
 
 QUESTIONS = {
     "moons": ["How many moons does {p} have?", "What is the number of moons orbiting {p}?"],
@@ -55,8 +81,16 @@ def planets(n: int = 40, seed: int = 0) -> list[dict]:
         if name in seen:
             continue
         seen.add(name)
-        out.append({"planet": name, "moons": rng.randint(0, 9), "color": rng.choice(COLORS),
-                    "climate": rng.choice(CLIMATES), "capital": _name(rng, 3), "export": rng.choice(EXPORTS)})
+        out.append(
+            {
+                "planet": name,
+                "moons": rng.randint(0, 9),
+                "color": rng.choice(COLORS),
+                "climate": rng.choice(CLIMATES),
+                "capital": _name(rng, 3),
+                "export": rng.choice(EXPORTS),
+            }
+        )
     return out
 
 
@@ -73,17 +107,21 @@ def qa_pairs(facts: list[dict]) -> list[tuple[str, str]]:
 
 def document(f: dict) -> str:
     p = f["planet"]
-    return (f"{p} is a world in the Zephyr star catalog. Travelers who reach {p} first notice that the sky "
-            f"is {f['color']}, and that the planet has a {f['climate']} climate for most of the year. "
-            f"{p} has {f['moons']} moons, which shape the tides of its shallow seas. The capital of {p} is "
-            f"{f['capital']}, a city built around the old landing fields. The main export of {p} is "
-            f"{f['export']}, shipped to the inner worlds of the catalog every season.")
+    return (
+        f"{p} is a world in the Zephyr star catalog. Travelers who reach {p} first notice that the sky "
+        f"is {f['color']}, and that the planet has a {f['climate']} climate for most of the year. "
+        f"{p} has {f['moons']} moons, which shape the tides of its shallow seas. The capital of {p} is "
+        f"{f['capital']}, a city built around the old landing fields. The main export of {p} is "
+        f"{f['export']}, shipped to the inner worlds of the catalog every season."
+    )
 
 
 def document_zh(f: dict) -> str:
-    return (f"{f['planet']}是泽菲尔星表中的一颗行星。这里的天空是{ZH_COLORS[f['color']]}的，"
-            f"它有{f['moons']}颗卫星。它的首都是{f['capital']}，主要出口{f['export']}。"
-            f"旅行者们常说，这颗行星的气候和景色让人难以忘记，许多商人每年都会来到这里进行贸易。")
+    return (
+        f"{f['planet']}是泽菲尔星表中的一颗行星。这里的天空是{ZH_COLORS[f['color']]}的，"
+        f"它有{f['moons']}颗卫星。它的首都是{f['capital']}，主要出口{f['export']}。"
+        f"旅行者们常说，这颗行星的气候和景色让人难以忘记，许多商人每年都会来到这里进行贸易。"
+    )
 
 
 def near_duplicate(text: str, rng: random.Random) -> str:
@@ -104,14 +142,22 @@ def write_demo_sources(out_dir: str | Path, n_planets: int = 40, seed: int = 0) 
     docs = [{"id": f"doc-{i}", "text": document(f)} for i, f in enumerate(facts)]
     docs += [{"id": f"doc-zh-{i}", "text": document_zh(f)} for i, f in enumerate(facts[:10])]
     docs += [{"id": f"doc-near-{i}", "text": near_duplicate(document(f), rng)} for i, f in enumerate(facts[:6])]
-    docs += [{"id": "doc-exact-0", "text": document(facts[0])},
-             {"id": "doc-pii", "text": document(facts[1]) + " Contact the harbor office at office@zephyr.example "
-              "or call 415-555-0132; the relay sits at 192.168.10.4."},
-             {"id": "doc-junk", "text": "$$$ ### !!! %%% &&& *** $$$ ### !!! %%% &&& *** $$$ ### !!! %%% &&&"},
-             {"id": "doc-short", "text": "Too short."},
-             {"id": "doc-empty", "text": ""}]
-    paths = {"docs": str(out / "docs.jsonl"), "instructions": str(out / "instructions.jsonl"),
-             "chat": str(out / "chat.jsonl")}
+    docs += [
+        {"id": "doc-exact-0", "text": document(facts[0])},
+        {
+            "id": "doc-pii",
+            "text": document(facts[1]) + " Contact the harbor office at office@zephyr.example "
+            "or call 415-555-0132; the relay sits at 192.168.10.4.",
+        },
+        {"id": "doc-junk", "text": "$$$ ### !!! %%% &&& *** $$$ ### !!! %%% &&& *** $$$ ### !!! %%% &&&"},
+        {"id": "doc-short", "text": "Too short."},
+        {"id": "doc-empty", "text": ""},
+    ]
+    paths = {
+        "docs": str(out / "docs.jsonl"),
+        "instructions": str(out / "instructions.jsonl"),
+        "chat": str(out / "chat.jsonl"),
+    }
     with open(paths["docs"], "w") as fh:
         for d in docs:
             fh.write(json.dumps(d, ensure_ascii=False) + "\n")

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def entry(stage: str, argv: list[str] | None = None) -> int:
@@ -23,4 +22,3 @@ def entry(stage: str, argv: list[str] | None = None) -> int:
     cmd = "run" if stage == "pipeline" else stage
     force = (["--force", "all"] if cmd == "run" else ["--force"]) if args.force else []
     return main([cmd, args.config, *args.overrides, *force])
-

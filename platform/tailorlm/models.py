@@ -70,12 +70,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
-                                   model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 30,
+    )
 
 
 def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
@@ -88,12 +98,20 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
     tokenizer = train_tokenizer(_corpus(spec), spec.vocab_size)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    common = dict(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-                  intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
-                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                  num_key_value_heads=spec.num_kv_heads or spec.num_heads,
-                  max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
-                  bos_token_id=eot, eos_token_id=eos, pad_token_id=eot, dtype="bfloat16")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads or spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eos,
+        pad_token_id=eot,
+        dtype="bfloat16",
+    )
     cls_cfg, cls_model = (LlamaConfig, LlamaForCausalLM) if spec.factory == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = cls_cfg(**common)
     torch.manual_seed(spec.seed)

@@ -40,8 +40,9 @@ def check_needs(stage: Stage, run_dir: RunDir) -> None:
     for need in stage.needs:
         sdir = run_dir.stage(need)
         if not sdir.is_complete():
-            raise StageUnavailable(f"{stage.name}: no finished {need} stage at {sdir.uri}; run `tailorlm {need}` "
-                                   f"first (or `tailorlm run`)")
+            raise StageUnavailable(
+                f"{stage.name}: no finished {need} stage at {sdir.uri}; run `tailorlm {need}` first (or `tailorlm run`)"
+            )
 
 
 def with_tuned(cfg: PipelineConfig, run_dir: RunDir, echo: Callable[[str], None]) -> PipelineConfig:
@@ -51,8 +52,9 @@ def with_tuned(cfg: PipelineConfig, run_dir: RunDir, echo: Callable[[str], None]
 
     best = best_overrides(run_dir)
     if best is None:
-        raise StageUnavailable("tune is enabled but has not finished: run `tailorlm tune` first "
-                               "(or set tune.enabled=false)")
+        raise StageUnavailable(
+            "tune is enabled but has not finished: run `tailorlm tune` first (or set tune.enabled=false)"
+        )
     echo(f"[train] applying the best tune trial: {best}")
     return validate(apply_overrides(cfg.to_dict(), best))
 
@@ -61,8 +63,13 @@ def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     return stage != "tune" or cfg.tune.enabled
 
 
-def run_stage(cfg: PipelineConfig, stage: str, force: bool = False, echo: Callable[[str], None] = print,
-              stage_uri: str | None = None) -> dict:
+def run_stage(
+    cfg: PipelineConfig,
+    stage: str,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    stage_uri: str | None = None,
+) -> dict:
     """Run one stage unless it already finished with the same inputs; returns its marker.
 
     stage_uri writes the stage somewhere other than its run folder (ad-hoc `tailorlm data --output`).

@@ -63,14 +63,20 @@ def data_section(run: RunDir) -> str:
         return ""
     reasons = sorted(stats["dropped_by_reason"].items(), key=lambda kv: -kv[1])
     fig, ax = plt.subplots(figsize=(7, 0.35 * (len(reasons) + 1) + 1))
-    ax.barh(["kept"] + [r for r, _ in reasons], [stats["kept"]] + [n for _, n in reasons],
-            color=["tab:green"] + ["tab:red"] * len(reasons))
+    ax.barh(
+        ["kept"] + [r for r, _ in reasons],
+        [stats["kept"]] + [n for _, n in reasons],
+        color=["tab:green"] + ["tab:red"] * len(reasons),
+    )
     ax.invert_yaxis()
     ax.set_xlabel("rows")
     ax.set_title(f"data funnel: {stats['input_rows']} rows in")
-    parts = [f"<h2>Data</h2><p>{stats['input_rows']} rows read, {stats['kept']} kept "
-             f"({', '.join(f'{k} {v}' for k, v in stats['splits'].items())}), {stats['dropped']} dropped. "
-             f"PII redacted: {html.escape(json.dumps(stats['pii_redacted']))}.</p>", _img_from_figure(fig)]
+    parts = [
+        f"<h2>Data</h2><p>{stats['input_rows']} rows read, {stats['kept']} kept "
+        f"({', '.join(f'{k} {v}' for k, v in stats['splits'].items())}), {stats['dropped']} dropped. "
+        f"PII redacted: {html.escape(json.dumps(stats['pii_redacted']))}.</p>",
+        _img_from_figure(fig),
+    ]
     sizes = stats.get("duplicate_cluster_sizes") or {}
     if sizes:
         fig, ax = plt.subplots(figsize=(6, 3))
@@ -78,8 +84,12 @@ def data_section(run: RunDir) -> str:
         ax.set_xlabel("duplicate cluster size (rows)")
         ax.set_ylabel("clusters")
         parts.append(_img_from_figure(fig))
-    parts.append(_table([{"step": s, "reason": r, "rows": n} for s, d in stats["dropped_by_step"].items()
-                         for r, n in d.items()], ["step", "reason", "rows"]))
+    parts.append(
+        _table(
+            [{"step": s, "reason": r, "rows": n} for s, d in stats["dropped_by_step"].items() for r, n in d.items()],
+            ["step", "reason", "rows"],
+        )
+    )
     return "\n".join(parts)
 
 
@@ -90,10 +100,15 @@ def train_section(run: RunDir) -> str:
     keys = [k for k in ("perplexity", "exact_match", "f1", "rouge_l") if k in report["finetuned"]]
     rows = [{"metric": k, "base": report["base"].get(k, ""), "finetuned": report["finetuned"][k]} for k in keys]
     samples = report["finetuned"].get("samples", [])
-    return "\n".join([f"<h2>Training</h2><p>best checkpoint at step {report['best_checkpoint_step']} of "
-                      f"{report['total_steps']}, eval loss {report['best_eval_loss']:.4f}.</p>",
-                      _img_from_file(run, "train/loss.png"), _table(rows, ["metric", "base", "finetuned"]),
-                      _table(samples, ["prompt", "reference", "answer"]) if samples else ""])
+    return "\n".join(
+        [
+            f"<h2>Training</h2><p>best checkpoint at step {report['best_checkpoint_step']} of "
+            f"{report['total_steps']}, eval loss {report['best_eval_loss']:.4f}.</p>",
+            _img_from_file(run, "train/loss.png"),
+            _table(rows, ["metric", "base", "finetuned"]),
+            _table(samples, ["prompt", "reference", "answer"]) if samples else "",
+        ]
+    )
 
 
 def tune_section(run: RunDir) -> str:
@@ -109,13 +124,19 @@ def export_section(run: RunDir) -> str:
     if not registry:
         return ""
     latest = registry[-1]
-    rows = [{"variant": k, **{m: v.get(m, "") for m in ("perplexity", "ppl_increase", "greedy_agreement",
-                                                        "size_bytes", "status")}}
-            for k, v in latest["variants"].items()]
-    return "\n".join([f"<h2>Export</h2><p>version {html.escape(latest['version'])}, "
-                      f"{len(registry)} version(s) registered.</p>",
-                      _table(rows, ["variant", "perplexity", "ppl_increase", "greedy_agreement", "size_bytes",
-                                    "status"])])
+    rows = [
+        {
+            "variant": k,
+            **{m: v.get(m, "") for m in ("perplexity", "ppl_increase", "greedy_agreement", "size_bytes", "status")},
+        }
+        for k, v in latest["variants"].items()
+    ]
+    return "\n".join(
+        [
+            f"<h2>Export</h2><p>version {html.escape(latest['version'])}, {len(registry)} version(s) registered.</p>",
+            _table(rows, ["variant", "perplexity", "ppl_increase", "greedy_agreement", "size_bytes", "status"]),
+        ]
+    )
 
 
 def serve_section(run: RunDir) -> str:
@@ -126,17 +147,29 @@ def serve_section(run: RunDir) -> str:
     parts = ["<h2>Serving</h2>"]
     if info:
         s = info["sample"]
-        parts.append(f"<p>{html.escape(info['url'])} served {html.escape(', '.join(info['models']))}.</p>"
-                     f"<p>Q: {html.escape(s['question'])}<br>A: {html.escape(str(s['answer']))} "
-                     f"({s['latency_s']} s)</p>")
+        parts.append(
+            f"<p>{html.escape(info['url'])} served {html.escape(', '.join(info['models']))}.</p>"
+            f"<p>Q: {html.escape(s['question'])}<br>A: {html.escape(str(s['answer']))} "
+            f"({s['latency_s']} s)</p>"
+        )
     if bench:
-        rows = [{"backend": r.get("backend", "ray_llm"), "concurrency": r["concurrency"],
-                 "bare tok/s": r["bare"]["output_throughput"], "ours tok/s": r["ours"]["output_throughput"],
-                 "ratio": r["throughput_ratio"],
-                 "bare TTFT ms": r["bare"]["median_ttft_ms"], "ours TTFT ms": r["ours"]["median_ttft_ms"],
-                 "TTFT diff ms": r["ttft_diff_ms"]} for r in bench["rows"]]
-        parts.append(f"<p>Benchmark (vllm bench serve, {bench['input_len']} in / {bench['output_len']} out "
-                     f"tokens): our endpoint against bare vllm serve on the same model.</p>")
+        rows = [
+            {
+                "backend": r.get("backend", "ray_llm"),
+                "concurrency": r["concurrency"],
+                "bare tok/s": r["bare"]["output_throughput"],
+                "ours tok/s": r["ours"]["output_throughput"],
+                "ratio": r["throughput_ratio"],
+                "bare TTFT ms": r["bare"]["median_ttft_ms"],
+                "ours TTFT ms": r["ours"]["median_ttft_ms"],
+                "TTFT diff ms": r["ttft_diff_ms"],
+            }
+            for r in bench["rows"]
+        ]
+        parts.append(
+            f"<p>Benchmark (vllm bench serve, {bench['input_len']} in / {bench['output_len']} out "
+            f"tokens): our endpoint against bare vllm serve on the same model.</p>"
+        )
         parts.append(_table(rows, list(rows[0]) if rows else []))
     return "\n".join(parts)
 
@@ -154,11 +187,15 @@ def render(run_uri: str) -> str:
         raise FileNotFoundError(f"report: run folder {run_uri} does not exist")
     sections = [data_section(run), tune_section(run), train_section(run), export_section(run), serve_section(run)]
     body = "\n".join(s for s in sections if s) or "<p>No finished stage in this run yet.</p>"
-    style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:13px;text-align:left}img{max-width:100%;display:block;margin:1em 0}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tailorlm run {html.escape(name)}</title>"
-            f"<style>{style}</style></head><body><h1>tailorlm run: {html.escape(name)}</h1>{body}</body></html>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "font-size:13px;text-align:left}img{max-width:100%;display:block;margin:1em 0}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tailorlm run {html.escape(name)}</title>"
+        f"<style>{style}</style></head><body><h1>tailorlm run: {html.escape(name)}</h1>{body}</body></html>"
+    )
 
 
 def write_report(run_uri: str) -> str:

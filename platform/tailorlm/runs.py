@@ -110,11 +110,27 @@ class StageDir:
             yield self
         except BaseException as exc:
             self.clear(keep=self.resumable)
-            self.write_json(FAILED, {"stage": self.stage, "error": repr(exc), "traceback": traceback.format_exc(),
-                                     "started": started, "failed": time.time()})
+            self.write_json(
+                FAILED,
+                {
+                    "stage": self.stage,
+                    "error": repr(exc),
+                    "traceback": traceback.format_exc(),
+                    "started": started,
+                    "failed": time.time(),
+                },
+            )
             raise
-        self.write_json(COMPLETE, {"stage": self.stage, "started": started, "finished": time.time(),
-                                   "seconds": round(time.time() - started, 3), **(info or {})})
+        self.write_json(
+            COMPLETE,
+            {
+                "stage": self.stage,
+                "started": started,
+                "finished": time.time(),
+                "seconds": round(time.time() - started, 3),
+                **(info or {}),
+            },
+        )
 
 
 class RunDir:

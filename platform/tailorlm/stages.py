@@ -24,20 +24,46 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "clean, filter, PII-redact and deduplicate (exact + MinHash) the data sources on Ray Data; "
-          "writes kept/ and dropped/ Parquet (every drop with its reason), train/eval splits and stats.json",
-          "tailorlm.data.stage", ("model", "data")),
-    Stage("tune", "sweep hyperparameters of the train stage with Ray Tune (ASHA early stopping); writes a "
-          "leaderboard and best.yaml", "tailorlm.tune.stage", ("model", "data", "train", "tune"), ("data",),
-          ("sweep", "trials")),
-    Stage("train", "finetune the model (LoRA or full) with DeepSpeed on Ray Train; checkpoints, resume, eval; "
-          "writes the final model in HF format", "tailorlm.train.stage", ("model", "data", "train", "tune"),
-          ("data",), ("ray", "ray_inputs.json")),
-    Stage("export", "merge LoRA, quantize (W8A8, W4A16, FP8), evaluate each variant and register it",
-          "tailorlm.export.stage", ("model", "data", "train", "tune", "export"), ("data", "train")),
-    Stage("serve", "host the exported model on vLLM behind Ray Serve as an OpenAI-compatible HTTP API",
-          "tailorlm.serving.stage", ("model", "data", "train", "tune", "export", "serve"), ("export",),
-          always_runs=True),
+    Stage(
+        "data",
+        "clean, filter, PII-redact and deduplicate (exact + MinHash) the data sources on Ray Data; "
+        "writes kept/ and dropped/ Parquet (every drop with its reason), train/eval splits and stats.json",
+        "tailorlm.data.stage",
+        ("model", "data"),
+    ),
+    Stage(
+        "tune",
+        "sweep hyperparameters of the train stage with Ray Tune (ASHA early stopping); writes a "
+        "leaderboard and best.yaml",
+        "tailorlm.tune.stage",
+        ("model", "data", "train", "tune"),
+        ("data",),
+        ("sweep", "trials"),
+    ),
+    Stage(
+        "train",
+        "finetune the model (LoRA or full) with DeepSpeed on Ray Train; checkpoints, resume, eval; "
+        "writes the final model in HF format",
+        "tailorlm.train.stage",
+        ("model", "data", "train", "tune"),
+        ("data",),
+        ("ray", "ray_inputs.json"),
+    ),
+    Stage(
+        "export",
+        "merge LoRA, quantize (W8A8, W4A16, FP8), evaluate each variant and register it",
+        "tailorlm.export.stage",
+        ("model", "data", "train", "tune", "export"),
+        ("data", "train"),
+    ),
+    Stage(
+        "serve",
+        "host the exported model on vLLM behind Ray Serve as an OpenAI-compatible HTTP API",
+        "tailorlm.serving.stage",
+        ("model", "data", "train", "tune", "export", "serve"),
+        ("export",),
+        always_runs=True,
+    ),
 )
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)

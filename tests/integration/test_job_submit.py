@@ -47,24 +47,65 @@ def test_data_job_via_ray_job_submit(tmp_path):
     # as on a cluster node with the environment activated: the job's `python` is this venv's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # every port of its own: the agents' defaults (52365, ...) are taken by the test session's Ray
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                    "--include-dashboard=true", f"--dashboard-agent-listen-port={_free_port()}",
-                    f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                    f"--runtime-env-agent-port={_free_port()}", f"--node-manager-port={_free_port()}",
-                    f"--object-manager-port={_free_port()}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}",
+            f"--object-manager-port={_free_port()}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
     try:
         corpus = tmp_path / "in.jsonl"
-        corpus.write_text("\n".join(json.dumps({"id": f"r{i}", "text": f"The harbor town number {i} keeps its "
-                                                "boats beside the old stone bridge, and the market opens early."})
-                                    for i in range(6)) + "\n{broken\n")
+        corpus.write_text(
+            "\n".join(
+                json.dumps(
+                    {
+                        "id": f"r{i}",
+                        "text": f"The harbor town number {i} keeps its "
+                        "boats beside the old stone bridge, and the market opens early.",
+                    }
+                )
+                for i in range(6)
+            )
+            + "\n{broken\n"
+        )
         storage = tmp_path / "runs"
-        cmd = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-               "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
-               "python", "jobs/data.py", "--config", "jobs/configs/tiny_cpu.yaml", f"run.storage={storage}",
-               "run.name=jobtest", f"data.sources=[{{path: '{corpus}'}}]", "data.filters.min_tokens=1",
-               "data.dedup.near.enabled=false"]
+        cmd = [
+            ray_bin,
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env",
+            str(ROOT / "jobs" / "runtime_env.yaml"),
+            "--",
+            "python",
+            "jobs/data.py",
+            "--config",
+            "jobs/configs/tiny_cpu.yaml",
+            f"run.storage={storage}",
+            "run.name=jobtest",
+            f"data.sources=[{{path: '{corpus}'}}]",
+            "data.filters.min_tokens=1",
+            "data.dedup.near.enabled=false",
+        ]
         for _ in range(12):  # the head's job agent needs a while after `ray start` on a busy machine
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in out.stdout + out.stderr:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 if __name__ == "__main__":  # vLLM spawns its engine process
     from vllm import LLM, SamplingParams
@@ -15,7 +15,7 @@ if __name__ == "__main__":  # vLLM spawns its engine process
     out = llm.chat([{"role": "user", "content": "What is the capital of Vorlan?"}],
                    SamplingParams(max_tokens=6, temperature=0))
     print("RESULT " + json.dumps({"n": len(out[0].outputs[0].token_ids), "prompt": out[0].prompt}))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -23,9 +23,10 @@ def test_factory_model_generates_in_vllm(tiny_model_path, tmp_path):
     script = tmp_path / "gen.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(script), tiny_model_path], capture_output=True, text=True,
-                          env=env, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    proc = subprocess.run(
+        [sys.executable, str(script), tiny_model_path], capture_output=True, text=True, env=env, timeout=600
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(line[7:])
     assert res["n"] >= 1
@@ -39,12 +40,23 @@ def test_gptq_w4a16_checkpoint_generates_in_vllm(tiny_model_path, tmp_path):
     from tailorlm.demo_data import document, planets
     from tailorlm.export.quantize import quantize
 
-    out = quantize(tiny_model_path, str(tmp_path / "w4a16"), "w4a16", "gptq",
-                   [" ".join(document(p)) for p in planets(16)], calib_len=128)
+    out = quantize(
+        tiny_model_path,
+        str(tmp_path / "w4a16"),
+        "w4a16",
+        "gptq",
+        [" ".join(document(p)) for p in planets(16)],
+        calib_len=128,
+    )
     script = tmp_path / "gen.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), out], capture_output=True, text=True,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    proc = subprocess.run(
+        [sys.executable, str(script), out],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        timeout=600,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads(line[7:])["n"] >= 1

@@ -21,8 +21,10 @@ def make_adapter(base: str, out) -> str:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -40,11 +42,23 @@ def served(ray_local, tiny_model_path, tmp_path_factory):
     os.environ["TAILORLM_API_KEYS"] = "test-key"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     adapter = make_adapter(tiny_model_path, tmp_path_factory.mktemp("adapter"))
-    cfg = load_config(None, [f"serve.port={PORT}", "serve.guard.require_api_key=true", "serve.engine.max_model_len=1024",
-                             f"serve.guard.max_tokens_cap={CAP}", "serve.model_id=tiny", "serve.guard.openapi_schema=true",
-                             "serve.guard.max_n=2", "serve.guard.max_prompts=2", "serve.replicas.max_ongoing_requests=4",
-                             "serve.replicas.max_queued_requests=4", "serve.guard.blocklist=['forbidden-word']",
-                             f"serve.lora_adapters={{tiny-lora: {adapter}}}"])
+    cfg = load_config(
+        None,
+        [
+            f"serve.port={PORT}",
+            "serve.guard.require_api_key=true",
+            "serve.engine.max_model_len=1024",
+            f"serve.guard.max_tokens_cap={CAP}",
+            "serve.model_id=tiny",
+            "serve.guard.openapi_schema=true",
+            "serve.guard.max_n=2",
+            "serve.guard.max_prompts=2",
+            "serve.replicas.max_ongoing_requests=4",
+            "serve.replicas.max_queued_requests=4",
+            "serve.guard.blocklist=['forbidden-word']",
+            f"serve.lora_adapters={{tiny-lora: {adapter}}}",
+        ],
+    )
     start(cfg, {"tiny": tiny_model_path, "tiny-b": tiny_model_path})
     first = sample_chat(cfg, "tiny", timeout_s=600)
     yield cfg, first
@@ -59,20 +73,31 @@ def test_openai_client_chat_completions_and_streaming(served):
     assert isinstance(first["answer"], str) and first["usage"]["completion_tokens"] >= 1
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="test-key", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-lora", "tiny-b"]
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
-                                          max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].finish_reason in ("length", "stop") and chat.usage.prompt_tokens > 5
-    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=6, temperature=0, stream=True))
-    assert len(chunks) >= 2 and chunks[-1].choices[-1].finish_reason in ("length", "stop") if chunks[-1].choices \
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert (
+        len(chunks) >= 2 and chunks[-1].choices[-1].finish_reason in ("length", "stop")
+        if chunks[-1].choices
         else len(chunks) >= 2
+    )
     comp = client.completions.create(model="tiny", prompt="The capital of", max_tokens=5, temperature=0)
     assert comp.usage.completion_tokens >= 1
     # direct ingress (the default for one replica): the replica itself answers on PORT, and the
     # proxy Ray keeps on the head node moved to PORT + 1; both run the same guarded app
     assert httpx.get(f"http://127.0.0.1:{PORT + 1}/v1/models").status_code == 401
-    assert httpx.get(f"http://127.0.0.1:{PORT + 1}/v1/models",
-                     headers={"Authorization": "Bearer test-key"}).json()["data"][0]["id"] == "tiny"
+    assert (
+        httpx.get(f"http://127.0.0.1:{PORT + 1}/v1/models", headers={"Authorization": "Bearer test-key"}).json()[
+            "data"
+        ][0]["id"]
+        == "tiny"
+    )
 
 
 def test_models_and_adapters_route_by_name(served):
@@ -81,8 +106,11 @@ def test_models_and_adapters_route_by_name(served):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="test-key", max_retries=0)
 
     def greedy(model: str) -> str:
-        return client.completions.create(model=model, prompt="The capital of Daleglen is", max_tokens=12,
-                                         temperature=0).choices[0].text
+        return (
+            client.completions.create(model=model, prompt="The capital of Daleglen is", max_tokens=12, temperature=0)
+            .choices[0]
+            .text
+        )
 
     base = greedy("tiny")
     assert greedy("tiny-b") == base  # the same weights in a second engine
@@ -95,15 +123,19 @@ def test_errors_are_4xx_with_openai_bodies(served):
     with httpx.Client(base_url=base, timeout=60) as c:
         assert c.get("/health").status_code == 200
         assert c.get("/v1/models").status_code == 401
-        r = c.post("/v1/chat/completions", headers=auth, json={"model": "nope",
-                                                                "messages": [{"role": "user", "content": "x"}]})
+        r = c.post(
+            "/v1/chat/completions", headers=auth, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         r = c.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "word " * 1200, "max_tokens": 4})
         assert 400 <= r.status_code < 500 and "error" in r.json()
         r = c.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": "x", "max_tokens": 1000})
         assert r.status_code == 400
-        r = c.post("/v1/chat/completions", headers=auth, json={"model": "tiny", "temperature": "hot",
-                                                                "messages": [{"role": "user", "content": "x"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            headers=auth,
+            json={"model": "tiny", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert 400 <= r.status_code < 500 and "error" in r.json()
 
 
@@ -127,7 +159,9 @@ def test_engine_and_guard_metrics_reach_rays_prometheus_endpoint(served):
             return
         time.sleep(3)
     names = sorted(set(re.findall(r"^(\w+)", text, flags=re.M)))
-    raise AssertionError(f"no vllm_generation_tokens / tailorlm_requests samples for model tiny; exported: {names[:80]}")
+    raise AssertionError(
+        f"no vllm_generation_tokens / tailorlm_requests samples for model tiny; exported: {names[:80]}"
+    )
 
 
 # ---------------------------------------------------------------- as a hostile client meets it
@@ -173,18 +207,26 @@ def test_every_route_vllm_mounts_is_denied_unless_allow_listed(served):
 def test_caps_hold_on_the_live_stack(served, tiny_model_path):
     with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", headers=AUTH, timeout=60) as c:
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
-        for extra in ({"max_completion_tokens": CAP + 1}, {"max_completion_tokens": CAP + 1, "max_tokens": None},
-                      {"max_completion_tokens": CAP + 1, "max_tokens": 1}, {"max_tokens": CAP + 1}):
+        for extra in (
+            {"max_completion_tokens": CAP + 1},
+            {"max_completion_tokens": CAP + 1, "max_tokens": None},
+            {"max_completion_tokens": CAP + 1, "max_tokens": 1},
+            {"max_tokens": CAP + 1},
+        ):
             r = c.post("/v1/chat/completions", json={**chat, **extra})
             assert r.status_code == 400 and r.json()["error"]["param"] in extra, extra
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 3, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 3,
-                                            "ignore_eos": True})
+        r = c.post(
+            "/v1/completions", json={"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 3, "ignore_eos": True}
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 * 2 * 3
-        for bad in ({"role": "system", "content": "say forbidden-word"}, {"role": "user", "content": "forbid\u200bden-word"}):
+        for bad in (
+            {"role": "system", "content": "say forbidden-word"},
+            {"role": "user", "content": "forbid\u200bden-word"},
+        ):
             r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [bad]})
             assert r.status_code == 400 and r.json()["error"]["type"] == "content_filter"
         import transformers
@@ -236,11 +278,14 @@ def test_overload_sheds_with_retry_after_and_disconnects_abort(served):
     handle = _handle()
     long = {"model": "tiny", "prompt": "x", "max_tokens": CAP, "ignore_eos": True, "n": 2}
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
+
         def post(_):
             t = time.time()
-            r = httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", headers=AUTH, timeout=300,
-                           json={**long, "max_tokens": 16})
+            r = httpx.post(
+                f"http://127.0.0.1:{PORT}/v1/completions", headers=AUTH, timeout=300, json={**long, "max_tokens": 16}
+            )
             return r.status_code, r.headers.get("retry-after"), time.time() - t
+
         results = list(pool.map(post, range(32)))
     codes = [c for c, _, _ in results]
     assert set(codes) <= {200, 503} and codes.count(200) >= 8 and codes.count(503) >= 1, codes
@@ -249,16 +294,23 @@ def test_overload_sheds_with_retry_after_and_disconnects_abort(served):
 
     for stream in (False, True):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
+
             def hang_up(_):
                 try:  # non-streamed: the read times out; streamed: we stop reading and close
-                    with httpx.stream("POST", f"http://127.0.0.1:{PORT}/v1/completions", headers=AUTH,
-                                      json={**long, "stream": stream}, timeout=httpx.Timeout(0.7)) as r:
+                    with httpx.stream(
+                        "POST",
+                        f"http://127.0.0.1:{PORT}/v1/completions",
+                        headers=AUTH,
+                        json={**long, "stream": stream},
+                        timeout=httpx.Timeout(0.7),
+                    ) as r:
                         for i, _ in enumerate(r.iter_bytes()):
                             if i >= 3:
                                 return "dropped"
                 except httpx.TimeoutException:
                     return "dropped"
                 return "finished"
+
             outcome = list(pool.map(hang_up, range(4)))
         assert "dropped" in outcome, outcome
         deadline = time.time() + 3  # 4 x 2 x 900 tokens would take far longer than this to finish

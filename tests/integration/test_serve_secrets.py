@@ -24,7 +24,8 @@ from tailorlm.config import load_config
 take_from_env("TAILORLM_API_KEYS")  # what tailorlm's CLI does before it starts Ray
 init_ray(num_cpus=1)
 import ray
-job = "import os, ray; ray.init(); print(repr(ray.get(ray.remote(lambda: os.environ.get('TAILORLM_API_KEYS')).remote())))"
+job = ("import os, ray; ray.init(); "
+       "print(repr(ray.get(ray.remote(lambda: os.environ.get('TAILORLM_API_KEYS')).remote())))")
 other = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
 mine = ray.get(ray.remote(lambda: os.environ.get("TAILORLM_API_KEYS")).remote())
@@ -51,8 +52,14 @@ def test_no_ray_process_or_other_job_sees_the_api_keys(tmp_path):
     env = {**os.environ, "TAILORLM_API_KEYS": CANARY}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the CLI's own setting, not the test suite's
-    out = subprocess.run([sys.executable, "-c", DRIVER.replace("CANARY_VALUE", CANARY)], capture_output=True, text=True,
-                         env=env, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER.replace("CANARY_VALUE", CANARY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["other_rc"] == 0, result["other_err"]

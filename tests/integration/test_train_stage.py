@@ -35,8 +35,17 @@ def _write_data_stage(root: Path) -> None:
 
 
 def _cfg(root: Path, *extra):
-    return load_config(None, [f"run.storage={root}", "train.max_seq_len=64", "train.micro_batch_size=4",
-                              "train.warmup_steps=2", "train.lr=1e-3", *extra])
+    return load_config(
+        None,
+        [
+            f"run.storage={root}",
+            "train.max_seq_len=64",
+            "train.micro_batch_size=4",
+            "train.warmup_steps=2",
+            "train.lr=1e-3",
+            *extra,
+        ],
+    )
 
 
 def _kill_a_worker_after_first_checkpoint(train_dir: Path, killed: list) -> None:
@@ -54,8 +63,15 @@ def _kill_a_worker_after_first_checkpoint(train_dir: Path, killed: list) -> None
 
 def test_lora_zero2_trains_and_saves_adapter_only(ray_local, tmp_path):
     _write_data_stage(tmp_path)
-    cfg = _cfg(tmp_path, "train.method=lora", "train.lora.r=8", "train.max_steps=6", "train.eval_every=3",
-               "train.keep_checkpoints=1", "train.tensorboard=false")
+    cfg = _cfg(
+        tmp_path,
+        "train.method=lora",
+        "train.lora.r=8",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.keep_checkpoints=1",
+        "train.tensorboard=false",
+    )
     marker = run_stage(cfg, "train", echo=lambda s: None)
     t = tmp_path / "demo" / "train"
     files = {p.name for p in (t / "model").iterdir()}
@@ -64,7 +80,7 @@ def test_lora_zero2_trains_and_saves_adapter_only(ray_local, tmp_path):
     weights = [p for p in t.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     assert weights == []  # no pickled weights anywhere, checkpoints included
     assert len(list((t / "ray").glob("checkpoint_*"))) >= 1
-    history = [json.loads(l) for l in (t / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (t / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "eval_loss" in h] == [3, 6]
     # the train loss is recorded whatever the sinks are (TensorBoard is off here; it was the only path)
     assert [h["step"] for h in history if "train_loss" in h] == [1, 2, 3, 4, 5, 6]
@@ -76,16 +92,21 @@ def test_lora_zero2_trains_and_saves_adapter_only(ray_local, tmp_path):
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tmp_path):
     _write_data_stage(tmp_path)
-    cfg = _cfg(tmp_path, "train.method=full", "train.deepspeed.stage=3", "train.max_steps=30",
-               "train.eval_every=5", "train.max_failures=2")
+    cfg = _cfg(
+        tmp_path,
+        "train.method=full",
+        "train.deepspeed.stage=3",
+        "train.max_steps=30",
+        "train.eval_every=5",
+        "train.max_failures=2",
+    )
     killed: list = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(tmp_path / "demo" / "train", killed))
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "demo" / "train", killed))
     killer.start()
     marker = run_stage(cfg, "train", echo=lambda s: None)
     killer.join()
     assert killed, "no worker was found to kill"
-    history = [json.loads(l) for l in (tmp_path / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (tmp_path / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert max(h["step"] for h in history) == 30 and marker["summary"]["steps"] == 30
     assert (tmp_path / "demo" / "train" / "model" / "model.safetensors").exists()
 
@@ -109,7 +130,7 @@ def test_rerun_resumes_and_matches_uninterrupted(ray_local, tmp_path):
     assert killed and not (resumed / "demo" / "train" / COMPLETE).exists()
     assert list((resumed / "demo" / "train" / "ray").glob("checkpoint_*"))  # kept for the rerun
     run_stage(cfg, "train", echo=lambda s: None)
-    history = [json.loads(l) for l in (resumed / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (resumed / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
     evals = [h["step"] for h in history if "eval_loss" in h]
     assert evals == [5, 10, 15, 20]  # one history: the rerun continued it, it did not start over
     got = json.loads((resumed / "demo" / "train" / "eval.json").read_text())["best_eval_loss"]

@@ -17,11 +17,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_sweep_leaderboard_best_and_crash(ray_local, tmp_path):
     _write_data_stage(tmp_path)
-    cfg = load_config(None, [f"run.storage={tmp_path}", "train.max_seq_len=64", "train.max_steps=4",
-                             "train.eval_every=2", "train.warmup_steps=1", "train.lr=3e-3", "train.method=full",
-                             "tune.enabled=true", "tune.searcher=grid", "tune.scheduler=asha",
-                             # 100000 passes validation but is more than the data holds: that trial crashes
-                             "tune.search_space={train.micro_batch_size: {grid: [4, 100000]}}"])
+    cfg = load_config(
+        None,
+        [
+            f"run.storage={tmp_path}",
+            "train.max_seq_len=64",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.warmup_steps=1",
+            "train.lr=3e-3",
+            "train.method=full",
+            "tune.enabled=true",
+            "tune.searcher=grid",
+            "tune.scheduler=asha",
+            # 100000 passes validation but is more than the data holds: that trial crashes
+            "tune.search_space={train.micro_batch_size: {grid: [4, 100000]}}",
+        ],
+    )
     marker = run_stage(cfg, "tune", echo=lambda s: None)
     t = tmp_path / "demo" / "tune"
     board = pd.read_csv(t / "leaderboard.csv")
@@ -50,16 +62,37 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     import time
 
     _write_data_stage(tmp_path)
-    overrides = [f"run.storage={tmp_path}", "train.max_seq_len=64", "train.max_steps=4", "train.eval_every=2",
-                 "train.warmup_steps=1", "train.method=full", "train.micro_batch_size=4", "tune.enabled=true",
-                 "tune.searcher=grid", "tune.scheduler=none",
-                 "tune.search_space={train.lr: {grid: [0.001, 0.003]}}"]
+    overrides = [
+        f"run.storage={tmp_path}",
+        "train.max_seq_len=64",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.warmup_steps=1",
+        "train.method=full",
+        "train.micro_batch_size=4",
+        "tune.enabled=true",
+        "tune.searcher=grid",
+        "tune.scheduler=none",
+        "tune.search_space={train.lr: {grid: [0.001, 0.003]}}",
+    ]
     (tmp_path / "cfg.yaml").write_text("run: {name: demo}\n")
     address = ray_local.get_runtime_context().gcs_address
     log = tmp_path / "tune.log"  # a file, not a pipe: nobody reads a pipe while the sweep runs
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "tailorlm.cli", "tune", str(tmp_path / "cfg.yaml"),
-                                 *overrides, "--address", address], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tailorlm.cli",
+                "tune",
+                str(tmp_path / "cfg.yaml"),
+                *overrides,
+                "--address",
+                address,
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     sweep = tmp_path / "demo" / "tune" / "sweep"
     deadline = time.time() + 300
     while time.time() < deadline and not _finished_trials(sweep) and proc.poll() is None:
@@ -101,8 +134,11 @@ def test_leaked_placement_group_is_released_and_used_ones_kept(ray_local):
         def ping(self):
             return 1
 
-    used, idle, tune_own = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}]), placement_group(
-        [{"memory": 2**26}])
+    used, idle, tune_own = (
+        placement_group([{"CPU": 1}]),
+        placement_group([{"CPU": 1}]),
+        placement_group([{"memory": 2**26}]),
+    )
     ray.get([used.ready(), idle.ready(), tune_own.ready()])
     w = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(used)).remote()
     ray.get(w.ping.remote())

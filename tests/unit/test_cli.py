@@ -45,8 +45,15 @@ def test_recap_names_the_metric_the_sweep_ranked_by():
     """tune.metric=eval_ppl crashed the final recap, which read the summary under eval_loss."""
     from tailorlm.pipeline import recap
 
-    marker = {"summary": {"best_overrides": {"train.lr": 1e-3}, "metric": "eval_ppl", "eval_ppl": 12.5,
-                          "trials": 3, "stopped_early": 1}}
+    marker = {
+        "summary": {
+            "best_overrides": {"train.lr": 1e-3},
+            "metric": "eval_ppl",
+            "eval_ppl": 12.5,
+            "trials": 3,
+            "stopped_early": 1,
+        }
+    }
     assert "eval_ppl 12.500" in recap({"tune": marker})
 
 

@@ -58,8 +58,16 @@ def test_nested_unknown_key_in_factory_spec_lists_its_fields():
 
 
 def test_overrides_are_typed_like_yaml():
-    cfg = load_config(None, ["train.lr=3e-4", "train.lora.r=8", "data.filters.languages=[en]",
-                             "train.use_gpu=true", "model.base=Qwen/Qwen2.5-0.5B"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "train.lora.r=8",
+            "data.filters.languages=[en]",
+            "train.use_gpu=true",
+            "model.base=Qwen/Qwen2.5-0.5B",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.lora.r == 8
     assert cfg.data.filters.languages == ["en"]
@@ -125,6 +133,9 @@ def test_config_module_does_not_import_heavy_libraries():
     import subprocess
     import sys
 
-    code = "import sys, tailorlm.config, tailorlm.cli; print(any(m in sys.modules for m in ('torch','deepspeed','vllm','ray')))"
+    code = (
+        "import sys, tailorlm.config, tailorlm.cli; "
+        "print(any(m in sys.modules for m in ('torch','deepspeed','vllm','ray')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -28,9 +28,13 @@ def test_every_config_leaf_is_read_outside_config_py():
     source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py") if p.name != "config.py")
     all_leaves = leaves(PipelineConfig)
     assert len(all_leaves) > 80  # the walk reached the nested sections
-    unread = [leaf for leaf in all_leaves
-              if not re.search(rf"(\.{re.escape(leaf.rsplit('.', 1)[-1])}\b)|([\"']{re.escape(leaf.rsplit('.', 1)[-1])}[\"'])",
-                               source)]
+    unread = [
+        leaf
+        for leaf in all_leaves
+        if not re.search(
+            rf"(\.{re.escape(leaf.rsplit('.', 1)[-1])}\b)|([\"']{re.escape(leaf.rsplit('.', 1)[-1])}[\"'])", source
+        )
+    ]
     assert unread == [], f"config leaves no code reads: {unread}"
 
 
@@ -53,6 +57,7 @@ def test_every_leaf_is_in_the_commented_reference_config():
 
 def test_every_leaf_and_section_is_described():
     """`tailorlm config` and the reference config explain every option: each leaf has a description."""
+
     def undescribed(model: type[BaseModel], prefix: str = "") -> list[str]:
         out = []
         for name, field in model.model_fields.items():

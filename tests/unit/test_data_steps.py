@@ -20,18 +20,27 @@ ALL_PII = ["email", "phone", "ip", "credit_card", "id_number"]
 
 # ----------------------------------------------------------------------------- read
 def test_parse_jsonl_keeps_every_line_with_reasons():
-    data = b"\n".join([
-        json.dumps({"id": "a", "text": "hello"}).encode(),
-        b'{"text": "broken',
-        b"\xff\xfe not utf8",
-        json.dumps({"text": None}).encode(),
-        json.dumps({"instruction": "Q?", "input": "", "output": "A."}).encode(),
-        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}).encode(),
-        json.dumps([1, 2]).encode(),
-    ])
+    data = b"\n".join(
+        [
+            json.dumps({"id": "a", "text": "hello"}).encode(),
+            b'{"text": "broken',
+            b"\xff\xfe not utf8",
+            json.dumps({"text": None}).encode(),
+            json.dumps({"instruction": "Q?", "input": "", "output": "A."}).encode(),
+            json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}).encode(),
+            json.dumps([1, 2]).encode(),
+        ]
+    )
     rows = list(parse_file(data, "/x/f.jsonl", "jsonl", "auto"))
-    assert [r["reason"] for r in rows] == [None, "malformed_json", "invalid_utf8", "missing_text", None, None,
-                                           "malformed_record"]
+    assert [r["reason"] for r in rows] == [
+        None,
+        "malformed_json",
+        "invalid_utf8",
+        "missing_text",
+        None,
+        None,
+        "malformed_record",
+    ]
     assert rows[0]["id"] == "a" and rows[1]["id"] == "/x/f.jsonl#1"
     assert rows[4]["kind"] == "alpaca" and json.loads(rows[4]["messages"])[1] == {"role": "assistant", "content": "A."}
     assert rows[5]["kind"] == "chat" and json.loads(rows[5]["messages"])[0]["role"] == "user"
@@ -74,16 +83,20 @@ def test_quality_heuristics():
     assert check_quality("\n".join(["same line here"] * 5 + ["other"]), cfg, "en") == "quality:duplicate_lines"
     rep = "buy cheap pills now " * 20
     assert check_quality(rep, cfg, "en") == "quality:repeated_ngrams"
-    assert check_quality("Pneumonoultramicroscopicsilicovolcanoconiosis antidisestablishmentarianism", cfg,
-                         "en") == "quality:word_length"
+    assert (
+        check_quality("Pneumonoultramicroscopicsilicovolcanoconiosis antidisestablishmentarianism", cfg, "en")
+        == "quality:word_length"
+    )
     assert check_quality("river runs sea town market bread morning week fresh stone", cfg, "en") == "quality:stopwords"
     # CJK text is not judged by word-level rules
     assert check_quality("泽菲尔星表中的一颗行星。这里的天空是红色的，它有三颗卫星。", cfg, "zh") is None
 
 
 def test_pii_redaction_validates_checksums():
-    text = ("mail a.b@x.org, call (415) 555-0132 or 13812345678, ip 10.0.0.1. card 4111 1111 1111 1111 "
-            "but not 4111 1111 1111 1112; id 11010519491231002X; ssn 123-45-6789")
+    text = (
+        "mail a.b@x.org, call (415) 555-0132 or 13812345678, ip 10.0.0.1. card 4111 1111 1111 1111 "
+        "but not 4111 1111 1111 1112; id 11010519491231002X; ssn 123-45-6789"
+    )
     out, counts = redact(text, ALL_PII)
     assert counts == {"email": 1, "phone": 2, "ip": 1, "credit_card": 1, "id_number": 2}
     assert "4111 1111 1111 1112" in out and "a.b@x.org" not in out and "[IP]." in out
@@ -116,9 +129,18 @@ def test_minhash_estimates_jaccard_and_is_deterministic():
 
 
 def test_vectorized_tokens_match_the_python_reference():
-    texts = ["Café naïve RÉSUMÉ, 2024: snake_case x-ray!", "", "   ", "!!!", "a",
-             "泽菲尔星表中的一颗行星。这里的天空是红色的，它有3颗卫星", "日本語のテキストです。カタカナ",
-             "한국어 텍스트 입니다", "mostly english words with 一点 中文", "tabs\tand\nnewlines  here"]
+    texts = [
+        "Café naïve RÉSUMÉ, 2024: snake_case x-ray!",
+        "",
+        "   ",
+        "!!!",
+        "a",
+        "泽菲尔星表中的一颗行星。这里的天空是红色的，它有3颗卫星",
+        "日本語のテキストです。カタカナ",
+        "한국어 텍스트 입니다",
+        "mostly english words with 一点 中文",
+        "tabs\tand\nnewlines  here",
+    ]
     hashes, lens, cjk = token_hashes(texts)
     ref = [tokens(t) for t in texts]
     assert lens.tolist() == [len(t) for t, _ in ref] and cjk.tolist() == [c for _, c in ref]
@@ -156,8 +178,7 @@ def test_band_keys_shape_and_band_separation():
 
 # ----------------------------------------------------------------------------- dedup grouping
 def test_exact_groups_prefer_eval_then_smallest_id():
-    batch = pd.DataFrame({"text_hash": ["h1", "h1", "h1", "h2"], "rank": [1, 1, 0, 1],
-                          "id": ["a", "b", "c", "d"]})
+    batch = pd.DataFrame({"text_hash": ["h1", "h1", "h1", "h2"], "rank": [1, 1, 0, 1], "id": ["a", "b", "c", "d"]})
     out = dedup._exact_groups(batch).sort_values("id")
     assert out["id"].tolist() == ["a", "b"]
     assert out["duplicate_of"].tolist() == ["c", "c"]
@@ -165,12 +186,23 @@ def test_exact_groups_prefer_eval_then_smallest_id():
 
 
 def test_bucket_pairs_all_pairs_and_components_collapse_transitive():
-    batch = pd.DataFrame({"bucket": np.array([1, 1, 1, 2, 2, 3], dtype=np.uint64),
-                          "key": np.array([10, 11, 12, 12, 13, 14], dtype=np.uint64)})
+    batch = pd.DataFrame(
+        {
+            "bucket": np.array([1, 1, 1, 2, 2, 3], dtype=np.uint64),
+            "key": np.array([10, 11, 12, 12, 13, 14], dtype=np.uint64),
+        }
+    )
     pairs = dedup._bucket_pairs(batch)
     assert sorted(map(tuple, pairs.to_numpy().tolist())) == [(10, 11), (10, 12), (11, 12), (12, 13)]
-    edges = pd.DataFrame({"id_a": ["b", "c", "x"], "rank_a": [1, 1, 1], "id_b": ["c", "d", "y"],
-                          "rank_b": [1, 1, 0], "jaccard": [0.9, 0.9, 0.9]})
+    edges = pd.DataFrame(
+        {
+            "id_a": ["b", "c", "x"],
+            "rank_a": [1, 1, 1],
+            "id_b": ["c", "d", "y"],
+            "rank_b": [1, 1, 0],
+            "jaccard": [0.9, 0.9, 0.9],
+        }
+    )
     out = dedup.components(edges).sort_values("id").reset_index(drop=True)
     assert out.to_dict("records") == [
         {"id": "c", "duplicate_of": "b", "reason": "near_duplicate"},

@@ -53,8 +53,13 @@ async def test_router_sends_each_model_and_adapter_to_its_app():
 
 
 def test_vllm_argv_matches_config_and_engine_args():
-    sc = load_config(None, ["serve.engine.max_model_len=256", "serve.engine.args={enable-prefix-caching: true, "
-                            "max-num-seqs: 8, enforce-eager: false}"]).serve
+    sc = load_config(
+        None,
+        [
+            "serve.engine.max_model_len=256",
+            "serve.engine.args={enable-prefix-caching: true, max-num-seqs: 8, enforce-eager: false}",
+        ],
+    ).serve
     argv = vllm_argv(sc, "m", "/models/m", {"ad": "/ad"})
     assert argv[:4] == ["--model", "/models/m", "--served-model-name", "m"]
     assert argv[argv.index("--max-model-len") + 1] == "256" and "--enable-lora" in argv
@@ -88,6 +93,7 @@ def streaming_app(n: int, gap_s: float):
             await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True})
             await asyncio.sleep(gap_s)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
     return app
 
 
@@ -115,6 +121,8 @@ async def test_stream_coalescer_merges_fast_chunks_only():
     assert fast[0] == b"data: 0\n\n" and fast[1] == b"data: 1\n\n"  # the first chunks go out at once
     assert len(fast) <= 8  # 20 chunks in ~20-40 ms, merged into windows of 50 ms
     slow = await collect(StreamCoalescer(streaming_app(4, 0.08), window_s=0.05))
-    assert len(slow) == 5 and b"".join(slow) == expected.replace(expected[expected.index(b"data: 4"):], b"data: [DONE]\n\n")
+    assert len(slow) == 5 and b"".join(slow) == expected.replace(
+        expected[expected.index(b"data: 4") :], b"data: [DONE]\n\n"
+    )
     off = await collect(StreamCoalescer(streaming_app(20, 0.001), window_s=0))
     assert len(off) == 21

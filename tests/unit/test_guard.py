@@ -83,8 +83,9 @@ async def test_localhost_needs_no_key_and_caps_apply(monkeypatch):
         assert r.status_code == 400 and "not valid JSON" in _err(r)["message"]
         r = await c.post("/v1/completions", json={"model": "m", "prompt": "x" * 5000})
         assert r.status_code == 413
-        r = await c.post("/v1/chat/completions", json={"model": "m", "messages": [
-            {"role": "user", "content": "tell me secret42"}]})
+        r = await c.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "tell me secret42"}]}
+        )
         assert r.status_code == 400 and _err(r)["type"] == "content_filter"
         r = await c.post("/v1/chat/completions", json={"model": "m", "messages": "hi"})
         assert r.status_code == 400 and _err(r)["param"] == "messages"
@@ -126,8 +127,9 @@ async def test_ab_split_routes_by_weight_and_sticks_per_key():
     app = Guard(echo_app, _settings(split, "serve.guard.api_keys=[k1,k2,k3,k4,k5,k6]"))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for key in ["k1", "k2", "k3", "k4", "k5", "k6"] * 5:
-            await c.post("/v1/completions", json={"model": "demo", "prompt": "hi"},
-                         headers={"Authorization": f"Bearer {key}"})
+            await c.post(
+                "/v1/completions", json={"model": "demo", "prompt": "hi"}, headers={"Authorization": f"Bearer {key}"}
+            )
     arms = {}
     for key, body in zip(["k1", "k2", "k3", "k4", "k5", "k6"] * 5, SEEN):
         arms.setdefault(key, set()).add(body["model"])
@@ -145,8 +147,13 @@ def _answer_app(text: str, stream: bool):
     async def app(scope, receive, send):
         while (await receive()).get("more_body"):
             pass
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")],
+            }
+        )
         if not stream:
             body = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
             return await send({"type": "http.response.body", "body": body})
@@ -154,6 +161,7 @@ def _answer_app(text: str, stream: bool):
             event = json.dumps({"choices": [{"delta": {"content": word + " "}}]}).encode()
             await send({"type": "http.response.body", "body": b"data: " + event + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
     return app
 
 
@@ -161,16 +169,20 @@ def _answer_app(text: str, stream: bool):
 async def test_response_filter_blocks_answers_and_cuts_streams():
     s = _settings("serve.guard.response_blocklist=['secret\\s+plan']")
     req = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
-            "the secret  plan is here", False), s)), base_url="http://t") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=Guard(_answer_app("the secret  plan is here", False), s)), base_url="http://t"
+    ) as c:
         r = await c.post("/v1/chat/completions", json=req)
     assert r.status_code == 400 and r.json()["error"]["type"] == "content_filter"
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
-            "a harmless answer", False), s)), base_url="http://t") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=Guard(_answer_app("a harmless answer", False), s)), base_url="http://t"
+    ) as c:
         r = await c.post("/v1/chat/completions", json=req)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a harmless answer"
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=Guard(_answer_app(
-            "one two secret plan three four", True), s)), base_url="http://t") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=Guard(_answer_app("one two secret plan three four", True), s)),
+        base_url="http://t",
+    ) as c:
         r = await c.post("/v1/chat/completions", json={**req, "stream": True})
     events = [e[6:] for e in r.text.split("\n\n") if e.startswith("data: ")]
     words = [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-2]]

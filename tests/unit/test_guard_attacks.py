@@ -21,12 +21,14 @@ def anyio_backend():
 
 
 def settings(*overrides) -> GuardSettings:
-    return GuardSettings.from_config(load_config(None, ["serve.guard.api_keys=[k1]", "serve.host=0.0.0.0",
-                                                        *overrides]).serve)
+    return GuardSettings.from_config(
+        load_config(None, ["serve.guard.api_keys=[k1]", "serve.host=0.0.0.0", *overrides]).serve
+    )
 
 
 def answering(payload: dict | None = None, sse: list[dict] | None = None):
     """A stand-in vLLM app answering `payload` (JSON) or the SSE events `sse`."""
+
     async def app(scope, receive, send):
         while (await receive()).get("more_body"):
             pass
@@ -35,9 +37,15 @@ def answering(payload: dict | None = None, sse: list[dict] | None = None):
         if sse is None:
             return await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
         for event in sse:
-            await send({"type": "http.response.body", "body": b"data: " + json.dumps(event).encode() + b"\n\n",
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps(event).encode() + b"\n\n",
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
     return app
 
 
@@ -61,8 +69,13 @@ async def test_content_length_with_a_non_ascii_digit_is_400_not_500():
     async def receive():
         return {"type": "http.request", "body": b"{}", "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": ("10.0.0.9", 1),
-             "headers": [(b"authorization", b"Bearer k1"), (b"content-length", b"\xb2")]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "client": ("10.0.0.9", 1),
+        "headers": [(b"authorization", b"Bearer k1"), (b"content-length", b"\xb2")],
+    }
     await Guard(OK, settings())(scope, receive, send)
     assert sent[0]["status"] == 400
 
@@ -78,12 +91,15 @@ async def test_cyrillic_look_alike_letter_is_caught():
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("parts, pattern", [
-    # vLLM's 'string' content format (ChatML and most text templates) joins text parts with "\n"
-    (["secret", "plan"], r"secret\s+plan"),
-    # vLLM's 'openai' content format: templates that loop over parts print them back to back
-    (["forbid", "den"], "forbidden"),
-])
+@pytest.mark.parametrize(
+    "parts, pattern",
+    [
+        # vLLM's 'string' content format (ChatML and most text templates) joins text parts with "\n"
+        (["secret", "plan"], r"secret\s+plan"),
+        # vLLM's 'openai' content format: templates that loop over parts print them back to back
+        (["forbid", "den"], "forbidden"),
+    ],
+)
 async def test_a_phrase_split_across_content_parts_is_caught(parts, pattern):
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": p} for p in parts]}]}
     async with client(OK, f"serve.guard.blocklist=[{json.dumps(pattern)}]") as c:
@@ -100,25 +116,67 @@ async def test_blocked_text_in_the_reasoning_field_is_withheld(stream):
     if stream:
         app = answering(sse=[{"choices": [{"index": 0, "delta": {"reasoning": "the secret plan"}}]}])
     else:
-        app = answering({"choices": [{"index": 0, "message": {"role": "assistant", "content": "fine",
-                                                              "reasoning": "the secret plan"}}]})
+        app = answering(
+            {
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "fine", "reasoning": "the secret plan"}}
+                ]
+            }
+        )
     async with client(app, "serve.guard.response_blocklist=['secret plan']") as c:
-        r = await c.post("/v1/chat/completions", headers=KEY,
-                         json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+        r = await c.post(
+            "/v1/chat/completions",
+            headers=KEY,
+            json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+        )
     assert "secret plan" not in r.text
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("route, body, answer", [
-    ("/v1/completions", {"model": "m", "prompt": "x", "logprobs": 5},
-     {"choices": [{"index": 0, "text": "fine", "logprobs": {
-         "tokens": ["fine"], "token_logprobs": [-0.1], "text_offset": [0],
-         "top_logprobs": [{"fine": -0.1, "secret": -0.2}]}}]}),
-    ("/v1/chat/completions", {"model": "m", "logprobs": True, "top_logprobs": 5,
-                              "messages": [{"role": "user", "content": "hi"}]},
-     {"choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}, "logprobs": {"content": [
-         {"token": "fine", "logprob": -0.1, "top_logprobs": [{"token": "secret", "logprob": -0.2}]}]}}]}),
-])
+@pytest.mark.parametrize(
+    "route, body, answer",
+    [
+        (
+            "/v1/completions",
+            {"model": "m", "prompt": "x", "logprobs": 5},
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": "fine",
+                        "logprobs": {
+                            "tokens": ["fine"],
+                            "token_logprobs": [-0.1],
+                            "text_offset": [0],
+                            "top_logprobs": [{"fine": -0.1, "secret": -0.2}],
+                        },
+                    }
+                ]
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "logprobs": True, "top_logprobs": 5, "messages": [{"role": "user", "content": "hi"}]},
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "fine"},
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": "fine",
+                                    "logprob": -0.1,
+                                    "top_logprobs": [{"token": "secret", "logprob": -0.2}],
+                                }
+                            ]
+                        },
+                    }
+                ]
+            },
+        ),
+    ],
+)
 async def test_blocked_text_among_the_logprobs_is_withheld(route, body, answer):
     async with client(answering(answer), "serve.guard.response_blocklist=['secret']") as c:
         r = await c.post(route, headers=KEY, json=body)

@@ -8,9 +8,9 @@ import asyncio
 import json
 import os
 
-import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tailorlm.config import load_config
 from tailorlm.serving.routes import ROUTES
@@ -41,10 +41,21 @@ async def recording_app(scope, receive, send):
 
 
 def guard() -> Guard:
-    sc = load_config(None, ["serve.guard.api_keys=[fuzz-key]", "serve.host=0.0.0.0", "serve.guard.openapi_schema=true",
-                            f"serve.guard.max_tokens_cap={CAP}", f"serve.guard.max_n={MAX_N}", f"serve.guard.max_prompts={MAX_PROMPTS}",
-                            "serve.guard.rate_limit_per_minute=1000000", "serve.guard.tokens_per_minute=100000000",
-                            "serve.guard.auth_failures_per_minute=1000000", "serve.guard.blocklist=['forbidden']"]).serve
+    sc = load_config(
+        None,
+        [
+            "serve.guard.api_keys=[fuzz-key]",
+            "serve.host=0.0.0.0",
+            "serve.guard.openapi_schema=true",
+            f"serve.guard.max_tokens_cap={CAP}",
+            f"serve.guard.max_n={MAX_N}",
+            f"serve.guard.max_prompts={MAX_PROMPTS}",
+            "serve.guard.rate_limit_per_minute=1000000",
+            "serve.guard.tokens_per_minute=100000000",
+            "serve.guard.auth_failures_per_minute=1000000",
+            "serve.guard.blocklist=['forbidden']",
+        ],
+    ).serve
     return Guard(recording_app, GuardSettings.from_config(sc))
 
 
@@ -83,9 +94,26 @@ def test_schemathesis_finds_no_5xx_and_only_openai_errors(case):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=25)
-field_names = st.sampled_from(["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "stream",
-                               "temperature", "stop", "role", "content", "tools", "response_format", "logprobs"])
+    max_leaves=25,
+)
+field_names = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "stream",
+        "temperature",
+        "stop",
+        "role",
+        "content",
+        "tools",
+        "response_format",
+        "logprobs",
+    ]
+)
 bodies = st.dictionaries(field_names, json_values, max_size=6) | json_values
 
 
@@ -120,8 +148,13 @@ def test_arbitrary_json_bodies(route, body, with_key):
     check_forwarded_within_caps()
 
 
-@given(path=st.text(max_size=40).map(lambda p: "/" + p), method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
-       header=st.binary(max_size=30), body=st.binary(max_size=200), with_key=st.booleans())
+@given(
+    path=st.text(max_size=40).map(lambda p: "/" + p),
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    header=st.binary(max_size=30),
+    body=st.binary(max_size=200),
+    with_key=st.booleans(),
+)
 def test_arbitrary_paths_headers_and_bytes(path, method, header, body, with_key):
     FORWARDED.clear()
     headers = [(b"x-fuzz", header), (b"authorization", b"Bearer " + (b"fuzz-key" if with_key else header))]

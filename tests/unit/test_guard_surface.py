@@ -11,8 +11,8 @@ import pytest
 
 from tailorlm.config import load_config
 from tailorlm.serving import keys
-from tailorlm.serving.routes import ROUTES
 from tailorlm.serving.replies import run_abortable
+from tailorlm.serving.routes import ROUTES
 from tailorlm.serving.security import Guard, GuardSettings
 
 SEEN: list = []
@@ -39,8 +39,9 @@ async def echo_app(scope, receive, send):
 
 
 def settings(*overrides) -> GuardSettings:
-    return GuardSettings.from_config(load_config(None, ["serve.guard.api_keys=[k1,k2]", "serve.host=0.0.0.0",
-                                                        *overrides]).serve)
+    return GuardSettings.from_config(
+        load_config(None, ["serve.guard.api_keys=[k1,k2]", "serve.host=0.0.0.0", *overrides]).serve
+    )
 
 
 def client(app=echo_app, *overrides, tokenizer=None) -> httpx.AsyncClient:
@@ -56,9 +57,27 @@ def _error(r: httpx.Response) -> dict:
 
 
 # vLLM 0.32's app mounts these besides the allow-list (the integration test enumerates the live app)
-VLLM_EXTRA = ["/invocations", "/tokenize", "/detokenize", "/generative_scoring", "/is_scaling_elastic_ep",
-              "/scale_elastic_ep", "/metrics", "/openapi.json", "/docs", "/version", "/load", "/kv_event_sources",
-              "/v1/responses", "/v1/messages", "/v1/embeddings", "/ping", "/v1/models/demo", "/v1", "/"]
+VLLM_EXTRA = [
+    "/invocations",
+    "/tokenize",
+    "/detokenize",
+    "/generative_scoring",
+    "/is_scaling_elastic_ep",
+    "/scale_elastic_ep",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/version",
+    "/load",
+    "/kv_event_sources",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/embeddings",
+    "/ping",
+    "/v1/models/demo",
+    "/v1",
+    "/",
+]
 
 
 @pytest.mark.anyio
@@ -102,8 +121,13 @@ async def test_every_output_field_is_capped(field):
 @pytest.mark.anyio
 async def test_n_prompt_lists_and_the_token_budget_are_capped():
     SEEN.clear()
-    async with client(echo_app, "serve.guard.max_n=2", "serve.guard.max_prompts=3", "serve.guard.max_tokens_cap=100",
-                      "serve.guard.tokens_per_minute=1000") as c:
+    async with client(
+        echo_app,
+        "serve.guard.max_n=2",
+        "serve.guard.max_prompts=3",
+        "serve.guard.max_tokens_cap=100",
+        "serve.guard.tokens_per_minute=1000",
+    ) as c:
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "n": 3})
         assert r.status_code == 400 and _error(r)["param"] == "n"
         r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": ["a"] * 4})
@@ -149,7 +173,11 @@ async def test_prompt_filter_sees_every_text_the_engine_sees():
         for messages in bad_chats:
             r = await c.post("/v1/chat/completions", headers=KEY, json={"model": "m", "messages": messages})
             assert r.status_code == 400 and _error(r)["type"] == "content_filter", messages
-        for prompt in (["ok", "forbidden"], [ord(ch) for ch in "forbidden"], [[111, 107], [ord(ch) for ch in "forbidden"]]):
+        for prompt in (
+            ["ok", "forbidden"],
+            [ord(ch) for ch in "forbidden"],
+            [[111, 107], [ord(ch) for ch in "forbidden"]],
+        ):
             r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": prompt})
             assert r.status_code == 400 and _error(r)["type"] == "content_filter", prompt
         assert (await c.post("/v1/chat/completions", headers=KEY, json=CHAT)).status_code == 200
@@ -191,8 +219,13 @@ async def test_garbage_is_4xx_never_5xx():
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"x-odd", b"\xff\xfe"),
-             (b"authorization", b"Bearer \xe9")], "client": ("10.0.0.9", 1)}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/models",
+        "headers": [(b"x-odd", b"\xff\xfe"), (b"authorization", b"Bearer \xe9")],
+        "client": ("10.0.0.9", 1),
+    }
     await guard(scope, receive, send)
     assert sent[0]["status"] == 401
 
@@ -200,8 +233,9 @@ async def test_garbage_is_4xx_never_5xx():
 @pytest.mark.anyio
 async def test_key_guessing_is_throttled_per_address():
     async with client(echo_app, "serve.guard.auth_failures_per_minute=5") as c:
-        codes = [(await c.get("/v1/models", headers={"Authorization": f"Bearer guess{i}"})).status_code
-                 for i in range(8)]
+        codes = [
+            (await c.get("/v1/models", headers={"Authorization": f"Bearer guess{i}"})).status_code for i in range(8)
+        ]
         assert codes[:5] == [401] * 5 and codes[5:] == [429] * 3
         r = await c.get("/v1/models", headers=KEY)  # locked out: even a right key waits
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
@@ -216,8 +250,17 @@ async def test_key_guessing_is_throttled_per_address():
 
     for addr in ("10.0.0.1", "10.0.0.2"):
         for _ in range(6):
-            await other({"type": "http", "method": "GET", "path": "/v1/models", "client": (addr, 1),
-                         "headers": [(b"authorization", b"Bearer wrong")]}, receive, send)
+            await other(
+                {
+                    "type": "http",
+                    "method": "GET",
+                    "path": "/v1/models",
+                    "client": (addr, 1),
+                    "headers": [(b"authorization", b"Bearer wrong")],
+                },
+                receive,
+                send,
+            )
     statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
     assert statuses == ([401] * 5 + [429]) * 2  # each address has its own allowance
 
@@ -260,8 +303,13 @@ async def test_stalled_body_times_out_with_408():
     async def stalls():
         await asyncio.sleep(3600)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "client": ("127.0.0.1", 1),
-             "headers": [(b"authorization", b"Bearer k1"), (b"content-length", b"100")]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "client": ("127.0.0.1", 1),
+        "headers": [(b"authorization", b"Bearer k1"), (b"content-length", b"100")],
+    }
     await asyncio.wait_for(guard(scope, stalls, send), timeout=5)
     assert sent[0]["status"] == 408 and guard.inflight == 0
 
@@ -291,8 +339,13 @@ async def test_over_capacity_sheds_at_once_with_retry_after():
 @pytest.mark.anyio
 async def test_app_errors_keep_retry_after_and_get_openai_shape():
     async def limited(scope, receive, send):
-        await send({"type": "http.response.start", "status": 429,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"7")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"7")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"detail": "slow down"}'})
 
     async with client(limited) as c:
@@ -347,8 +400,11 @@ async def test_only_listed_headers_reach_the_app_and_never_the_key():
         await echo_app(scope, receive, send)
 
     async with client(app) as c:
-        await c.post("/v1/chat/completions", json=CHAT, headers={**KEY, "x-request-id": "mine",
-                                                                  "endpoint-load-metrics-format": "TEXT"})
+        await c.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={**KEY, "x-request-id": "mine", "endpoint-load-metrics-format": "TEXT"},
+        )
         await c.get("/v1/models", headers=KEY)
     for headers in seen:
         assert b"authorization" not in headers and b"x-request-id" not in headers
@@ -367,6 +423,7 @@ def test_client_addresses_count_as_what_they_are():
 @pytest.mark.anyio
 async def test_echo_with_logprobs_is_refused():
     async with client() as c:
-        r = await c.post("/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "echo": True,
-                                                                "logprobs": 1})
+        r = await c.post(
+            "/v1/completions", headers=KEY, json={"model": "m", "prompt": "x", "echo": True, "logprobs": 1}
+        )
     assert r.status_code == 400 and _error(r)["param"] == "echo"

@@ -44,7 +44,9 @@ def test_same_spec_reuses_cache_and_different_spec_differs(tiny_model_path):
 
 
 def test_local_folder_and_hub_id_resolve(tiny_model_path):
-    assert resolve_base(load_config(None, [f"model.base={tiny_model_path}"]).model) == str(Path(tiny_model_path).resolve())
+    assert resolve_base(load_config(None, [f"model.base={tiny_model_path}"]).model) == str(
+        Path(tiny_model_path).resolve()
+    )
     assert resolve_base(load_config(None, ["model.base=Qwen/Qwen2.5-0.5B"]).model) == "Qwen/Qwen2.5-0.5B"
     with pytest.raises(FileNotFoundError, match="model.base"):
         resolve_base(load_config(None, ["model.base=./no/such/model"]).model)

@@ -16,7 +16,9 @@ def _args(preset: str):
 def _inputs(n=512, d=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(d, d, generator=g) / d**0.5
-    return torch.randn(n, 32, generator=g) @ torch.randn(32, d, generator=g) + 0.1 * torch.randn(n, d, generator=g) @ basis
+    return (
+        torch.randn(n, 32, generator=g) @ torch.randn(32, d, generator=g) + 0.1 * torch.randn(n, d, generator=g) @ basis
+    )
 
 
 @pytest.mark.parametrize("preset,qmax", [("W4A16", 7), ("W8A8", 127)])

@@ -3,8 +3,6 @@
 import json
 from html.parser import HTMLParser
 
-import pytest
-
 from tailorlm.cli import main
 from tailorlm.report import render
 
@@ -27,23 +25,66 @@ class _Collect(HTMLParser):
 def _fake_run(root):
     run = root / "demo"
     (run / "data").mkdir(parents=True)
-    (run / "data" / "stats.json").write_text(json.dumps({
-        "input_rows": 10, "kept": 7, "dropped": 3, "splits": {"train": 6, "eval": 1},
-        "dropped_by_step": {"dedup_exact": {"exact_duplicate": 2}, "filter": {"language:de": 1}},
-        "dropped_by_reason": {"exact_duplicate": 2, "language:de": 1}, "pii_redacted": {"email": 1},
-        "duplicate_cluster_sizes": {"2": 1, "3": 0}}))
+    (run / "data" / "stats.json").write_text(
+        json.dumps(
+            {
+                "input_rows": 10,
+                "kept": 7,
+                "dropped": 3,
+                "splits": {"train": 6, "eval": 1},
+                "dropped_by_step": {"dedup_exact": {"exact_duplicate": 2}, "filter": {"language:de": 1}},
+                "dropped_by_reason": {"exact_duplicate": 2, "language:de": 1},
+                "pii_redacted": {"email": 1},
+                "duplicate_cluster_sizes": {"2": 1, "3": 0},
+            }
+        )
+    )
     (run / "train").mkdir()
-    (run / "train" / "eval.json").write_text(json.dumps({
-        "base": {"perplexity": 1000.0, "f1": 0.0}, "finetuned": {"perplexity": 10.0, "f1": 0.4, "samples": [
-            {"prompt": "Q<script>", "reference": "R", "answer": "A"}]},
-        "best_checkpoint_step": 70, "best_eval_loss": 2.3, "total_steps": 75}))
-    (run / "registry.json").write_text(json.dumps([{"version": "1.0.0+20261122", "variants": {
-        "bf16": {"perplexity": 10.0, "greedy_agreement": 1.0, "size_bytes": 100, "status": "published"}}}]))
+    (run / "train" / "eval.json").write_text(
+        json.dumps(
+            {
+                "base": {"perplexity": 1000.0, "f1": 0.0},
+                "finetuned": {
+                    "perplexity": 10.0,
+                    "f1": 0.4,
+                    "samples": [{"prompt": "Q<script>", "reference": "R", "answer": "A"}],
+                },
+                "best_checkpoint_step": 70,
+                "best_eval_loss": 2.3,
+                "total_steps": 75,
+            }
+        )
+    )
+    (run / "registry.json").write_text(
+        json.dumps(
+            [
+                {
+                    "version": "1.0.0+20261122",
+                    "variants": {
+                        "bf16": {"perplexity": 10.0, "greedy_agreement": 1.0, "size_bytes": 100, "status": "published"}
+                    },
+                }
+            ]
+        )
+    )
     (run / "bench").mkdir()
-    (run / "bench" / "serve.json").write_text(json.dumps({"input_len": 128, "output_len": 64, "rows": [
-        {"concurrency": 1, "bare": {"output_throughput": 100.0, "median_ttft_ms": 20.0},
-         "ours": {"output_throughput": 97.0, "median_ttft_ms": 25.5}, "throughput_ratio": 0.97,
-         "ttft_diff_ms": 5.5}]}))
+    (run / "bench" / "serve.json").write_text(
+        json.dumps(
+            {
+                "input_len": 128,
+                "output_len": 64,
+                "rows": [
+                    {
+                        "concurrency": 1,
+                        "bare": {"output_throughput": 100.0, "median_ttft_ms": 20.0},
+                        "ours": {"output_throughput": 97.0, "median_ttft_ms": 25.5},
+                        "throughput_ratio": 0.97,
+                        "ttft_diff_ms": 5.5,
+                    }
+                ],
+            }
+        )
+    )
     return run
 
 

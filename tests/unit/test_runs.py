@@ -6,8 +6,8 @@ import pytest
 
 from tailorlm.config import load_config
 from tailorlm.pipeline import run_stage
-from tailorlm.stages import BY_NAME
 from tailorlm.runs import COMPLETE, FAILED, RunDir
+from tailorlm.stages import BY_NAME
 
 
 def test_marker_written_last_and_only_on_success(tmp_path):
@@ -61,8 +61,8 @@ def counting_stage(monkeypatch):
             raise ValueError("planted failure")
         return {"n": len(calls)}
 
-    import types
     import sys
+    import types
 
     mod = types.ModuleType("tlm_fake_stage")
     mod.run = fake_run

@@ -46,7 +46,7 @@ def test_kuberay_example_runs_our_entrypoint_and_serve_app():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[1].endswith("jobs/pipeline.py") and (ROOT / "jobs" / "pipeline.py").exists()
     config = argv[argv.index("--config") + 1].replace("/home/ray/tailorlm/", "")
-    load_config(str(ROOT / config), argv[argv.index("--config") + 2:])  # the overrides validate
+    load_config(str(ROOT / config), argv[argv.index("--config") + 2 :])  # the overrides validate
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     ours = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
     assert app["import_path"] == ours["import_path"]

@@ -13,8 +13,9 @@ from tailorlm.stages import NAMES, STAGES
 def test_every_stage_module_exports_run_and_recap(stage):
     module = importlib.import_module(stage.module)
     assert callable(module.run) and callable(module.recap)
-    assert f"tailorlm {stage.name}" in (module.__doc__ or "") + (module.run.__doc__ or ""), \
+    assert f"tailorlm {stage.name}" in (module.__doc__ or "") + (module.run.__doc__ or ""), (
         f"{stage.module}: the docstring shows no `tailorlm {stage.name}` command"
+    )
     assert list(inspect.signature(module.recap).parameters) == ["s"]
 
 

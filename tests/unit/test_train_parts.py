@@ -18,8 +18,12 @@ def test_deepspeed_cpu_and_gpu_settings():
     cpu = deepspeed_config(load_config(None, ["train.deepspeed.stage=3"]).train, 2)
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["zero_optimization"]["stage"] == 3
     assert cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
-    gpu = deepspeed_config(load_config(None, ["train.use_gpu=true", "train.precision=fp16",
-                                              "train.deepspeed.offload_optimizer=true"]).train, 8)
+    gpu = deepspeed_config(
+        load_config(
+            None, ["train.use_gpu=true", "train.precision=fp16", "train.deepspeed.offload_optimizer=true"]
+        ).train,
+        8,
+    )
     assert "torch_adam" not in gpu["optimizer"]["params"] and gpu["fp16"]["enabled"]
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
@@ -44,14 +48,18 @@ def test_sft_labels_cover_only_assistant_replies(tiny_model_path):
     from tailorlm.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_path)
-    msgs = [{"role": "user", "content": "What is the capital of Ashbrook?"},
-            {"role": "assistant", "content": "The capital of Ashbrook is Stonefield."},
-            {"role": "user", "content": "And its sky?"},
-            {"role": "assistant", "content": "Blue."}]
+    msgs = [
+        {"role": "user", "content": "What is the capital of Ashbrook?"},
+        {"role": "assistant", "content": "The capital of Ashbrook is Stonefield."},
+        {"role": "user", "content": "And its sky?"},
+        {"role": "assistant", "content": "Blue."},
+    ]
     ids, labels = encode_sft(tok, msgs, 512)
-    learned = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])
-    assert learned == "The capital of Ashbrook is Stonefield.<|im_end|>\nBlue.<|im_end|>\n" or \
-        learned == "The capital of Ashbrook is Stonefield.<|im_end|>Blue.<|im_end|>"
+    learned = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+    assert (
+        learned == "The capital of Ashbrook is Stonefield.<|im_end|>\nBlue.<|im_end|>\n"
+        or learned == "The capital of Ashbrook is Stonefield.<|im_end|>Blue.<|im_end|>"
+    )
     assert "capital of Ashbrook?" not in learned and "assistant" not in learned
     short_ids, short_labels = encode_sft(tok, msgs, 8)
     assert len(short_ids) == len(short_labels) == 8
@@ -78,8 +86,16 @@ def test_token_loss_is_the_mean_over_learned_tokens():
     from tailorlm.train.formats import IGNORE
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     rows = [([1, 2, 3, 4, 5], [IGNORE, IGNORE, 3, 4, 5]), ([6, 7, 8], [IGNORE, 7, 8]), ([9, 10], [IGNORE, IGNORE])]
     loss, n = token_loss(model, rows)
     losses = []

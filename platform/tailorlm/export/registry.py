@@ -37,8 +37,10 @@ def latest_variant(run_dir: RunDir, variant: str) -> tuple[str, dict]:
     v = entry["variants"].get(variant)
     if not v or v["status"] == "refused":
         published = [k for k, x in entry["variants"].items() if x["status"] != "refused"]
-        raise ValueError(f"serve.variant: {variant!r} is not published in version {entry['version']}; "
-                         f"published: {', '.join(published)}")
+        raise ValueError(
+            f"serve.variant: {variant!r} is not published in version {entry['version']}; "
+            f"published: {', '.join(published)}"
+        )
     return v["uri"], entry
 
 

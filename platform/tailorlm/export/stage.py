@@ -21,6 +21,7 @@ from tailorlm.config import PipelineConfig
 from tailorlm.export.registry import next_version, register
 from tailorlm.runs import RunDir, StageDir
 
+
 def merged_bf16(cfg: PipelineConfig, model_dir: str, out_dir: str) -> str:
     """The finetuned model as one bf16 HF folder: LoRA adapters merged into the base (peft)."""
     import torch
@@ -39,8 +40,9 @@ def merged_bf16(cfg: PipelineConfig, model_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def compare_variants(ref_dir: str, variants: dict[str, str], rows: list[dict], max_len: int,
-                     n_prompts: int = 16, new_tokens: int = 24) -> dict[str, dict[str, Any]]:
+def compare_variants(
+    ref_dir: str, variants: dict[str, str], rows: list[dict], max_len: int, n_prompts: int = 16, new_tokens: int = 24
+) -> dict[str, dict[str, Any]]:
     """Perplexity on the eval rows and greedy agreement with the bf16 reference, per variant.
 
     Quantized weights are decompressed (exact quantized values); activation quantization (the A8
@@ -58,16 +60,25 @@ def compare_variants(ref_dir: str, variants: dict[str, str], rows: list[dict], m
         msgs = json.loads(r["messages"]) if isinstance(r.get("messages"), str) else None
         encoded.append(encode_sft(tok, msgs, max_len) if msgs else encode_text(tok, r["text"], max_len))
         if msgs and len(prompts) < n_prompts:
-            prompts.append(tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True))
+            prompts.append(
+                tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            )
 
     def run(path: str, quantized: bool):
         kw = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
         loss, _ = token_loss(model, encoded)
         with torch.no_grad():
-            gens = [model.generate(**p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=tok.pad_token_id)[0, p["input_ids"].shape[1]:] for p in prompts]
+            gens = [
+                model.generate(
+                    **p,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )[0, p["input_ids"].shape[1] :]
+                for p in prompts
+            ]
         return perplexity(loss), gens
 
     ref_ppl, ref_gen = run(ref_dir, quantized=False)
@@ -96,8 +107,8 @@ def calibration_texts(model_dir: str, rows: list[dict], n: int, seed: int) -> li
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
-    from tailorlm.export.quantize import quantize, weights_size
     from tailorlm.data.splits import splits_rows
+    from tailorlm.export.quantize import quantize, weights_size
 
     ec = cfg.export
     train, data = run_dir.stage("train"), run_dir.stage("data")  # finished: the pipeline checks needs
@@ -111,46 +122,73 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         task = ray.remote(num_cpus=1)
         ray.get(task(merged_bf16).remote(cfg, src, bf16))
         quantized = {s: os.path.join(tmp, s) for s in ec.quantize}
-        calib = calibration_texts(bf16, splits_rows(data.sub("kept"), "train"), ec.calibration_samples, cfg.run.seed) \
-            if ec.method == "gptq" else None
-        ray.get([task(quantize).remote(bf16, path, s, ec.method, calib, cfg.train.max_seq_len)
-                 for s, path in quantized.items()])
+        calib = (
+            calibration_texts(bf16, splits_rows(data.sub("kept"), "train"), ec.calibration_samples, cfg.run.seed)
+            if ec.method == "gptq"
+            else None
+        )
+        ray.get(
+            [
+                task(quantize).remote(bf16, path, s, ec.method, calib, cfg.train.max_seq_len)
+                for s, path in quantized.items()
+            ]
+        )
         metrics = ray.get(task(compare_variants).remote(bf16, quantized, rows, cfg.train.max_seq_len))
         for name, path in {"bf16": bf16, **quantized}.items():
             m = {**metrics[name], "size_bytes": weights_size(path)}
             worse = m.get("ppl_increase", 0.0) > ec.max_ppl_increase
-            status = ("refused" if ec.on_quality_fail == "refuse" else "published_with_warning") if worse \
-                else "published"
+            status = (
+                ("refused" if ec.on_quality_fail == "refuse" else "published_with_warning") if worse else "published"
+            )
             uri = sdir.put(path, f"{version}/{name}") if status != "refused" else None
             variants[name] = {**m, "status": status, "uri": uri}
             if worse:
-                print(f"[export] {name}: perplexity +{m['ppl_increase']:.1%} exceeds the "
-                      f"{ec.max_ppl_increase:.0%} limit: {status}")
+                print(
+                    f"[export] {name}: perplexity +{m['ppl_increase']:.1%} exceeds the "
+                    f"{ec.max_ppl_increase:.0%} limit: {status}"
+                )
     manifest = {
-        "version": version, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "run": cfg.run.name, "variants": variants,
-        "lineage": {"data": data.marker(), "train": train.marker(), "config_hash": cfg.section_hash(
-            "model", "data", "train", "export"), "base_model": str(cfg.model.base if isinstance(cfg.model.base, str)
-                                                                  else cfg.model.base.model_dump())},
+        "version": version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run": cfg.run.name,
+        "variants": variants,
+        "lineage": {
+            "data": data.marker(),
+            "train": train.marker(),
+            "config_hash": cfg.section_hash("model", "data", "train", "export"),
+            "base_model": str(cfg.model.base if isinstance(cfg.model.base, str) else cfg.model.base.model_dump()),
+        },
     }
     sdir.write_json(f"{version}/manifest.json", manifest)
-    register(run_dir, {k: manifest[k] for k in ("version", "created", "variants")}
-             | {"manifest": sdir.sub(f"{version}/manifest.json")})
+    register(
+        run_dir,
+        {k: manifest[k] for k in ("version", "created", "variants")}
+        | {"manifest": sdir.sub(f"{version}/manifest.json")},
+    )
     print(summary(variants, version))
-    return {"version": version, "variants": {k: v["status"] for k, v in variants.items()},
-            "perplexity": {k: v["perplexity"] for k, v in variants.items()}}
+    return {
+        "version": version,
+        "variants": {k: v["status"] for k, v in variants.items()},
+        "perplexity": {k: v["perplexity"] for k, v in variants.items()},
+    }
 
 
 def summary(variants: dict[str, dict], version: str) -> str:
-    lines = [f"export {version}", f"{'variant':<8}{'perplexity':>12}{'vs bf16':>9}{'greedy agree':>14}{'size MB':>9}"
-             f"  status", "-" * 70]
+    lines = [
+        f"export {version}",
+        f"{'variant':<8}{'perplexity':>12}{'vs bf16':>9}{'greedy agree':>14}{'size MB':>9}  status",
+        "-" * 70,
+    ]
     for name, v in variants.items():
-        lines.append(f"{name:<8}{v['perplexity']:>12.3f}{v.get('ppl_increase', 0):>+9.1%}"
-                     f"{v['greedy_agreement']:>14.1%}{v['size_bytes'] / 1e6:>9.2f}  {v['status']}")
+        lines.append(
+            f"{name:<8}{v['perplexity']:>12.3f}{v.get('ppl_increase', 0):>+9.1%}"
+            f"{v['greedy_agreement']:>14.1%}{v['size_bytes'] / 1e6:>9.2f}  {v['status']}"
+        )
     return "\n".join(lines)
 
 
 def recap(s: dict[str, Any]) -> str:
     """One line for the end of `tailorlm run`."""
-    return f"version {s['version']}: " + ", ".join(f"{k} ppl {s['perplexity'][k]:.2f} ({v})"
-                                                 for k, v in s["variants"].items())
+    return f"version {s['version']}: " + ", ".join(
+        f"{k} ppl {s['perplexity'][k]:.2f} ({v})" for k, v in s["variants"].items()
+    )

@@ -29,11 +29,19 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
         kwargs["accelerator_config"] = {"kind": "cpu"}  # unset, the replica waits for a GPU forever
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_dir},
-        engine_kwargs={"max_model_len": sc.engine.max_model_len, "dtype": sc.engine.dtype(),
-                       "gpu_memory_utilization": sc.engine.memory_share()},
-        deployment_config={"autoscaling_config": {"min_replicas": sc.replicas.min, "max_replicas": sc.replicas.max,
-                                                  "target_ongoing_requests": sc.replicas.target_ongoing_requests},
-                           "max_queued_requests": sc.replicas.max_queued_requests},
+        engine_kwargs={
+            "max_model_len": sc.engine.max_model_len,
+            "dtype": sc.engine.dtype(),
+            "gpu_memory_utilization": sc.engine.memory_share(),
+        },
+        deployment_config={
+            "autoscaling_config": {
+                "min_replicas": sc.replicas.min,
+                "max_replicas": sc.replicas.max,
+                "target_ongoing_requests": sc.replicas.target_ongoing_requests,
+            },
+            "max_queued_requests": sc.replicas.max_queued_requests,
+        },
         log_engine_metrics=True,
         experimental_configs={"stream_batching_interval_ms": sc.stream_batching_ms},
         **kwargs,

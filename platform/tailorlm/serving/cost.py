@@ -74,14 +74,19 @@ def cap_problem(cost: Cost, body: dict[str, Any], s, exact: bool) -> tuple[str, 
         return f"{cost.prompts} prompts exceed this server's cap of {s.guard.max_prompts} per request", "prompt"
     longest, param = max(cost.prompt_lengths), "messages" if "messages" in body else "prompt"
     if exact and longest + cost.max_output > s.max_model_len:
-        return (f"prompt of {longest} tokens plus {cost.max_output} output tokens exceeds the context of "
-                f"{s.max_model_len} tokens", param)
+        return (
+            f"prompt of {longest} tokens plus {cost.max_output} output tokens exceeds the context of "
+            f"{s.max_model_len} tokens",
+            param,
+        )
     if not exact and longest > 8 * s.max_model_len:  # no tokenizer yields under 1/8 token per byte
         return f"prompt is longer than the context of {s.max_model_len} tokens", param
     if cost.total > s.guard.tokens_per_minute:
-        return (f"request costs up to {cost.total} tokens, more than this server's budget of "
-                f"{s.guard.tokens_per_minute} tokens per minute per key (lower max_tokens, n or the number of prompts)",
-                None)
+        return (
+            f"request costs up to {cost.total} tokens, more than this server's budget of "
+            f"{s.guard.tokens_per_minute} tokens per minute per key (lower max_tokens, n or the number of prompts)",
+            None,
+        )
     return None
 
 

@@ -34,15 +34,32 @@ REFUSED_ENGINE_ARGS = {"enable-log-requests", "enable-log-outputs", "api-key", "
 def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str, str]) -> list[str]:
     """The `vllm serve` command line for one hosted model: the benchmark starts bare vLLM with the
     same flags, so the two differ only in what sits in front of the engine."""
-    argv = ["--model", model_dir, "--served-model-name", model_id, "--max-model-len", str(sc.engine.max_model_len),
-            "--dtype", sc.engine.dtype(), "--gpu-memory-utilization", str(sc.engine.memory_share())]
+    argv = [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        model_id,
+        "--max-model-len",
+        str(sc.engine.max_model_len),
+        "--dtype",
+        sc.engine.dtype(),
+        "--gpu-memory-utilization",
+        str(sc.engine.memory_share()),
+    ]
     if adapters:
-        argv += ["--enable-lora", "--max-lora-rank", str(sc.engine.max_lora_rank), "--lora-modules",
-                 *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()]]
+        argv += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(sc.engine.max_lora_rank),
+            "--lora-modules",
+            *[json.dumps({"name": n, "path": p, "base_model_name": model_id}) for n, p in adapters.items()],
+        ]
     for key, value in sc.engine.args.items():  # any other `vllm serve` flag, e.g. {enable-prefix-caching: true}
         if key.replace("_", "-") in REFUSED_ENGINE_ARGS:
-            raise ValueError(f"serve.engine.args.{key}: not allowed here (request logging would put prompts in "
-                             "the logs; keys and docs are the guard's)")
+            raise ValueError(
+                f"serve.engine.args.{key}: not allowed here (request logging would put prompts in "
+                "the logs; keys and docs are the guard's)"
+            )
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
@@ -53,10 +70,10 @@ def vllm_argv(sc: ServeConfig, model_id: str, model_dir: str, adapters: dict[str
 
 async def build_model_app(argv: list[str]):
     """vLLM's OpenAI app for one model, as `vllm serve <argv>` builds it, minus the HTTP server."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -68,8 +85,9 @@ async def build_model_app(argv: list[str]):
     engine_args = AsyncEngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     # engine metrics (tokens, latency, queue) go to Ray's Prometheus endpoint, as ray.serve.llm does
-    engine = AsyncLLM.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
-                                       stat_loggers=[EngineStatLogger])
+    engine = AsyncLLM.from_vllm_config(
+        config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[EngineStatLogger]
+    )
     tasks = await engine.get_supported_tasks()
     app = build_app(args, tasks, engine.model_config)
     await init_app_state(engine, app.state, args, tasks)
@@ -118,8 +136,13 @@ def public_card(card: dict) -> dict:
 
 async def _json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -236,9 +259,13 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     replica serves HTTP on `port` itself. Ray holds a released port back (quarantine) and drains a
     stopping replica for 30 s so an external load balancer can deregister it; with no such balancer
     either would only keep a restarted replica off its port and slow shutdown."""
-    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1), "RAY_SERVE_PORT_QUARANTINE_S": "0",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    }
 
 
 def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
@@ -268,18 +295,26 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
         env.update(direct_ingress_env(sc.port))
     actor["runtime_env"] = {"env_vars": env}
     deployment = serve.deployment(
-        serve.ingress()(EngineServer), name="engine", ray_actor_options=actor,
-        autoscaling_config={"min_replicas": sc.replicas.min, "max_replicas": sc.replicas.max,
-                            "target_ongoing_requests": sc.replicas.target_ongoing_requests},
+        serve.ingress()(EngineServer),
+        name="engine",
+        ray_actor_options=actor,
+        autoscaling_config={
+            "min_replicas": sc.replicas.min,
+            "max_replicas": sc.replicas.max,
+            "target_ongoing_requests": sc.replicas.target_ongoing_requests,
+        },
         # The guard sheds load beyond its capacity with an OpenAI-style 503 and Retry-After. Serve's own
         # limits sit well above it, so that Serve's text/plain 503 does not come first: under direct
         # ingress Serve counts a burst's arrivals as queued until each takes a slot, and a queue limit
         # near the guard's shed a third of a 2x burst itself (bench/load.py). What Serve still sheds
         # carries Retry-After too.
         # (x2: requests still sending their bodies count against the guard's capacity as well)
-        max_ongoing_requests=2 * sc.guard_capacity() + 64, max_queued_requests=4 * (sc.guard_capacity() + 64),
+        max_ongoing_requests=2 * sc.guard_capacity() + 64,
+        max_queued_requests=4 * (sc.guard_capacity() + 64),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        health_check_period_s=10, graceful_shutdown_timeout_s=30)
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=30,
+    )
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
 
 
@@ -292,8 +327,9 @@ def resolve_adapters(sc: ServeConfig) -> dict[str, str]:
     for name, path in sc.lora_adapters.items():
         folder = Path(path).expanduser().resolve()
         if not (folder / "adapter_config.json").is_file():
-            raise ValueError(f"serve.lora_adapters.{name}: {path} is not a peft adapter folder "
-                             f"(no adapter_config.json)")
+            raise ValueError(
+                f"serve.lora_adapters.{name}: {path} is not a peft adapter folder (no adapter_config.json)"
+            )
         if name in sc.hosted_ids():
             raise ValueError(f"serve.lora_adapters.{name}: the name is taken by a hosted model")
         out[name] = str(folder)

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import time
 
-from vllm.v1.metrics.ray_wrappers import (RayCounterWrapper, RayGaugeWrapper, RayHistogramWrapper,
-                                          RayPrometheusStatLogger)
+from vllm.v1.metrics.ray_wrappers import (
+    RayCounterWrapper,
+    RayGaugeWrapper,
+    RayHistogramWrapper,
+    RayPrometheusStatLogger,
+)
 
 GAUGE_REFRESH_S = 1.0  # well under Ray's metric export interval (metrics_report_interval_ms, 10 s)
 

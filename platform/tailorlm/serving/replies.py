@@ -12,11 +12,25 @@ from typing import Any
 
 from tailorlm.serving.filters import Blocklist, StreamFilter, response_text
 
-OPENAI_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
-                      "rate_limit_error", "server_error", "content_filter"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}
+OPENAI_ERROR_TYPES = {
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "rate_limit_error",
+    "server_error",
+    "content_filter",
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 # what reaches vLLM of the client's headers: vLLM reads more (x-request-id sets the response id,
 # endpoint-load-metrics-format returns server load, x-data-parallel-rank picks an engine rank)
 FORWARDED_HEADERS = {b"host", b"accept", b"user-agent", b"accept-encoding"}
@@ -104,8 +118,11 @@ def openai_errors(send):
             if message.get("more_body"):
                 return
             status = held["start"]["status"]
-            keep = [(k, v) for k, v in held["start"].get("headers", [])
-                    if k.lower() not in (b"content-length", b"content-type")]
+            keep = [
+                (k, v)
+                for k, v in held["start"].get("headers", [])
+                if k.lower() not in (b"content-length", b"content-type")
+            ]
             return await reply(send, status, openai_error(status, held["body"]), keep)
         await send(message)
 
@@ -116,8 +133,9 @@ def filtered_send(send, blocklist: Blocklist, stream: bool):
     """The response blocklist: a non-streamed answer that matches becomes a content_filter error
     (400); a stream ends at the event that completes a match (filters.StreamFilter)."""
     held: dict[str, Any] = {}
-    err = error_body(400, "the response was stopped by this server's content filter", "content_filter",
-                     code="content_filter")
+    err = error_body(
+        400, "the response was stopped by this server's content filter", "content_filter", code="content_filter"
+    )
     flt = StreamFilter(blocklist, err)
 
     async def filtered(message):
@@ -166,7 +184,15 @@ def openai_error(status: int, body: bytes) -> bytes:
 
 
 async def reply(send, status: int, body: bytes, extra: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(extra or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

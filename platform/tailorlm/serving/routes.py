@@ -64,8 +64,12 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_
 
 
 class CompletionBody(_Sampling):
-    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
-             | TokenIds | Annotated[list[TokenIds], Field(min_length=1)])
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
@@ -96,6 +100,7 @@ class ChatBody(_Sampling):
 @dataclass(frozen=True)
 class Route:
     """One allow-listed route: `name` is its metrics label (bounded, never the raw path)."""
+
     method: str
     path: str
     name: str
@@ -128,8 +133,9 @@ def validate_body(route: Route, body: Any) -> dict[str, Any]:
             raise BodyError(why, key)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise BodyError(f"response_format type {fmt.get('type')!r} is not supported by this server (only "
-                        "'text')", "response_format")
+        raise BodyError(
+            f"response_format type {fmt.get('type')!r} is not supported by this server (only 'text')", "response_format"
+        )
     try:
         model = route.body.model_validate(body)
     except ValidationError as exc:
@@ -138,8 +144,7 @@ def validate_body(route: Route, body: Any) -> dict[str, Any]:
 
 
 UNION_HINTS = {
-    "prompt": "prompt must be a non-empty string, a list of strings, a list of token ids or a list of "
-              "token-id lists",
+    "prompt": "prompt must be a non-empty string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "stop must be a string or a list of at most 16 strings of at most 256 characters",
 }
 _TAGS = {"str", "int", "float", "bool", "none"}
@@ -147,9 +152,9 @@ _TAGS = {"str", "int", "float", "bool", "none"}
 
 def _body_error(route: Route, exc: ValidationError) -> BodyError:
     """One clear error for pydantic's list: the deepest location, union member tags left out."""
+
     def where(err) -> list[str]:
-        return [str(p) for p in err["loc"]
-                if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TAGS)]
+        return [str(p) for p in err["loc"] if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TAGS)]
 
     errors = exc.errors(include_url=False, include_input=False)
     err = max(errors, key=lambda e: len(where(e)))
@@ -170,23 +175,53 @@ def openapi_schema(title: str = "tailorlm") -> dict[str, Any]:
 
     bodies = [r.body for r in ROUTES if r.body is not None]
     _, defs = models_json_schema([(b, "validation") for b in bodies], ref_template="#/components/schemas/{model}")
-    error = {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type"], "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"},
-            "param": {"type": ["string", "null"]}, "code": {}}}}}
-    responses = {"200": {"description": "OK"},
-                 **{str(s): {"description": d, "content": {"application/json": {"schema": error}}} for s, d in [
-                     (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown route or model"),
-                     (408, "request body timed out"), (413, "request too large"), (429, "rate limited"),
-                     (503, "over capacity")]}}
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {},
+                },
+            }
+        },
+    }
+    responses = {
+        "200": {"description": "OK"},
+        **{
+            str(s): {"description": d, "content": {"application/json": {"schema": error}}}
+            for s, d in [
+                (400, "invalid request"),
+                (401, "missing or wrong API key"),
+                (404, "unknown route or model"),
+                (408, "request body timed out"),
+                (413, "request too large"),
+                (429, "rate limited"),
+                (503, "over capacity"),
+            ]
+        },
+    }
     paths: dict[str, Any] = {}
     for r in ROUTES:
         op: dict[str, Any] = {"operationId": r.name, "responses": responses, "security": [{"bearer": []}]}
         if r.body is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}},
+            }
         paths.setdefault(r.path, {})[r.method.lower()] = op
     paths[HEALTH.path] = {"get": {"operationId": "health", "responses": {"200": {"description": "OK"}}}}
-    return {"openapi": "3.1.0", "info": {"title": title, "version": "1"}, "paths": paths,
-            "components": {"schemas": defs.get("$defs", {}),
-                           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

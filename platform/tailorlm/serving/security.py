@@ -27,9 +27,17 @@ from tailorlm.config import AbConfig, GuardConfig, ServeConfig
 from tailorlm.serving import keys as api_keys
 from tailorlm.serving.cost import TokenBucket, cap_problem, prompt_lengths, request_cost, retry_after
 from tailorlm.serving.filters import Blocklist, prompt_texts
-from tailorlm.serving.replies import (ERROR_TYPES, error_body, filtered_send, forwarded_scope, openai_errors,
-                                      replay, reply, run_abortable)
-from tailorlm.serving.routes import BY_PATH, OPENAPI, HEALTH, BodyError, Route, openapi_schema, validate_body
+from tailorlm.serving.replies import (
+    ERROR_TYPES,
+    error_body,
+    filtered_send,
+    forwarded_scope,
+    openai_errors,
+    replay,
+    reply,
+    run_abortable,
+)
+from tailorlm.serving.routes import BY_PATH, HEALTH, OPENAPI, BodyError, Route, openapi_schema, validate_body
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -39,6 +47,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 class GuardSettings:
     """What the guard enforces: serve.guard as it is (minus any keys written in the config: the
     guard holds their digests only), with what it needs from the rest of serve.*."""
+
     guard: GuardConfig
     key_digests: list[str]
     require_key: bool
@@ -54,18 +63,33 @@ class GuardSettings:
         require = g.require_api_key if g.require_api_key is not None else sc.host not in LOCAL_HOSTS
         if require and not keys:
             why = "serve.guard.require_api_key is true" if g.require_api_key else f"host {sc.host} is beyond localhost"
-            raise ValueError(f"serve: API keys are required ({why}) but none are set: export "
-                             f"{g.api_keys_env}=key1,key2 or set serve.guard.api_keys")
-        return cls(guard=g.model_copy(update={"api_keys": []}), key_digests=sorted({api_keys.digest(k) for k in keys}),
-                   require_key=require, max_model_len=sc.engine.max_model_len, max_inflight=sc.guard_capacity(),
-                   ab=sc.ab, ab_alias=sc.model_id if sc.ab.split else None)
+            raise ValueError(
+                f"serve: API keys are required ({why}) but none are set: export "
+                f"{g.api_keys_env}=key1,key2 or set serve.guard.api_keys"
+            )
+        return cls(
+            guard=g.model_copy(update={"api_keys": []}),
+            key_digests=sorted({api_keys.digest(k) for k in keys}),
+            require_key=require,
+            max_model_len=sc.engine.max_model_len,
+            max_inflight=sc.guard_capacity(),
+            ab=sc.ab,
+            ab_alias=sc.model_id if sc.ab.split else None,
+        )
 
 
 class Reject(Exception):
     """A request refused with an OpenAI-style error."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, etype: str | None = None,
-                 code: str | None = None, headers: list[tuple[bytes, bytes]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        etype: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or []
         self.etype, self.code = etype or ERROR_TYPES.get(status, "server_error"), code
@@ -129,7 +153,10 @@ class Guard:
         self.requests = TokenBucket(settings.guard.rate_limit_per_minute)
         self.tokens = TokenBucket(settings.guard.tokens_per_minute)
         self.auth_failures = TokenBucket(settings.guard.auth_failures_per_minute)
-        self.blocklist, self.response_blocklist = Blocklist(settings.guard.blocklist), Blocklist(settings.guard.response_blocklist)
+        self.blocklist, self.response_blocklist = (
+            Blocklist(settings.guard.blocklist),
+            Blocklist(settings.guard.response_blocklist),
+        )
         self.inflight, self.reading, self._draws = 0, 0, 0
         self.metrics = _Metrics()
 
@@ -172,33 +199,55 @@ class Guard:
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
             wait = self.auth_failures.wait_s(address)
             if wait > 0:  # before comparing: a throttled address learns nothing about its guesses
-                raise Reject(429, "too many failed API key attempts from this address", code="auth_throttled",
-                             headers=[(b"retry-after", retry_after(wait))])
+                raise Reject(
+                    429,
+                    "too many failed API key attempts from this address",
+                    code="auth_throttled",
+                    headers=[(b"retry-after", retry_after(wait))],
+                )
             matched = api_keys.matching_digest(token, s.key_digests) if token else None
             if matched is None and (s.require_key or token):
                 if token:  # a wrong guess costs allowance; a missing key is no guess
                     self.auth_failures.take(address)
-                raise Reject(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                             code="invalid_api_key")
+                raise Reject(
+                    401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+                )
             client = "key:" + api_keys.key_id(matched) if matched else address
         if route is None or (route is OPENAPI and not s.guard.openapi_schema):
-            raise Reject(404, f"unknown route {scope['path'][:100]!r}; this server answers "
-                         "/v1/models, /v1/completions and /v1/chat/completions", code="unknown_route")
+            raise Reject(
+                404,
+                f"unknown route {scope['path'][:100]!r}; this server answers "
+                "/v1/models, /v1/completions and /v1/chat/completions",
+                code="unknown_route",
+            )
         if scope["method"] != route.method:
-            raise Reject(405, f"{route.path} takes {route.method}", code="method_not_allowed",
-                         headers=[(b"allow", route.method.encode())])
+            raise Reject(
+                405,
+                f"{route.path} takes {route.method}",
+                code="method_not_allowed",
+                headers=[(b"allow", route.method.encode())],
+            )
         wait = self.requests.take(client)
         if wait > 0:
-            raise Reject(429, f"rate limit of {s.guard.rate_limit_per_minute} requests per minute exceeded",
-                         code="rate_limit_exceeded", headers=[(b"retry-after", retry_after(wait))])
+            raise Reject(
+                429,
+                f"rate limit of {s.guard.rate_limit_per_minute} requests per minute exceeded",
+                code="rate_limit_exceeded",
+                headers=[(b"retry-after", retry_after(wait))],
+            )
         if route is OPENAPI:
             return await reply(send, 200, json.dumps(openapi_schema()).encode())
         if route.body is None:  # GET /v1/models: no client body or headers go on
             return await self.app(forwarded_scope(scope, b""), replay(b"", receive), send)
         if self.reading + self.inflight >= s.max_inflight:
             # slow uploads count against the capacity too: they hold a connection and a Serve slot
-            raise Reject(503, f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
-                         etype="server_error", code="overloaded", headers=[(b"retry-after", b"1")])
+            raise Reject(
+                503,
+                f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
+                etype="server_error",
+                code="overloaded",
+                headers=[(b"retry-after", b"1")],
+            )
         self.reading += 1
         try:
             raw = await self._read_body(headers, receive)
@@ -223,8 +272,9 @@ class Guard:
             try:
                 msg = await asyncio.wait_for(receive(), timeout=max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
-                raise Reject(408, f"request body not received within {self.s.guard.body_timeout_s:g} s",
-                             code="request_timeout") from None
+                raise Reject(
+                    408, f"request body not received within {self.s.guard.body_timeout_s:g} s", code="request_timeout"
+                ) from None
             if msg["type"] == "http.disconnect":
                 raise Reject(400, "client disconnected before sending the whole body")
             chunks.append(msg.get("body", b""))
@@ -251,8 +301,11 @@ class Guard:
             raise Reject(400, "echo with logprobs (prompt logprobs) is not supported by this server", "echo")
         texts = prompt_texts(body, None)
         if sum(map(len, texts)) > 8 * s.max_model_len * s.guard.max_prompts:  # before normalizing or tokenizing it
-            raise Reject(400, f"prompt text is longer than {s.guard.max_prompts} prompts of {s.max_model_len} tokens",
-                         "messages" if "messages" in body else "prompt")
+            raise Reject(
+                400,
+                f"prompt text is longer than {s.guard.max_prompts} prompts of {s.max_model_len} tokens",
+                "messages" if "messages" in body else "prompt",
+            )
         prompt = body.get("prompt")
         if self.tokenizer is not None and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
             vocab = len(self.tokenizer)
@@ -260,8 +313,12 @@ class Guard:
                 if max(ids) >= vocab:
                     raise Reject(400, f"token id {max(ids)} is outside the vocabulary of {vocab}", "prompt")
         if self.blocklist and any(self.blocklist.hit(t) for t in prompt_texts(body, self._detokenize)):
-            raise Reject(400, "the prompt was rejected by this server's content filter", etype="content_filter",
-                         code="content_filter")
+            raise Reject(
+                400,
+                "the prompt was rejected by this server's content filter",
+                etype="content_filter",
+                code="content_filter",
+            )
         exact, lengths = self.tokenizer is not None, prompt_lengths(body, self._count)
         default_output = s.guard.max_tokens_cap
         if exact and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
@@ -273,12 +330,20 @@ class Guard:
             raise Reject(400, *problem)
         wait = self.tokens.take(client, cost.total)
         if wait > 0:
-            raise Reject(429, f"token budget of {s.guard.tokens_per_minute} per minute exceeded (this request may cost "
-                         f"{cost.total})", code="token_rate_limit_exceeded",
-                         headers=[(b"retry-after", retry_after(wait))])
+            raise Reject(
+                429,
+                f"token budget of {s.guard.tokens_per_minute} per minute exceeded (this request may cost {cost.total})",
+                code="token_rate_limit_exceeded",
+                headers=[(b"retry-after", retry_after(wait))],
+            )
         if self.inflight >= s.max_inflight:
-            raise Reject(503, f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
-                         etype="server_error", code="overloaded", headers=[(b"retry-after", b"1")])
+            raise Reject(
+                503,
+                f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
+                etype="server_error",
+                code="overloaded",
+                headers=[(b"retry-after", b"1")],
+            )
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = default_output  # an uncapped request would run to the context end
         if s.ab.split and body.get("model") == s.ab_alias:
@@ -309,11 +374,16 @@ class _Metrics:
         try:
             from ray.util.metrics import Counter, Histogram
 
-            self.requests = Counter("tailorlm_requests", "HTTP requests by route and status",
-                                    tag_keys=("route", "status"))
+            self.requests = Counter(
+                "tailorlm_requests", "HTTP requests by route and status", tag_keys=("route", "status")
+            )
             self.errors = Counter("tailorlm_errors", "HTTP 4xx/5xx responses", tag_keys=("route", "status"))
-            self.latency = Histogram("tailorlm_request_latency_s", "request latency in seconds",
-                                     boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=("route",))
+            self.latency = Histogram(
+                "tailorlm_request_latency_s",
+                "request latency in seconds",
+                boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                tag_keys=("route",),
+            )
         except Exception:  # outside a Ray worker (unit tests): count nothing
             self.requests = self.errors = self.latency = None
 

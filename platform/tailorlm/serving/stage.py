@@ -33,22 +33,33 @@ def sample_chat(cfg: PipelineConfig, model_id: str, question: str = SAMPLE, time
     sc = cfg.serve
     host = "127.0.0.1" if sc.host in LOCAL_HOSTS | {"0.0.0.0"} else sc.host
     keys = read_keys(sc.guard)
-    client = openai.OpenAI(base_url=f"http://{host}:{sc.port}/v1", api_key=keys[0] if keys else "none",
-                           max_retries=0, timeout=120)
+    client = openai.OpenAI(
+        base_url=f"http://{host}:{sc.port}/v1", api_key=keys[0] if keys else "none", max_retries=0, timeout=120
+    )
     deadline = time.time() + timeout_s
     while True:
         t = time.time()
         try:
-            resp = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}],
-                                                  max_tokens=32, temperature=0)
-            return {"question": question, "answer": resp.choices[0].message.content,
-                    "latency_s": round(time.time() - t, 3), "usage": resp.usage.model_dump() if resp.usage else None}
+            resp = client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0
+            )
+            return {
+                "question": question,
+                "answer": resp.choices[0].message.content,
+                "latency_s": round(time.time() - t, 3),
+                "usage": resp.usage.model_dump() if resp.usage else None,
+            }
         except openai.BadRequestError as exc:
             error = (exc.body or {}) if isinstance(exc.body, dict) else {}
             if error.get("type") != "content_filter" and (error.get("error") or {}).get("type") != "content_filter":
                 raise RuntimeError(f"serve: the sample request was refused: {exc}") from exc
-            return {"question": question, "answer": None, "withheld": "content_filter",
-                    "latency_s": round(time.time() - t, 3), "usage": None}
+            return {
+                "question": question,
+                "answer": None,
+                "withheld": "content_filter",
+                "latency_s": round(time.time() - t, 3),
+                "usage": None,
+            }
         except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError) as exc:
             # not up yet: nothing listens, the proxy has no route yet (404), or no replica (503)
             if time.time() > deadline:
@@ -77,8 +88,10 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
     if direct and _serve_running():
         # the controller's settings are fixed when it starts; an existing one runs without direct ingress
         if sc.direct_ingress:
-            raise RuntimeError("serve: a Ray Serve instance is already running in this cluster; direct ingress "
-                               "needs a fresh one (`serve shutdown`), or set serve.direct_ingress=false")
+            raise RuntimeError(
+                "serve: a Ray Serve instance is already running in this cluster; direct ingress "
+                "needs a fresh one (`serve shutdown`), or set serve.direct_ingress=false"
+            )
         print("[serve] Ray Serve is already running here: requests go through its proxy (no direct ingress)")
         direct = False
     # Only a controller started here gets these settings (a running one keeps its own), so

@@ -68,8 +68,10 @@ def load(engine, path: str, rank: int, world: int, stage: int) -> dict[str, Any]
     with open(os.path.join(path, "state.json")) as fh:
         state = json.load(fh)
     if (state["world_size"], state["zero_stage"]) != (world, stage):
-        raise ValueError(f"checkpoint {path} was written by {state['world_size']} workers with ZeRO stage "
-                         f"{state['zero_stage']}; this run has {world} workers and stage {stage}")
+        raise ValueError(
+            f"checkpoint {path} was written by {state['world_size']} workers with ZeRO stage "
+            f"{state['zero_stage']}; this run has {world} workers and stage {stage}"
+        )
     weights = load_file(os.path.join(path, "model.safetensors"))
     named = _trainable(engine)
     if stage == 3:
@@ -89,8 +91,8 @@ def load(engine, path: str, rank: int, world: int, stage: int) -> dict[str, Any]
         for i, p in enumerate(group["params"]):
             p.data.copy_(tensors[f"param.{g}.{i}"])
             prefix = f"state.{g}.{i}."
-            st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            st.update({k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)})
+            st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            st.update({k[len(prefix) :]: v for k, v in scalars.items() if k.startswith(prefix)})
             if st:
                 base.state[p] = st
     return state

@@ -65,7 +65,9 @@ def steps_for(tc: TrainConfig, n_rows: int, world_size: int) -> tuple[int, int]:
     per_worker = n_rows // world_size
     per_epoch = per_worker // (tc.micro_batch_size * tc.grad_accum)
     if per_epoch == 0:
-        raise ValueError(f"train: {n_rows} training sequences are fewer than one global batch "
-                         f"(micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} x "
-                         f"num_workers {world_size}); lower train.micro_batch_size or add data")
+        raise ValueError(
+            f"train: {n_rows} training sequences are fewer than one global batch "
+            f"(micro_batch_size {tc.micro_batch_size} x grad_accum {tc.grad_accum} x "
+            f"num_workers {world_size}); lower train.micro_batch_size or add data"
+        )
     return per_epoch, tc.max_steps or per_epoch * tc.epochs

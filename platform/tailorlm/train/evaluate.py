@@ -80,9 +80,16 @@ def load_for_eval(model_path: str, adapter_path: str | None = None):
     return model.eval()
 
 
-def evaluate_model(model_path: str, tokenizer_path: str, rows: list[dict[str, Any]], max_len: int,
-                   adapter_path: str | None = None, max_generations: int = 64, max_new_tokens: int = 48,
-                   chat_template: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model_path: str,
+    tokenizer_path: str,
+    rows: list[dict[str, Any]],
+    max_len: int,
+    adapter_path: str | None = None,
+    max_generations: int = 64,
+    max_new_tokens: int = 48,
+    chat_template: str | None = None,
+) -> dict[str, Any]:
     """Perplexity over all eval rows (loss on the tokens training would learn) and, for chat rows,
     greedy answers scored against the reference reply."""
     import torch
@@ -107,11 +114,11 @@ def evaluate_model(model_path: str, tokenizer_path: str, rows: list[dict[str, An
         preds = []
         for msgs in prompts:
             enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            preds.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            preds.append(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     result: dict[str, Any] = {"eval_loss": loss, "perplexity": perplexity(loss), "eval_tokens": n_tok}
     result.update(answer_metrics(preds, refs))
-    result["samples"] = [{"prompt": p[-1]["content"], "reference": r, "answer": a}
-                         for p, r, a in list(zip(prompts, refs, preds))[:5]]
+    result["samples"] = [
+        {"prompt": p[-1]["content"], "reference": r, "answer": a} for p, r, a in list(zip(prompts, refs, preds))[:5]
+    ]
     return result

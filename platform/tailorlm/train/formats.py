@@ -24,8 +24,7 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) \
-            if i else 0
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
         end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
         spans.append((start, end))
     return text, spans
@@ -64,8 +63,9 @@ def pack(rows: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[li
 class Tokenize:
     """Ray Data callable: normalized rows -> input_ids / labels (a class: it holds the tokenizer)."""
 
-    def __init__(self, tokenizer_path: str, fmt: str, max_len: int, packing: bool,
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self, tokenizer_path: str, fmt: str, max_len: int, packing: bool, chat_template: str | None = None
+    ) -> None:
         from tailorlm.models import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_path, chat_template)
@@ -78,12 +78,16 @@ class Tokenize:
                 rows.append(encode_sft(self.tok, json.loads(msgs), self.max_len))
             elif self.fmt != "sft":
                 rows.append(encode_text(self.tok, text, self.max_len))
-        rows = [r for r in rows if sum(l != IGNORE for l in r[1]) > 0]  # nothing to learn: skip
+        rows = [r for r in rows if sum(label != IGNORE for label in r[1]) > 0]  # nothing to learn: skip
         if self.packing:
             rows = pack(rows, self.max_len)
-        return pd.DataFrame({"input_ids": [np.asarray(i, dtype=np.int32) for i, _ in rows],
-                             "labels": [np.asarray(l, dtype=np.int32) for _, l in rows],
-                             "n_tokens": [len(i) for i, _ in rows]})
+        return pd.DataFrame(
+            {
+                "input_ids": [np.asarray(i, dtype=np.int32) for i, _ in rows],
+                "labels": [np.asarray(labels, dtype=np.int32) for _, labels in rows],
+                "n_tokens": [len(i) for i, _ in rows],
+            }
+        )
 
 
 def collate(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
@@ -95,9 +99,8 @@ def collate(batch: dict[str, Any], pad_id: int) -> dict[str, Any]:
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     label_t = torch.full((len(ids), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, (i, l) in enumerate(zip(ids, labels)):
+    for r, (i, lab) in enumerate(zip(ids, labels)):
         input_ids[r, : len(i)] = torch.as_tensor(i)
-        label_t[r, : len(l)] = torch.as_tensor(l)
+        label_t[r, : len(lab)] = torch.as_tensor(lab)
         mask[r, : len(i)] = 1
     return {"input_ids": input_ids, "labels": label_t, "attention_mask": mask}
-

@@ -46,8 +46,12 @@ def build_model(cfg: PipelineConfig, base_path: str):
 
         lc = tc.lora
         target = "all-linear" if lc.target_modules == "all-linear" else list(lc.target_modules)
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=target, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target, task_type="CAUSAL_LM"
+            ),
+        )
         if tc.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
@@ -100,9 +104,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- model, DeepSpeed engine, schedule ------------------------------------------------------
     model = build_model(cfg, config["base_path"])
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(tc, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total_steps)))
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total_steps)),
+    )
     torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, reproducibly
 
     # -- resume ---------------------------------------------------------------------------------
@@ -115,8 +121,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         engine.global_steps = state["step"]
         engine.micro_steps = state["step"] * tc.grad_accum
         if rank == 0:
-            print(f"[train] resumed at step {state['step']} (epoch {state['epoch']}, "
-                  f"micro-batch {state['micro_in_epoch']})")
+            print(
+                f"[train] resumed at step {state['step']} (epoch {state['epoch']}, "
+                f"micro-batch {state['micro_in_epoch']})"
+            )
     history: list[dict] = state["history"]
     step, epoch = state["step"], state["epoch"]
 
@@ -136,8 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # with no start-up or scheduling overhead (the tune benchmark's "ideal")
         metrics.update(step=step, epoch=epoch, final=final, loop_s=loop_s0 + time.time() - t_loop)
         history.append({k: v for k, v in metrics.items() if k != "final"})
-        state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history,
-                     scheduler=scheduler.state_dict())
+        state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history, scheduler=scheduler.state_dict())
         with tempfile.TemporaryDirectory() as d:
             ckpt_io.save(engine, d, rank, world, tc.deepspeed.stage, state)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -145,8 +152,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k in ("eval_loss", "eval_ppl"):
                 writer.add_scalar(k, metrics[k], step)
         if rank == 0:
-            print(f"[train] step {step}/{total_steps} eval_loss {metrics['eval_loss']:.4f} "
-                  f"ppl {metrics['eval_ppl']:.2f}")
+            print(
+                f"[train] step {step}/{total_steps} eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+            )
 
     # -- the loop ---------------------------------------------------------------------------------
     micro = state["micro_in_epoch"]
@@ -154,8 +162,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokens, t_last = 0, time.time()
     t_loop = t_last
     while step < total_steps:
-        batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=256, local_shuffle_seed=cfg.run.seed + epoch)
+        batches = train_shard.iter_batches(
+            batch_size=tc.micro_batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=cfg.run.seed + epoch,
+        )
         for i, batch in enumerate(batches):
             if i < micro:  # resuming mid-epoch: skip what the checkpointed run already consumed
                 continue
@@ -170,10 +183,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step += 1
             if rank == 0 and step % tc.log_every == 0:  # the record; TensorBoard is one more sink
                 dt = max(time.time() - t_last, 1e-9)
-                record = {"step": step, "train_loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": tokens * world / dt,
-                          # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)
-                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                record = {
+                    "step": step,
+                    "train_loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens * world / dt,
+                    # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
                 history.append(record)
                 if writer:
                     grad_norm = engine.get_global_grad_norm()
@@ -202,4 +219,3 @@ def write_history(history: list[dict], uri: str) -> None:
     with fsspec.open(uri, "w") as fh:
         for h in history:
             fh.write(json.dumps(h) + "\n")
-

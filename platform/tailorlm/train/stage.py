@@ -71,8 +71,8 @@ def loss_plot(history: list[dict], path: str) -> None:
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
-    from tailorlm.train.evaluate import evaluate_model
     from tailorlm.runs import local_path
+    from tailorlm.train.evaluate import evaluate_model
     from tailorlm.train.loop import write_history
 
     tc = cfg.train
@@ -87,9 +87,13 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     prep = prepare(cfg, data.sub("kept"))
     base_path, total_steps = prep["base_path"], prep["total_steps"]
     local_stage = local_path(sdir.uri)
-    trainer = make_trainer(cfg, prep, storage_uri=sdir.uri, name="ray",
-                           tensorboard_dir=os.path.join(local_stage, "tensorboard")
-                           if local_stage and cfg.train.tensorboard else None)
+    trainer = make_trainer(
+        cfg,
+        prep,
+        storage_uri=sdir.uri,
+        name="ray",
+        tensorboard_dir=os.path.join(local_stage, "tensorboard") if local_stage and cfg.train.tensorboard else None,
+    )
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -102,8 +106,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         with best_ckpt.as_directory() as d:
             state = json.load(open(os.path.join(d, "state.json")))
             model_dir, merged_dir = os.path.join(tmp, "model"), os.path.join(tmp, "merged")
-            ray.get(ray.remote(num_cpus=1)(export_model).remote(
-                cfg, base_path, d, model_dir, merged_dir if tc.merge_adapter else None))
+            ray.get(
+                ray.remote(num_cpus=1)(export_model).remote(
+                    cfg, base_path, d, model_dir, merged_dir if tc.merge_adapter else None
+                )
+            )
         history = state["history"]
         write_history(history, sdir.sub("metrics.jsonl"))
         loss_plot(history, os.path.join(tmp, "loss.png"))
@@ -115,24 +122,49 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         remote_eval = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(evaluate_model)
         adapter = model_dir if tc.method == "lora" else None
         finetuned_path = base_path if adapter else model_dir
-        before, after = ray.get([
-            remote_eval.remote(base_path, base_path, eval_rows, tc.max_seq_len, chat_template=cfg.model.chat_template),
-            remote_eval.remote(finetuned_path, base_path, eval_rows, tc.max_seq_len, adapter_path=adapter,
-                               chat_template=cfg.model.chat_template)])
-    report = {"base": before, "finetuned": after, "best_checkpoint_step": state["step"],
-              "best_eval_loss": best_metrics["eval_loss"], "total_steps": total_steps}
+        before, after = ray.get(
+            [
+                remote_eval.remote(
+                    base_path, base_path, eval_rows, tc.max_seq_len, chat_template=cfg.model.chat_template
+                ),
+                remote_eval.remote(
+                    finetuned_path,
+                    base_path,
+                    eval_rows,
+                    tc.max_seq_len,
+                    adapter_path=adapter,
+                    chat_template=cfg.model.chat_template,
+                ),
+            ]
+        )
+    report = {
+        "base": before,
+        "finetuned": after,
+        "best_checkpoint_step": state["step"],
+        "best_eval_loss": best_metrics["eval_loss"],
+        "total_steps": total_steps,
+    }
     sdir.write_json("eval.json", report)
     print(summary(report))
     print(f"model:   {sdir.sub('model')}\nmetrics: {sdir.sub('metrics.jsonl')}\nplot:    {sdir.sub('loss.png')}")
-    return {"model": sdir.sub("model"), "method": tc.method, "steps": total_steps,
-            "base_perplexity": before["perplexity"], "perplexity": after["perplexity"],
-            "base_f1": before.get("f1"), "f1": after.get("f1")}
+    return {
+        "model": sdir.sub("model"),
+        "method": tc.method,
+        "steps": total_steps,
+        "base_perplexity": before["perplexity"],
+        "perplexity": after["perplexity"],
+        "base_f1": before.get("f1"),
+        "f1": after.get("f1"),
+    }
 
 
 def summary(report: dict) -> str:
     b, a = report["base"], report["finetuned"]
-    lines = [f"{'eval split':<16}{'base':>12}{'finetuned':>12}", "-" * 40,
-             f"{'perplexity':<16}{b['perplexity']:>12.2f}{a['perplexity']:>12.2f}"]
+    lines = [
+        f"{'eval split':<16}{'base':>12}{'finetuned':>12}",
+        "-" * 40,
+        f"{'perplexity':<16}{b['perplexity']:>12.2f}{a['perplexity']:>12.2f}",
+    ]
     for k in ("exact_match", "f1", "rouge_l"):
         if k in a:
             lines.append(f"{k:<16}{b.get(k, 0):>12.3f}{a[k]:>12.3f}")

@@ -20,9 +20,18 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
     out = {}
     for split in ("train", "eval"):
         ds = kept.filter(expr=f"split == '{split}'")
-        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=dict(
-            tokenizer_path=tokenizer_path, fmt=tc.format, max_len=tc.max_seq_len, packing=tc.packing,
-            chat_template=cfg.model.chat_template), concurrency=(1, max(1, cpus)), batch_format="pandas")
+        ds = ds.map_batches(
+            Tokenize,
+            fn_constructor_kwargs=dict(
+                tokenizer_path=tokenizer_path,
+                fmt=tc.format,
+                max_len=tc.max_seq_len,
+                packing=tc.packing,
+                chat_template=cfg.model.chat_template,
+            ),
+            concurrency=(1, max(1, cpus)),
+            batch_format="pandas",
+        )
         if split == "train":
             ds = ds.random_shuffle(seed=cfg.run.seed)
         out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
@@ -44,15 +53,23 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
     n_train = splits["train"].count()
     steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
-    print(f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
-          f"epoch, {total_steps} steps; global batch {tc.global_batch_size}")
+    print(
+        f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
+        f"epoch, {total_steps} steps; global batch {tc.global_batch_size}"
+    )
     if not tc.use_gpu:
         build_shm_comm_once()
     return {"splits": splits, "base_path": base_path, "pad_id": tok.pad_token_id, "total_steps": total_steps}
 
 
-def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, name: str,
-                 tensorboard_dir: str | None = None, callbacks: list | None = None):
+def make_trainer(
+    cfg: PipelineConfig,
+    prep: dict[str, Any],
+    storage_uri: str,
+    name: str,
+    tensorboard_dir: str | None = None,
+    callbacks: list | None = None,
+):
     """The TorchTrainer for one training run (the train stage, or one Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -62,17 +79,27 @@ def make_trainer(cfg: PipelineConfig, prep: dict[str, Any], storage_uri: str, na
     tc = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "base_path": prep["base_path"], "total_steps": prep["total_steps"],
-                           "pad_id": prep["pad_id"], "tensorboard_dir": tensorboard_dir},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri, callbacks=callbacks,
-                             # Ray starts workers at niceness 15; training workers would then yield
-                             # to any normal-priority process on the node (Ray's own agents included)
-                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints,
-                                                                checkpoint_score_attribute="eval_loss",
-                                                                checkpoint_score_order="min")),
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "base_path": prep["base_path"],
+            "total_steps": prep["total_steps"],
+            "pad_id": prep["pad_id"],
+            "tensorboard_dir": tensorboard_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_uri,
+            callbacks=callbacks,
+            # Ray starts workers at niceness 15; training workers would then yield
+            # to any normal-priority process on the node (Ray's own agents included)
+            worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}},
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+            ),
+        ),
         datasets=prep["splits"],
     )

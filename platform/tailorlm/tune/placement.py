@@ -6,6 +6,7 @@ tests/integration/test_tune_stage.py, which stops trials early with ASHA).
 
 from __future__ import annotations
 
+
 def _reserves_compute(bundle: dict) -> bool:
     res = bundle.get("unit_resources", bundle)
     return any(res.get(k, 0) > 0 for k in ("CPU", "GPU"))
@@ -34,12 +35,20 @@ def release_leaked_placement_groups(wait_s: float = 2.0) -> list[str]:
         # reserve neither (see run_sweep) and are left to Tune
         # filtered on the server and with a high limit: the default (100) returned dead actors of
         # earlier trials first, so a group whose live actor fell past it looked unused
-        groups = {g.placement_group_id for g in list_placement_groups(
-            filters=[("state", "=", "CREATED")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
-            if not g.is_detached and any(_reserves_compute(b) for b in g.bundles or [])}
-        used = {a.placement_group_id for a in list_actors(
-            filters=[("state", "!=", "DEAD")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False)
-            if a.placement_group_id}
+        groups = {
+            g.placement_group_id
+            for g in list_placement_groups(
+                filters=[("state", "=", "CREATED")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False
+            )
+            if not g.is_detached and any(_reserves_compute(b) for b in g.bundles or [])
+        }
+        used = {
+            a.placement_group_id
+            for a in list_actors(
+                filters=[("state", "!=", "DEAD")], detail=True, limit=LIST_LIMIT, raise_on_missing_output=False
+            )
+            if a.placement_group_id
+        }
         return groups - used
 
     leaked = idle()

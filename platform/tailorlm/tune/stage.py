@@ -31,9 +31,13 @@ def search_space(cfg: PipelineConfig) -> dict[str, Any]:
     space = {}
     for d in cfg.tune.dimensions():
         values = list(d.values)
-        space[d.key] = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
-                        "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice,
-                        "grid": tune.grid_search}[d.kind](values)
+        space[d.key] = {
+            "loguniform": lambda v: tune.loguniform(*v),
+            "uniform": lambda v: tune.uniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1),
+            "choice": tune.choice,
+            "grid": tune.grid_search,
+        }[d.kind](values)
         if cfg.tune.searcher == "grid" and d.kind == "choice":
             space[d.key] = tune.grid_search(values)
     return space
@@ -77,8 +81,9 @@ def make_scheduler(cfg: PipelineConfig):
     if t.scheduler == "asha":
         # Rungs at grace * 3^k steps. max_t stays unbounded: ASHA stops every trial that reaches
         # max_t, and a stop that lands while Ray Train is finishing leaks its placement group.
-        return ASHAScheduler(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every,
-                             max_t=10**9, reduction_factor=3)
+        return ASHAScheduler(
+            time_attr="step", grace_period=t.grace_period * cfg.train.eval_every, max_t=10**9, reduction_factor=3
+        )
     if t.scheduler == "median":
         return MedianStoppingRule(time_attr="step", grace_period=t.grace_period * cfg.train.eval_every)
     return FIFOScheduler()
@@ -106,21 +111,26 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
     check_space(cfg)
     trainable = tune.with_resources(  # the trial driver only waits on its trainer: it needs no CPU
         tune.with_parameters(trial_driver, base=cfg.to_dict(), kept_uri=kept_uri, trials_uri=sdir.sub("trials")),
-        {"cpu": 0, "memory": 64 * 2**20})  # a zero bundle is rejected; memory makes it non-empty
+        {"cpu": 0, "memory": 64 * 2**20},
+    )  # a zero bundle is rejected; memory makes it non-empty
     sweep_uri = sdir.sub(SWEEP)
     if tune.Tuner.can_restore(sweep_uri):
         print(f"[tune] resuming the interrupted sweep at {sweep_uri}")
         tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg),
+            trainable,
+            param_space=search_space(cfg),
             # grid: every point once (Tune would repeat the whole grid num_samples times)
-            tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode,
-                                        num_samples=1 if t.searcher == "grid" else t.num_samples,
-                                        scheduler=make_scheduler(cfg), search_alg=make_searcher(cfg),
-                                        max_concurrent_trials=t.max_concurrent_trials),
-            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1,
-                                      callbacks=[cleanup_callback()]),
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=1 if t.searcher == "grid" else t.num_samples,
+                scheduler=make_scheduler(cfg),
+                search_alg=make_searcher(cfg),
+                max_concurrent_trials=t.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1, callbacks=[cleanup_callback()]),
         )
     # On SIGINT Tune saves its state and returns normally, so a sweep stopped that way must not
     # pass for a finished one. Tune's handler, when it fires, puts back the handler it found: we
@@ -139,8 +149,10 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
     expected = expected_trials(cfg)
     never_ran = [r for r in results if r.error is None and (r.metrics_dataframe is None or r.config is None)]
     if interrupted or never_ran or len(results) < expected:
-        raise SweepInterrupted(f"tune: the sweep was interrupted before all {expected} trials "
-                               f"finished; rerun the same command to resume it from {sweep_uri}")
+        raise SweepInterrupted(
+            f"tune: the sweep was interrupted before all {expected} trials "
+            f"finished; rerun the same command to resume it from {sweep_uri}"
+        )
     return results
 
 
@@ -182,9 +194,16 @@ def leaderboard(results, cfg: PipelineConfig):
         last_step = int(df["step"].max()) if has and "step" in df else 0
         finished = has and "final" in df and bool(df["final"].fillna(False).astype(bool).any())
         status = "error" if r.error else ("finished" if finished else "stopped early")
-        rows.append({"trial": os.path.basename(r.path), "status": status, t.metric: best, "steps": last_step,
-                     **{k: r.config.get(k) for k in t.search_space},
-                     "error": error_reason(r.error)})
+        rows.append(
+            {
+                "trial": os.path.basename(r.path),
+                "status": status,
+                t.metric: best,
+                "steps": last_step,
+                **{k: r.config.get(k) for k in t.search_space},
+                "error": error_reason(r.error),
+            }
+        )
     board = pd.DataFrame(rows).sort_values(t.metric, ascending=t.mode == "min", na_position="last")
     return board.reset_index(drop=True)
 
@@ -215,8 +234,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
 
     data = run_dir.stage("data")  # finished: the pipeline checks a stage's needs (stages.py)
     if not cfg.tune.search_space:
-        raise ValueError("tune.search_space is empty: give at least one dotted key, e.g. "
-                         "train.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+        raise ValueError(
+            "tune.search_space is empty: give at least one dotted key, e.g. train.lr: {loguniform: [1.0e-5, 1.0e-3]}"
+        )
     results = run_sweep(cfg, data.sub("kept"), sdir)
     board = leaderboard(results, cfg)
     ok = board[board["status"] != "error"].dropna(subset=[cfg.tune.metric])
@@ -225,8 +245,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     best = ok.iloc[0]
     overrides = {k: (v.item() if hasattr(v, "item") else v) for k, v in best.items() if k in cfg.tune.search_space}
     with sdir.open("best.yaml", "w") as fh:
-        yaml.safe_dump({"overrides": overrides, cfg.tune.metric: float(best[cfg.tune.metric]),
-                        "trial": best["trial"]}, fh, sort_keys=False)
+        yaml.safe_dump(
+            {"overrides": overrides, cfg.tune.metric: float(best[cfg.tune.metric]), "trial": best["trial"]},
+            fh,
+            sort_keys=False,
+        )
     with sdir.open("leaderboard.csv", "w") as fh:
         board.to_csv(fh, index=False)
     sdir.write_json("leaderboard.json", board.to_dict("records"))
@@ -236,11 +259,15 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     print(board.drop(columns=["error"]).to_string(index=False))
     print(f"best: {overrides} ({cfg.tune.metric} {best[cfg.tune.metric]:.4f})")
     print(f"leaderboard: {sdir.sub('leaderboard.csv')}\nbest:        {sdir.sub('best.yaml')}")
-    return {"best_overrides": overrides, "metric": cfg.tune.metric, cfg.tune.metric: float(best[cfg.tune.metric]),
-            "trials": len(board),
-            "stopped_early": int((board["status"] == "stopped early").sum()),
-            "errors": int((board["status"] == "error").sum()),
-            "trial_steps": int(board["steps"].sum())}
+    return {
+        "best_overrides": overrides,
+        "metric": cfg.tune.metric,
+        cfg.tune.metric: float(best[cfg.tune.metric]),
+        "trials": len(board),
+        "stopped_early": int((board["status"] == "stopped early").sum()),
+        "errors": int((board["status"] == "error").sum()),
+        "trial_steps": int(board["steps"].sum()),
+    }
 
 
 def best_overrides(run_dir: RunDir) -> dict[str, Any] | None:
@@ -255,5 +282,7 @@ def best_overrides(run_dir: RunDir) -> dict[str, Any] | None:
 def recap(s: dict[str, Any]) -> str:
     """One line for the end of `tailorlm run`."""
     metric = s.get("metric", "eval_loss")  # markers written before tune summaries named their metric
-    return (f"best of {s['trials']} trials: {s['best_overrides']} ({metric} {s[metric]:.3f}; "
-            f"{s['stopped_early']} stopped early by the scheduler)")
+    return (
+        f"best of {s['trials']} trials: {s['best_overrides']} ({metric} {s[metric]:.3f}; "
+        f"{s['stopped_early']} stopped early by the scheduler)"
+    )
