@@ -110,7 +110,8 @@ def corpora(draw, max_rows: int = 100) -> list[Line]:
         else:
             text = {"text": lambda: document(seed), "alpaca": lambda: document(seed), "chat": lambda: document(seed),
                     "cjk": lambda: cjk(seed, mixed=False), "mixed": lambda: cjk(seed, mixed=True),
-                    "pii": lambda: document(seed % 7) + f" Write to user{seed}@mail.example or call 415-555-{seed % 10000:04d}.",
+                    "pii": lambda: document(seed % 7) + f" Write to user{seed}@mail.example or call "
+                                                        f"415-555-{seed % 10000:04d}.",
                     "long": lambda: " ".join(document(seed + k) for k in range(draw(st.sampled_from([3, 60, 300])))),
                     "short": lambda: "tiny row", "blank_text": lambda: " \t ", "no_text": lambda: None,
                     "malformed": lambda: None, "bad_utf8": lambda: None}[kind]()

@@ -220,7 +220,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
     ppl_model = (dc.filters.perplexity_model or resolve_base(cfg.model)) if dc.filters.max_perplexity else None
     ds = ds.map_batches(ModelFilters, fn_constructor_kwargs={"cfg": dc.filters.model_dump(),
-                        "tokenizer_path": tokenizer, "perplexity_model": ppl_model}, concurrency=(1, max(1, cpus)), batch_size=512,
+                        "tokenizer_path": tokenizer, "perplexity_model": ppl_model}, concurrency=(1, max(1, cpus)),
+                        batch_size=512,
                         batch_format="pandas")
     ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed},
                         batch_format="pandas")
