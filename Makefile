@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tailorlm-installed-$(EXTRA)
 CONFIG ?= jobs/configs/tiny_cpu.yaml
 
-.PHONY: install browser demo test test-fast bench clean
+.PHONY: install browser demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: chromium not installed; the report's browser test will skip"
 
-test: $(STAMP) browser
+# ruff's settings are in pyproject.toml ([tool.ruff]): line length 120, rules E, F, W, I
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -16,10 +16,14 @@ from tailorlm.pipeline import run_stage
 
 pytestmark = pytest.mark.integration
 
-DOC = ("The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
-       "return with their catch while the market opens beside the old stone bridge near the church.")
-OTHER = ("A small railway connects the valley villages with the coast, and in winter the line is kept open "
-         "by crews who clear the snow from the tracks before the first train leaves the station at dawn.")
+DOC = (
+    "The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
+    "return with their catch while the market opens beside the old stone bridge near the church."
+)
+OTHER = (
+    "A small railway connects the valley villages with the coast, and in winter the line is kept open "
+    "by crews who clear the snow from the tracks before the first train leaves the station at dawn."
+)
 
 
 def run_data(tmp_path, lines: list[str], *overrides: str, name: str = "in.jsonl"):
@@ -28,8 +32,10 @@ def run_data(tmp_path, lines: list[str], *overrides: str, name: str = "in.jsonl"
     src = tmp_path / name
     src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     out = tmp_path / "out"
-    cfg = load_config(None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{src}'}}]",
-                             "data.filters.min_tokens=1", *overrides])
+    cfg = load_config(
+        None,
+        [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{src}'}}]", "data.filters.min_tokens=1", *overrides],
+    )
     run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
     assert (out / "_COMPLETE.json").exists()
     kept, dropped = (pq.read_table(out / d).to_pandas() for d in ("kept", "dropped"))
@@ -76,12 +82,16 @@ def test_candidate_edges_without_pairs_or_without_verified_edges(ray_local):
     for texts in ([DOC, OTHER], [DOC, near_copy]):
         df = pd.DataFrame({"id": ["a", "b"], "text": texts, "rank": 0})
         cfg = NearDedupConfig(threshold=1.0)
-        ds = ray.data.from_pandas([df.iloc[:1], df.iloc[1:]]).map_batches(
-            lambda b: add_signatures(b, cfg, [True] * len(b), seed=1), batch_format="pandas").materialize()
+        ds = (
+            ray.data.from_pandas([df.iloc[:1], df.iloc[1:]])
+            .map_batches(lambda b: add_signatures(b, cfg, [True] * len(b), seed=1), batch_format="pandas")
+            .materialize()
+        )
         for verify in ("estimated", "exact"):
             for broadcast_pairs in (1_000_000, 0):
-                edges = candidate_edges(ds, NearDedupConfig(threshold=1.0, verify=verify), 2,
-                                        broadcast_pairs=broadcast_pairs)
+                edges = candidate_edges(
+                    ds, NearDedupConfig(threshold=1.0, verify=verify), 2, broadcast_pairs=broadcast_pairs
+                )
                 assert edges.empty and set(EDGE_COLUMNS) <= set(edges.columns), (texts[1][:20], verify)
                 assert components(edges).empty
 
@@ -90,12 +100,18 @@ def test_repeated_ids_lose_one_copy_not_both(ray_local, tmp_path):
     """Found by the property tests: dedup told rows apart by id, so two lines with id "a" and the
     same text were both dropped as duplicates "of a" (nothing kept), and two near copies sharing
     an id hashed to one key and were never compared."""
-    lines = [json.dumps({"id": "a", "text": DOC}), json.dumps({"id": "a", "text": DOC}),
-             json.dumps({"id": "b", "text": OTHER}), json.dumps({"id": "b", "text": OTHER.replace("winter", "summer")})]
+    lines = [
+        json.dumps({"id": "a", "text": DOC}),
+        json.dumps({"id": "a", "text": DOC}),
+        json.dumps({"id": "b", "text": OTHER}),
+        json.dumps({"id": "b", "text": OTHER.replace("winter", "summer")}),
+    ]
     kept, dropped, _ = run_data(tmp_path, lines, "data.eval_fraction=0.0", "data.dedup.near.threshold=0.7")
     assert sorted(kept["id"]) == ["a", "b"]
-    assert sorted(zip(dropped["id"], dropped["reason"], dropped["duplicate_of"])) == \
-        [("a", "exact_duplicate", "a"), ("b", "near_duplicate", "b")]
+    assert sorted(zip(dropped["id"], dropped["reason"], dropped["duplicate_of"])) == [
+        ("a", "exact_duplicate", "a"),
+        ("b", "near_duplicate", "b"),
+    ]
     src = str(tmp_path / "in.jsonl")
     assert sorted(kept["row"]) == [f"{src}#0", f"{src}#2"]  # ties go to the earlier line
 
@@ -119,8 +135,9 @@ def test_gzip_input_is_read_once(ray_local, tmp_path):
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress((json.dumps({"id": "z", "text": DOC}) + "\n").encode()))
-    cfg = load_config(None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{tmp_path}/in'}}]",
-                             "data.filters.min_tokens=1"])
+    cfg = load_config(
+        None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{tmp_path}/in'}}]", "data.filters.min_tokens=1"]
+    )
     run_stage(cfg, "data", echo=lambda s: None, stage_uri=str(tmp_path / "out"))
     assert pq.read_table(tmp_path / "out" / "kept").to_pandas()["id"].tolist() == ["z"]
     (tmp_path / "in" / "a.jsonl.gz").write_bytes(b'{"text": "plain bytes under a .gz name"}\n')

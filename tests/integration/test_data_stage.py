@@ -14,15 +14,26 @@ from tailorlm.pipeline import run_stage
 
 pytestmark = pytest.mark.integration
 
-DOC = ("The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
-       "return with their catch while the market opens beside the old stone bridge near the church.")
-OTHER = ("A small railway connects the valley villages with the coast, and in winter the line is kept open "
-         "by crews who clear the snow from the tracks before the first train leaves the station at dawn.")
-ZH = "泽菲尔星表中的一颗行星。这里的天空是红色的，它有三颗卫星。它的首都是一座古老的城市，许多商人每年都会来到这里进行贸易。"
-THIRD = ("Every spring the orchard on the hill fills with blossom, and the beekeepers carry their hives up "
-         "the narrow path so that the bees can work the trees while the weather stays warm and dry.")
-FOURTH = ("The old library keeps its maps in wide wooden drawers, and scholars come from distant cities to "
-          "study the coastline as it was drawn by sailors who charted these waters two centuries ago.")
+DOC = (
+    "The harbor town of Ashbrook sits at the mouth of a wide river, and every morning the fishing boats "
+    "return with their catch while the market opens beside the old stone bridge near the church."
+)
+OTHER = (
+    "A small railway connects the valley villages with the coast, and in winter the line is kept open "
+    "by crews who clear the snow from the tracks before the first train leaves the station at dawn."
+)
+ZH = (
+    "泽菲尔星表中的一颗行星。这里的天空是红色的，它有三颗卫星。"
+    "它的首都是一座古老的城市，许多商人每年都会来到这里进行贸易。"
+)
+THIRD = (
+    "Every spring the orchard on the hill fills with blossom, and the beekeepers carry their hives up "
+    "the narrow path so that the bees can work the trees while the weather stays warm and dry."
+)
+FOURTH = (
+    "The old library keeps its maps in wide wooden drawers, and scholars come from distant cities to "
+    "study the coastline as it was drawn by sailors who charted these waters two centuries ago."
+)
 DE = "Der kleine Hafen liegt an der Mündung eines breiten Flusses, und jeden Morgen kehren die Fischerboote zurück."
 
 
@@ -32,9 +43,9 @@ def corpus(tmp_path_factory):
     recs = [
         {"id": "d0-orig", "text": DOC},
         {"id": "d1-exact", "text": DOC},
-        {"id": "d2-ws", "text": DOC.replace(" ", "   ", 5)},                    # exact after normalization
-        {"id": "d3-case", "text": DOC.upper()},                                 # near (case)
-        {"id": "d4-subst", "text": DOC.replace("morning", "evening")},          # near (one word)
+        {"id": "d2-ws", "text": DOC.replace(" ", "   ", 5)},  # exact after normalization
+        {"id": "d3-case", "text": DOC.upper()},  # near (case)
+        {"id": "d4-subst", "text": DOC.replace("morning", "evening")},  # near (one word)
         {"id": "other", "text": OTHER},
         {"id": "pii", "text": THIRD.replace("hill", "hill (call 415-555-0132, mail ops@bees.example)")},
         {"id": "zh", "text": ZH},
@@ -42,8 +53,11 @@ def corpus(tmp_path_factory):
         {"id": "junk", "text": "$$$ ### %%% &&& *** $$$ ### %%% &&& *** $$$ ### %%%"},
         {"id": "empty", "text": "   "},
         {"id": "null", "text": None},
-        {"instruction": "Describe the harbor town of Ashbrook in one sentence please.", "input": "",
-         "output": "Ashbrook is a river-mouth harbor town with a market beside an old stone bridge."},
+        {
+            "instruction": "Describe the harbor town of Ashbrook in one sentence please.",
+            "input": "",
+            "output": "Ashbrook is a river-mouth harbor town with a market beside an old stone bridge.",
+        },
     ]
     with open(d / "a.jsonl", "w") as fh:
         for r in recs:
@@ -54,9 +68,18 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(tmp_path, corpus_dir, *extra):
-    return load_config(None, [f"run.storage={tmp_path}", f"data.sources=[{{path: '{corpus_dir}'}}]",
-                              "data.filters.min_tokens=1", "data.filters.quality_min_words=10",
-                              "data.eval_fraction=0.0", "data.dedup.near.threshold=0.7", *extra])
+    return load_config(
+        None,
+        [
+            f"run.storage={tmp_path}",
+            f"data.sources=[{{path: '{corpus_dir}'}}]",
+            "data.filters.min_tokens=1",
+            "data.filters.quality_min_words=10",
+            "data.eval_fraction=0.0",
+            "data.dedup.near.threshold=0.7",
+            *extra,
+        ],
+    )
 
 
 def _read(stage_dir):
@@ -98,8 +121,9 @@ def test_data_stage_accounts_for_every_row(ray_local, tmp_path, corpus):
     run_stage(cfg, "data", force=True, echo=lambda s: None)
     kept2, dropped2 = _read(sdir)
     assert sorted(kept2["id"]) == sorted(kept["id"])
-    assert dict(zip(dropped2["id"], dropped2["duplicate_of"].fillna(""))) == \
-        dict(zip(dropped["id"], dropped["duplicate_of"].fillna("")))
+    assert dict(zip(dropped2["id"], dropped2["duplicate_of"].fillna(""))) == dict(
+        zip(dropped["id"], dropped["duplicate_of"].fillna(""))
+    )
 
 
 def test_decontamination_keeps_eval_row(ray_local, tmp_path, corpus):
@@ -145,8 +169,14 @@ def test_perplexity_filter_drops_exactly_the_rows_above_the_threshold(ray_local,
 
     corpus_dir, n_rows = corpus
     scorer = PerplexityFilter(FilterConfig().model_dump(), tiny_model_path)
-    ppl = dict(zip(["other", "pq1", "pii", "zh"], scorer.scores([OTHER, FOURTH, THIRD.replace(
-        "hill", "hill (call 415-555-0132, mail ops@bees.example)"), ZH])))
+    ppl = dict(
+        zip(
+            ["other", "pq1", "pii", "zh"],
+            scorer.scores(
+                [OTHER, FOURTH, THIRD.replace("hill", "hill (call 415-555-0132, mail ops@bees.example)"), ZH]
+            ),
+        )
+    )
     ranked = sorted(ppl, key=ppl.get)
     cut = (ppl[ranked[1]] + ppl[ranked[2]]) / 2  # two rows below, two above
     run_stage(_cfg(tmp_path, corpus_dir, f"data.filters.max_perplexity={cut}"), "data", echo=lambda s: None)
@@ -178,8 +208,11 @@ def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
     texts[62] = texts[61] = edit(texts[60], "whitespace", rng)
     df = pd.DataFrame({"id": [f"d{i:03d}" for i in range(len(texts))], "text": texts, "rank": 0})
     sign_cfg = NearDedupConfig(threshold=0.7)
-    ds = ray.data.from_pandas([df.iloc[:50], df.iloc[50:]]).map_batches(
-        lambda b: add_signatures(b, sign_cfg, [True] * len(b), seed=1), batch_format="pandas").materialize()
+    ds = (
+        ray.data.from_pandas([df.iloc[:50], df.iloc[50:]])
+        .map_batches(lambda b: add_signatures(b, sign_cfg, [True] * len(b), seed=1), batch_format="pandas")
+        .materialize()
+    )
 
     def edges(cfg, **kw):
         e = candidate_edges(ds, cfg, 2, **kw)

@@ -20,17 +20,25 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-WORDS = ("harbor river market bridge church valley railway coast winter snow station orchard blossom "
-         "library scholar sailor century morning evening garden mountain forest village island bakery "
-         "teacher student window painter music lantern meadow castle tower field farmer baker miller "
-         "weaver potter carpenter smith road wagon horse sheep cattle barley wheat apple pear plum").split()
+WORDS = (
+    "harbor river market bridge church valley railway coast winter snow station orchard blossom "
+    "library scholar sailor century morning evening garden mountain forest village island bakery "
+    "teacher student window painter music lantern meadow castle tower field farmer baker miller "
+    "weaver potter carpenter smith road wagon horse sheep cattle barley wheat apple pear plum"
+).split()
 STOP = "the of and to with that have be".split()
 HAN = "天地人山水火木金土日月星云风雨雪花草鸟鱼城市河海春夏秋冬东南西北学生老师书画音乐路车马牛羊"
 CYRILLIC = "гавань река рынок мост церковь долина".split()
 
 # a line's fate when it is fixed by what it is, whatever else the corpus holds
-FIXED_REASON = {"malformed": "malformed_json", "bad_utf8": "invalid_utf8", "no_text": "missing_text",
-                "blank_text": "empty", "short": "too_short_chars", "too_long": "too_long_chars"}
+FIXED_REASON = {
+    "malformed": "malformed_json",
+    "bad_utf8": "invalid_utf8",
+    "no_text": "missing_text",
+    "blank_text": "empty",
+    "short": "too_short_chars",
+    "too_long": "too_long_chars",
+}
 
 
 def document(seed: int, words: int = 70) -> str:
@@ -62,9 +70,9 @@ def cjk(seed: int, mixed: bool) -> str:
 
 @dataclass
 class Line:
-    kind: str                   # text | alpaca | chat | cjk | mixed | pii | long | copy | near | FIXED_REASON key
-    id: object = None           # None: no id key; else the JSON value written
-    text: str | None = None     # the document the record carries (None for fixed-fate lines)
+    kind: str  # text | alpaca | chat | cjk | mixed | pii | long | copy | near | FIXED_REASON key
+    id: object = None  # None: no id key; else the JSON value written
+    text: str | None = None  # the document the record carries (None for fixed-fate lines)
     file: int = 0
 
     def record(self) -> bytes:
@@ -86,8 +94,21 @@ class Line:
 
 
 # too_long is not drawn: a drawn "long" row past max_chars becomes one
-ROW_KINDS = ["text", "text", "alpaca", "chat", "cjk", "mixed", "pii", "copy", "copy", "near", "near",
-             *(k for k in FIXED_REASON if k != "too_long"), "long"]
+ROW_KINDS = [
+    "text",
+    "text",
+    "alpaca",
+    "chat",
+    "cjk",
+    "mixed",
+    "pii",
+    "copy",
+    "copy",
+    "near",
+    "near",
+    *(k for k in FIXED_REASON if k != "too_long"),
+    "long",
+]
 
 
 @st.composite
@@ -108,23 +129,39 @@ def corpora(draw, max_rows: int = 100) -> list[Line]:
             rate = draw(st.sampled_from([0.02, 0.05, 0.15, 0.4]))
             line = Line("text", f"n{i}", near_copy(src.text, rate, seed))
         else:
-            text = {"text": lambda: document(seed), "alpaca": lambda: document(seed), "chat": lambda: document(seed),
-                    "cjk": lambda: cjk(seed, mixed=False), "mixed": lambda: cjk(seed, mixed=True),
-                    "pii": lambda: document(seed % 7) + f" Write to user{seed}@mail.example or call "
-                                                        f"415-555-{seed % 10000:04d}.",
-                    "long": lambda: " ".join(document(seed + k) for k in range(draw(st.sampled_from([3, 60, 300])))),
-                    "short": lambda: "tiny row", "blank_text": lambda: " \t ", "no_text": lambda: None,
-                    "malformed": lambda: None, "bad_utf8": lambda: None}[kind]()
+            text = {
+                "text": lambda: document(seed),
+                "alpaca": lambda: document(seed),
+                "chat": lambda: document(seed),
+                "cjk": lambda: cjk(seed, mixed=False),
+                "mixed": lambda: cjk(seed, mixed=True),
+                "pii": lambda: (
+                    document(seed % 7) + f" Write to user{seed}@mail.example or call 415-555-{seed % 10000:04d}."
+                ),
+                "long": lambda: " ".join(document(seed + k) for k in range(draw(st.sampled_from([3, 60, 300])))),
+                "short": lambda: "tiny row",
+                "blank_text": lambda: " \t ",
+                "no_text": lambda: None,
+                "malformed": lambda: None,
+                "bad_utf8": lambda: None,
+            }[kind]()
             if kind == "long" and len(text) > 100_000:
                 kind = "too_long"  # past data.filters.max_chars: decided before its id, which must be unique
             line = Line(kind, None, text)
             if kind not in ("malformed", "bad_utf8"):
                 # fixed-fate lines keep unique ids, so the test can look their reason up by id
-                line.id = draw(st.sampled_from(["unique", "missing", "int", "repeat"]
-                                               if kind not in FIXED_REASON else ["unique", "missing"]))
+                line.id = draw(
+                    st.sampled_from(
+                        ["unique", "missing", "int", "repeat"] if kind not in FIXED_REASON else ["unique", "missing"]
+                    )
+                )
                 ids = [ln.id for ln in lines if ln.id is not None and ln.kind not in FIXED_REASON]
-                line.id = {"unique": f"r{i}", "missing": None, "int": 100_000 + i,
-                           "repeat": draw(st.sampled_from(ids)) if ids else f"r{i}"}[line.id]
+                line.id = {
+                    "unique": f"r{i}",
+                    "missing": None,
+                    "int": 100_000 + i,
+                    "repeat": draw(st.sampled_from(ids)) if ids else f"r{i}",
+                }[line.id]
         lines.append(line)
     n_files = draw(st.integers(1, 3))
     for line in lines:
@@ -146,8 +183,13 @@ def write_corpus(lines: list[Line], folder: Path, gz: list[bool], blank_every: i
                 body.append(b"   ")  # blank lines are skipped but still count in line positions
             pos = len(body)
             body.append(ln.record())
-            expected.append((path, str(ln.id) if ln.id is not None and ln.kind not in ("malformed", "bad_utf8")
-                             else f"{path}#{pos}", ln))
+            expected.append(
+                (
+                    path,
+                    str(ln.id) if ln.id is not None and ln.kind not in ("malformed", "bad_utf8") else f"{path}#{pos}",
+                    ln,
+                )
+            )
         data = b"\n".join(body) + (b"\n" if body else b"")
         Path(path).write_bytes(gzip.compress(data) if path.endswith(".gz") else data)
     return expected

@@ -31,43 +31,61 @@ from .corpora import FIXED_REASON, Line, corpora, document, write_corpus
 
 pytestmark = [pytest.mark.integration]
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                     HealthCheck.large_base_example])
-settings.register_profile("data-stage", max_examples=7, derandomize=True,
-                          phases=[Phase.explicit, Phase.generate], **_COMMON)
+_COMMON = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
+settings.register_profile(
+    "data-stage", max_examples=7, derandomize=True, phases=[Phase.explicit, Phase.generate], **_COMMON
+)
 settings.register_profile("nightly", max_examples=175, print_blob=True, **_COMMON)
 PROFILE = settings.get_profile("nightly" if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else "data-stage")
 
 DUP_REASONS = {"exact_duplicate", "near_duplicate", "eval_contamination"}
-knobs = st.fixed_dictionaries({
-    "eval_fraction": st.sampled_from([0.0, 0.05, 0.3]),
-    "verify": st.sampled_from(["exact", "estimated"]),
-    "threshold": st.sampled_from([0.7, 0.8, 0.9]),
-    "exact": st.booleans(),
-    "gz": st.lists(st.booleans(), min_size=3, max_size=3),
-    "blank_every": st.sampled_from([0, 3]),
-})
-DEFAULT_KNOBS = {"eval_fraction": 0.05, "verify": "exact", "threshold": 0.8, "exact": True, "gz": [False] * 3,
-                 "blank_every": 0}
+knobs = st.fixed_dictionaries(
+    {
+        "eval_fraction": st.sampled_from([0.0, 0.05, 0.3]),
+        "verify": st.sampled_from(["exact", "estimated"]),
+        "threshold": st.sampled_from([0.7, 0.8, 0.9]),
+        "exact": st.booleans(),
+        "gz": st.lists(st.booleans(), min_size=3, max_size=3),
+        "blank_every": st.sampled_from([0, 3]),
+    }
+)
+DEFAULT_KNOBS = {
+    "eval_fraction": 0.05,
+    "verify": "exact",
+    "threshold": 0.8,
+    "exact": True,
+    "gz": [False] * 3,
+    "blank_every": 0,
+}
 
 
 def run_data(folder, knobs: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     import json
 
     out = folder / f"out{len(list(folder.glob('out*')))}"
-    cfg = load_config(None, [f"run.storage={folder}/runs", f"data.sources=[{{path: '{folder}/in'}}]",
-                             f"data.eval_fraction={knobs['eval_fraction']}",
-                             f"data.dedup.exact={str(knobs['exact']).lower()}",
-                             f"data.dedup.near.verify={knobs['verify']}",
-                             f"data.dedup.near.threshold={knobs['threshold']}"])
+    cfg = load_config(
+        None,
+        [
+            f"run.storage={folder}/runs",
+            f"data.sources=[{{path: '{folder}/in'}}]",
+            f"data.eval_fraction={knobs['eval_fraction']}",
+            f"data.dedup.exact={str(knobs['exact']).lower()}",
+            f"data.dedup.near.verify={knobs['verify']}",
+            f"data.dedup.near.threshold={knobs['threshold']}",
+        ],
+    )
     run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
     assert (out / "_COMPLETE.json").exists()
     kept, dropped = (pq.read_table(out / d).to_pandas() for d in ("kept", "dropped"))
     return kept, dropped, json.loads((out / "stats.json").read_text())
 
 
-def check_invariants(expected: list[tuple[str, str, Line]], kept: pd.DataFrame, dropped: pd.DataFrame,
-                     stats: dict) -> None:
+def check_invariants(
+    expected: list[tuple[str, str, Line]], kept: pd.DataFrame, dropped: pd.DataFrame, stats: dict
+) -> None:
     out = pd.concat([kept, dropped], ignore_index=True)
     # every input line exactly once (ids may repeat in the input: compare multisets)
     assert Counter(zip(out["source"], out["id"])) == Counter((p, i) for p, i, _ in expected)

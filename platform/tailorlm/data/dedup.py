@@ -56,9 +56,15 @@ def _empty_dups() -> pd.DataFrame:
 
 
 def _empty_edges() -> pd.DataFrame:
-    return pd.DataFrame({"id_a": pd.Series([], dtype=object), "rank_a": pd.Series([], dtype="int64"),
-                         "id_b": pd.Series([], dtype=object), "rank_b": pd.Series([], dtype="int64"),
-                         "jaccard": pd.Series([], dtype="float64")})
+    return pd.DataFrame(
+        {
+            "id_a": pd.Series([], dtype=object),
+            "rank_a": pd.Series([], dtype="int64"),
+            "id_b": pd.Series([], dtype=object),
+            "rank_b": pd.Series([], dtype="int64"),
+            "jaccard": pd.Series([], dtype="float64"),
+        }
+    )
 
 
 def _empty_pairs() -> pd.DataFrame:
@@ -80,8 +86,10 @@ def num_partitions(rows: int, cpus: int, rows_per_partition: int = 2_000_000) ->
 def _partition(ds, keys: list[str], parts: int):
     out = ds.repartition(parts, keys=keys).materialize()
     if out.num_blocks() > parts:
-        raise RuntimeError(f"dedup: a hash partition was split into several blocks ({out.num_blocks()} blocks "
-                           f"for {parts} partitions); raise the partition count")
+        raise RuntimeError(
+            f"dedup: a hash partition was split into several blocks ({out.num_blocks()} blocks "
+            f"for {parts} partitions); raise the partition count"
+        )
     return out
 
 
@@ -90,15 +98,19 @@ def _drop_reason(rank, rep_rank, default: str) -> np.ndarray:
     return np.where(np.asarray(rank) > np.asarray(rep_rank), "eval_contamination", default)
 
 
-def add_signatures(batch: pd.DataFrame, cfg: NearDedupConfig, live: list[bool], seed: int,
-                   ids: pd.Series | None = None) -> pd.DataFrame:
+def add_signatures(
+    batch: pd.DataFrame, cfg: NearDedupConfig, live: list[bool], seed: int, ids: pd.Series | None = None
+) -> pd.DataFrame:
     """`key` (uint64 of the id, or of `ids`: what dedup will see as the id) and `sig` (MinHash
     bytes) columns; rows not live get an empty signature."""
     texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
     ids = batch["id"] if ids is None else ids
     batch["key"] = pd.util.hash_array(ids.astype(str).to_numpy(dtype=object))
-    sig = signatures(texts, cfg.num_perm, cfg.ngram, cfg.cjk_ngram, seed=seed) if cfg.enabled \
+    sig = (
+        signatures(texts, cfg.num_perm, cfg.ngram, cfg.cjk_ngram, seed=seed)
+        if cfg.enabled
         else np.zeros((len(batch), 1), dtype=np.uint32)
+    )
     batch["sig"] = [row.tobytes() for row in sig]
     return batch
 
@@ -118,8 +130,13 @@ def _exact_groups(batch: pd.DataFrame) -> pd.DataFrame:
     rep_id = b["id"].where(first).ffill()
     rep_rank = b["rank"].where(first).ffill()
     d = b[~first]
-    return pd.DataFrame({"id": d["id"], "duplicate_of": rep_id[~first],
-                         "reason": _drop_reason(d["rank"], rep_rank[~first], "exact_duplicate")})
+    return pd.DataFrame(
+        {
+            "id": d["id"],
+            "duplicate_of": rep_id[~first],
+            "reason": _drop_reason(d["rank"], rep_rank[~first], "exact_duplicate"),
+        }
+    )
 
 
 def exact_duplicates(live, cpus: int) -> pd.DataFrame:
@@ -150,7 +167,7 @@ def _bucket_pairs(batch: pd.DataFrame) -> pd.DataFrame:
     sizes = np.diff(np.r_[starts, len(bucket)])
     pairs_a, pairs_b = [key[starts[sizes == 2]]], [key[starts[sizes == 2] + 1]]  # the common case, vectorized
     for s, n in zip(starts[sizes > 2], sizes[sizes > 2]):
-        members = key[s:s + n]
+        members = key[s : s + n]
         if n <= MAX_PAIRS_BUCKET:
             combos = np.array(list(itertools.combinations(range(n), 2)))
             pairs_a.append(members[combos[:, 0]])
@@ -192,8 +209,9 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     exact = cfg.verify == "exact"
     sigs = live.select_columns(["key", "sig", "id", "rank"] + (["text"] if exact else []))
     n = sigs.count()
-    bands = sigs.map_batches(_band_rows, fn_kwargs=dict(bands=cfg.bands, rows=cfg.rows, num_perm=cfg.num_perm),
-                             batch_format="pandas")
+    bands = sigs.map_batches(
+        _band_rows, fn_kwargs=dict(bands=cfg.bands, rows=cfg.rows, num_perm=cfg.num_perm), batch_format="pandas"
+    )
     buckets = _partition(bands, ["bucket"], num_partitions(n * cfg.bands, cpus))
     pairs = buckets.map_batches(_bucket_pairs, batch_size=None, batch_format="pandas").materialize()
     verify = dict(num_perm=cfg.num_perm, threshold=cfg.threshold - EXACT_MARGIN if exact else cfg.threshold)
@@ -207,15 +225,19 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
         rows = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas").to_pandas()
         rows = rows.drop_duplicates("key").set_index("key")  # a row read twice by a retried task counts once
         a, b = rows.loc[p["a"].to_numpy(np.uint64)], rows.loc[p["b"].to_numpy(np.uint64)]
-        joined = pd.DataFrame({f"{col}_{side}": df[col].to_numpy() for side, df in (("a", a), ("b", b))
-                               for col in rows.columns})
+        joined = pd.DataFrame(
+            {f"{col}_{side}": df[col].to_numpy() for side, df in (("a", a), ("b", b)) for col in rows.columns}
+        )
         edges = _verify(joined, **verify).reset_index(drop=True)
         if not exact or edges.empty:
             return edges
         step = VERIFY_PAIRS_PER_TASK
-        return _to_pandas(ray.data.from_pandas([edges.iloc[i:i + step] for i in range(0, len(edges), step)])
-                          .map_batches(_verify_exact, fn_kwargs=exact_args, batch_size=None, batch_format="pandas"),
-                          _empty_edges()).reset_index(drop=True)
+        return _to_pandas(
+            ray.data.from_pandas([edges.iloc[i : i + step] for i in range(0, len(edges), step)]).map_batches(
+                _verify_exact, fn_kwargs=exact_args, batch_size=None, batch_format="pandas"
+            ),
+            _empty_edges(),
+        ).reset_index(drop=True)
     parts = num_partitions(n, cpus)
     side_a = sigs.rename_columns({c: f"{c}_a" if c != "key" else "a" for c in sigs.columns()})
     side_b = sigs.rename_columns({c: f"{c}_b" if c != "key" else "b" for c in sigs.columns()})
@@ -235,8 +257,12 @@ def components(edges: pd.DataFrame) -> pd.DataFrame:
 
     if edges.empty:
         return _empty_dups()
-    nodes = pd.concat([edges[["id_a", "rank_a"]].set_axis(["id", "rank"], axis=1),
-                       edges[["id_b", "rank_b"]].set_axis(["id", "rank"], axis=1)]).drop_duplicates("id")
+    nodes = pd.concat(
+        [
+            edges[["id_a", "rank_a"]].set_axis(["id", "rank"], axis=1),
+            edges[["id_b", "rank_b"]].set_axis(["id", "rank"], axis=1),
+        ]
+    ).drop_duplicates("id")
     nodes = nodes.sort_values(["rank", "id"], kind="stable").reset_index(drop=True)
     index = pd.Series(np.arange(len(nodes)), index=nodes["id"])
     a, b = index[edges["id_a"]].to_numpy(), index[edges["id_b"]].to_numpy()
@@ -248,5 +274,10 @@ def components(edges: pd.DataFrame) -> pd.DataFrame:
     rep = nodes[first].set_index("label")
     dup = nodes[~first]
     rep_of = rep.loc[dup["label"]]
-    return pd.DataFrame({"id": dup["id"].to_numpy(), "duplicate_of": rep_of["id"].to_numpy(),
-                         "reason": _drop_reason(dup["rank"], rep_of["rank"], "near_duplicate")})
+    return pd.DataFrame(
+        {
+            "id": dup["id"].to_numpy(),
+            "duplicate_of": rep_of["id"].to_numpy(),
+            "reason": _drop_reason(dup["rank"], rep_of["rank"], "near_duplicate"),
+        }
+    )

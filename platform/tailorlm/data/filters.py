@@ -38,7 +38,7 @@ def _top_ngram_fraction(words: list[str], n: int) -> float:
     """Characters covered by the most frequent repeated n-gram, over all word characters."""
     if len(words) < n + 1:
         return 0.0
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
@@ -56,8 +56,11 @@ def check_quality(text: str, cfg: FilterConfig, language: str | None) -> str | N
     if cjk_fraction(text) > 0.3:
         return None
     raw_words = text.split()
-    if raw_words and sum(bool(WORD.search(w)) and any(c.isalpha() for c in w) for w in raw_words) / len(raw_words) \
-            < cfg.min_alpha_word_fraction:
+    if (
+        raw_words
+        and sum(bool(WORD.search(w)) and any(c.isalpha() for c in w) for w in raw_words) / len(raw_words)
+        < cfg.min_alpha_word_fraction
+    ):
         return "quality:non_alpha_words"
     words = [w.lower() for w in WORD.findall(text)]
     if not words:
@@ -133,8 +136,11 @@ class ModelFilters:
         self.lang = LanguageID()
         self.tokens = TokenCounter(tokenizer_path) if tokenizer_path else None
         c = self.cfg
-        self.domain = DomainRelevance(c.domain_keywords, c.domain_reference) \
-            if (c.domain_keywords or c.domain_reference) else None
+        self.domain = (
+            DomainRelevance(c.domain_keywords, c.domain_reference)
+            if (c.domain_keywords or c.domain_reference)
+            else None
+        )
         self.perplexity = None
         if perplexity_model and c.max_perplexity:
             from tailorlm.data.perplexity import PerplexityFilter

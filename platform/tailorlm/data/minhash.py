@@ -96,8 +96,7 @@ def shingle_hashes(texts: list[str], ngram: int, cjk_ngram: int) -> tuple[np.nda
     return h, counts
 
 
-def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, cjk_ngram: int = 5,
-               seed: int = 1) -> np.ndarray:
+def signatures(texts: list[str], num_perm: int = 128, ngram: int = 5, cjk_ngram: int = 5, seed: int = 1) -> np.ndarray:
     """(n_docs, num_perm) uint32 MinHash signatures; a document with no tokens gets all 0xFFFFFFFF."""
     h, counts = shingle_hashes(texts, ngram, cjk_ngram)
     a, b = _params(num_perm, seed)

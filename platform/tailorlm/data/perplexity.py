@@ -33,8 +33,10 @@ class PerplexityFilter:
         torch, out = self.torch, []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for start in range(0, len(texts), self.batch_size):
-            ids = [x[: self.cfg.perplexity_max_tokens] for x in
-                   self.tok(texts[start:start + self.batch_size], add_special_tokens=False)["input_ids"]]
+            ids = [
+                x[: self.cfg.perplexity_max_tokens]
+                for x in self.tok(texts[start : start + self.batch_size], add_special_tokens=False)["input_ids"]
+            ]
             width = max(2, max(map(len, ids)))
             batch = torch.full((len(ids), width), pad, dtype=torch.long)
             mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -22,14 +22,19 @@ IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
 IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])")
 PHONE = re.compile(
     r"(?<![\w+])(?:"
-    r"(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"          # North American
-    r"|\+\d{1,3}[ .-]?\d{1,4}(?:[ .-]?\d{2,4}){2,4}"           # international with country code
-    r"|(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}"            # Chinese mobile
-    r"|0\d{2,3}-\d{7,8}"                                       # Chinese landline
+    r"(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"  # North American
+    r"|\+\d{1,3}[ .-]?\d{1,4}(?:[ .-]?\d{2,4}){2,4}"  # international with country code
+    r"|(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}"  # Chinese mobile
+    r"|0\d{2,3}-\d{7,8}"  # Chinese landline
     r")(?!\w)"
 )
-TAGS = {"email": "[EMAIL]", "phone": "[PHONE]", "ip": "[IP]", "credit_card": "[CREDIT_CARD]",
-        "id_number": "[ID_NUMBER]"}
+TAGS = {
+    "email": "[EMAIL]",
+    "phone": "[PHONE]",
+    "ip": "[IP]",
+    "credit_card": "[CREDIT_CARD]",
+    "id_number": "[ID_NUMBER]",
+}
 
 
 def luhn_ok(number: str) -> bool:
@@ -76,6 +81,7 @@ def redact(text: str, kinds: list[str]) -> tuple[str, dict[str, int]]:
         if kind not in kinds:
             continue
         for pattern, valid in detectors:
+
             def sub(m: re.Match, kind=kind, valid=valid) -> str:
                 if valid is not None and not valid(m.group(0)):
                     return m.group(0)

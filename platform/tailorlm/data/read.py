@@ -24,8 +24,15 @@ from tailorlm.config import SourceConfig
 # row: `<path>#<position>` of the record, unique per input line even where the input repeats ids
 COLUMNS = ["id", "source", "row", "kind", "text", "raw_text", "messages", "reason", "duplicate_of", "pii"]
 GZIP_MAGIC = b"\x1f\x8b"
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-                  ".txt": "text", ".text": "text", ".md": "text"}
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+}
 
 
 class SourceError(ValueError):
@@ -58,8 +65,10 @@ def file_format(path: str, declared: str = "auto") -> str:
     for suffix, fmt in SUFFIX_FORMATS.items():
         if name.endswith(suffix):
             return fmt
-    raise SourceError(f"data.sources: unsupported file type {path!r}; supported: "
-                      f"{', '.join(sorted(SUFFIX_FORMATS))} (optionally .gz), or set format explicitly")
+    raise SourceError(
+        f"data.sources: unsupported file type {path!r}; supported: "
+        f"{', '.join(sorted(SUFFIX_FORMATS))} (optionally .gz), or set format explicitly"
+    )
 
 
 def expand_source(src: SourceConfig) -> list[str]:
@@ -115,8 +124,7 @@ def record_to_row(rec: Any, kind: str, default_id: str, source: str) -> dict[str
     if rec.get("id") is not None:
         row["id"] = str(rec["id"])
     if kind == "auto":
-        kind = ("chat" if "messages" in rec or "conversations" in rec else
-                "alpaca" if "instruction" in rec else "text")
+        kind = "chat" if "messages" in rec or "conversations" in rec else "alpaca" if "instruction" in rec else "text"
     row["kind"] = kind
     if kind == "chat":
         msgs = _messages_from(rec)
@@ -128,8 +136,10 @@ def record_to_row(rec: Any, kind: str, default_id: str, source: str) -> dict[str
         if not isinstance(instr, str) or not isinstance(out, str) or not isinstance(inp, str):
             row["reason"] = "missing_text"
             return row
-        msgs = [{"role": "user", "content": f"{instr}\n\n{inp}" if inp.strip() else instr},
-                {"role": "assistant", "content": out}]
+        msgs = [
+            {"role": "user", "content": f"{instr}\n\n{inp}" if inp.strip() else instr},
+            {"role": "assistant", "content": out},
+        ]
     else:
         text = rec.get("text", rec.get("content"))
         if not isinstance(text, str):
@@ -173,8 +183,15 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            yield {**dict.fromkeys(COLUMNS), "id": default_id, "row": default_id, "source": path, "kind": kind,
-                   "reason": "invalid_utf8", "raw_text": raw.decode("utf-8", errors="replace")}
+            yield {
+                **dict.fromkeys(COLUMNS),
+                "id": default_id,
+                "row": default_id,
+                "source": path,
+                "kind": kind,
+                "reason": "invalid_utf8",
+                "raw_text": raw.decode("utf-8", errors="replace"),
+            }
             continue
         if fmt == "text":  # one document per line
             yield record_to_row({"text": line}, "text", default_id, path)
@@ -182,8 +199,15 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            yield {**dict.fromkeys(COLUMNS), "id": default_id, "row": default_id, "source": path, "kind": kind,
-                   "reason": "malformed_json", "raw_text": line}
+            yield {
+                **dict.fromkeys(COLUMNS),
+                "id": default_id,
+                "row": default_id,
+                "source": path,
+                "kind": kind,
+                "reason": "malformed_json",
+                "raw_text": line,
+            }
             continue
         yield record_to_row(rec, kind, default_id, path)
 

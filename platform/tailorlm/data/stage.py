@@ -37,13 +37,33 @@ from tailorlm.runs import RunDir, StageDir
 
 log = logging.getLogger(__name__)
 
-OUT_COLUMNS = ["id", "split", "kind", "text", "messages", "language", "pii", "reason", "duplicate_of",
-               "source", "row", "raw_text", "text_hash"]
+OUT_COLUMNS = [
+    "id",
+    "split",
+    "kind",
+    "text",
+    "messages",
+    "language",
+    "pii",
+    "reason",
+    "duplicate_of",
+    "source",
+    "row",
+    "raw_text",
+    "text_hash",
+]
 # perplexity: the perplexity filter's score (null when that filter is off or the row was not scored)
 OUT_SCHEMA = pa.schema([(c, pa.string()) for c in OUT_COLUMNS] + [("perplexity", pa.float64())])
-STEP_OF = {"malformed_json": "read", "invalid_utf8": "read", "malformed_record": "read", "missing_text": "read",
-           "empty": "normalize", "exact_duplicate": "dedup_exact", "near_duplicate": "dedup_near",
-           "eval_contamination": "decontaminate"}
+STEP_OF = {
+    "malformed_json": "read",
+    "invalid_utf8": "read",
+    "malformed_record": "read",
+    "missing_text": "read",
+    "empty": "normalize",
+    "exact_duplicate": "dedup_exact",
+    "near_duplicate": "dedup_near",
+    "eval_contamination": "decontaminate",
+}
 
 
 def step_of(reason: str) -> str:
@@ -102,8 +122,9 @@ STRING_COLUMNS = set(COLUMNS) | {"language", "split", "text_hash"}
 def strings_or_none(batch: pd.DataFrame) -> pd.DataFrame:
     """Missing values as None, so Arrow sees string columns, not a mix of str and float NaN."""
     for c in STRING_COLUMNS & set(batch.columns):
-        batch[c] = pd.Series([v if isinstance(v, str) else None for v in batch[c].tolist()], index=batch.index,
-                             dtype=object)
+        batch[c] = pd.Series(
+            [v if isinstance(v, str) else None for v in batch[c].tolist()], index=batch.index, dtype=object
+        )
     return batch
 
 
@@ -151,8 +172,14 @@ def apply_duplicates(batch: pd.DataFrame, dups: pd.DataFrame) -> pa.Table:
     return pa.table(cols, schema=OUT_SCHEMA)
 
 
-COUNT_COLUMNS = {"reason": object, "split": object, "rows": "int64", "chars": "int64", "pii": "int64",
-                 "pii_json": object}
+COUNT_COLUMNS = {
+    "reason": object,
+    "split": object,
+    "rows": "int64",
+    "chars": "int64",
+    "pii": "int64",
+    "pii_json": object,
+}
 
 
 def _empty_counts() -> pd.DataFrame:
@@ -164,11 +191,24 @@ def count_batch(batch: pd.DataFrame) -> pd.DataFrame:
         return _empty_counts()
     reason = batch["reason"].fillna("kept")
     pii = [sum(json.loads(p).values()) if isinstance(p, str) else 0 for p in batch["pii"]]
-    return pd.DataFrame({"reason": reason, "split": batch["split"].fillna(""), "chars":
-                         batch["text"].fillna("").str.len(), "pii": pii, "pii_json": batch["pii"]}) \
-        .groupby(["reason", "split"], as_index=False) \
-        .agg(rows=("chars", "size"), chars=("chars", "sum"), pii=("pii", "sum"),
-             pii_json=("pii_json", lambda s: json.dumps(_sum_pii(s))))
+    return (
+        pd.DataFrame(
+            {
+                "reason": reason,
+                "split": batch["split"].fillna(""),
+                "chars": batch["text"].fillna("").str.len(),
+                "pii": pii,
+                "pii_json": batch["pii"],
+            }
+        )
+        .groupby(["reason", "split"], as_index=False)
+        .agg(
+            rows=("chars", "size"),
+            chars=("chars", "sum"),
+            pii=("pii", "sum"),
+            pii_json=("pii_json", lambda s: json.dumps(_sum_pii(s))),
+        )
+    )
 
 
 def _sum_pii(values) -> dict[str, int]:
@@ -219,12 +259,20 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     ds = read_sources(sources)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
     ppl_model = (dc.filters.perplexity_model or resolve_base(cfg.model)) if dc.filters.max_perplexity else None
-    ds = ds.map_batches(ModelFilters, fn_constructor_kwargs={"cfg": dc.filters.model_dump(),
-                        "tokenizer_path": tokenizer, "perplexity_model": ppl_model}, concurrency=(1, max(1, cpus)),
-                        batch_size=512,
-                        batch_format="pandas")
-    ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed},
-                        batch_format="pandas")
+    ds = ds.map_batches(
+        ModelFilters,
+        fn_constructor_kwargs={
+            "cfg": dc.filters.model_dump(),
+            "tokenizer_path": tokenizer,
+            "perplexity_model": ppl_model,
+        },
+        concurrency=(1, max(1, cpus)),
+        batch_size=512,
+        batch_format="pandas",
+    )
+    ds = ds.map_batches(
+        finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed}, batch_format="pandas"
+    )
     try:
         annotated = ds.materialize()
     except Exception as exc:  # a file that cannot be read (corrupt gzip, bad JSON document) fails in a task
@@ -261,8 +309,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     if n_out != n_input:
         raise RuntimeError(f"data stage lost rows: {n_input} read, {n_out} accounted for")
     for name, dropped in (("kept", False), ("dropped", True)):
-        write_rows(final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow"),
-                   sdir.sub(name))
+        write_rows(
+            final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow"),
+            sdir.sub(name),
+        )
     timings["write"] = time.time() - t
     timings["total"] = time.time() - t0
 
@@ -273,8 +323,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     return {"input_rows": n_input, "kept": stats["kept"], "dropped": stats["dropped"]}
 
 
-def build_stats(counts: pd.DataFrame, n_input: int, timings: dict, dups: pd.DataFrame, n_edges: int,
-                sources: list[SourceConfig]) -> dict[str, Any]:
+def build_stats(
+    counts: pd.DataFrame, n_input: int, timings: dict, dups: pd.DataFrame, n_edges: int, sources: list[SourceConfig]
+) -> dict[str, Any]:
     by_reason = counts.groupby("reason")["rows"].sum().astype(int).to_dict()
     kept_rows = counts[counts["reason"] == "kept"]
     dropped = {r: n for r, n in by_reason.items() if r != "kept"}
