@@ -80,7 +80,7 @@ def test_candidate_edges_without_pairs_or_without_verified_edges(ray_local):
 
     near_copy = DOC.replace("morning", "evening")
     for texts in ([DOC, OTHER], [DOC, near_copy]):
-        df = pd.DataFrame({"id": ["a", "b"], "text": texts, "rank": 0})
+        df = pd.DataFrame({"id": ["a", "b"], "text": texts, "priority": 0})
         cfg = NearDedupConfig(threshold=1.0)
         ds = (
             ray.data.from_pandas([df.iloc[:1], df.iloc[1:]])

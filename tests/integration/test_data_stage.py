@@ -206,7 +206,7 @@ def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
     for i in range(0, 60, 6):  # 10 near-duplicate pairs and one triple
         texts[i + 1] = edit(texts[i], "substitute_2pct", rng)
     texts[62] = texts[61] = edit(texts[60], "whitespace", rng)
-    df = pd.DataFrame({"id": [f"d{i:03d}" for i in range(len(texts))], "text": texts, "rank": 0})
+    df = pd.DataFrame({"id": [f"d{i:03d}" for i in range(len(texts))], "text": texts, "priority": 0})
     sign_cfg = NearDedupConfig(threshold=0.7)
     ds = (
         ray.data.from_pandas([df.iloc[:50], df.iloc[50:]])

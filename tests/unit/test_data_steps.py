@@ -178,7 +178,7 @@ def test_band_keys_shape_and_band_separation():
 
 # ----------------------------------------------------------------------------- dedup grouping
 def test_exact_groups_prefer_eval_then_smallest_id():
-    batch = pd.DataFrame({"text_hash": ["h1", "h1", "h1", "h2"], "rank": [1, 1, 0, 1], "id": ["a", "b", "c", "d"]})
+    batch = pd.DataFrame({"text_hash": ["h1", "h1", "h1", "h2"], "priority": [1, 1, 0, 1], "id": ["a", "b", "c", "d"]})
     out = dedup._exact_groups(batch).sort_values("id")
     assert out["id"].tolist() == ["a", "b"]
     assert out["duplicate_of"].tolist() == ["c", "c"]
@@ -197,9 +197,9 @@ def test_bucket_pairs_all_pairs_and_components_collapse_transitive():
     edges = pd.DataFrame(
         {
             "id_a": ["b", "c", "x"],
-            "rank_a": [1, 1, 1],
+            "priority_a": [1, 1, 1],
             "id_b": ["c", "d", "y"],
-            "rank_b": [1, 1, 0],
+            "priority_b": [1, 1, 0],
             "jaccard": [0.9, 0.9, 0.9],
         }
     )

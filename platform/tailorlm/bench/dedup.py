@@ -129,7 +129,7 @@ def to_dataset(df: pd.DataFrame, cpus: int):
 def _sign(batch: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     from tailorlm.data.dedup import add_signatures
 
-    batch["rank"] = 0
+    batch["priority"] = 0
     return add_signatures(batch, NearDedupConfig.model_validate(cfg), [True] * len(batch), seed=1)
 
 
@@ -280,7 +280,7 @@ def speed(n_docs: int, cpus: int, verify: str) -> dict:
     exact_df = df.assign(text=[texts[i - i % 20 if i % 20 == 1 else i] for i in range(n_docs)])
     ds = to_dataset(exact_df, cpus)
     hashed = ds.map_batches(
-        lambda b: b.assign(text_hash=[xxhash.xxh3_128_hexdigest(t.encode()) for t in b["text"]], rank=0),
+        lambda b: b.assign(text_hash=[xxhash.xxh3_128_hexdigest(t.encode()) for t in b["text"]], priority=0),
         batch_format="pandas",
     )
     exact = exact_duplicates(hashed, cpus)

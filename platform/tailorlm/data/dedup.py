@@ -4,8 +4,8 @@ Both return a small table of the rows to drop, `(key, duplicate_of, reason)`, wh
 applies to the full dataset. Nothing on the driver grows with the corpus beyond the duplicates
 and the verified candidate edge list:
 
-exact: hash-partition (text_hash, rank, id) by text_hash; inside each partition the first row of
-       each group in (rank, id) order is kept.
+exact: hash-partition (text_hash, priority, id) by text_hash; inside each partition the first row of
+       each group in (priority, id) order is kept.
 near:  band keys per row -> hash-partition by band key -> candidate pairs inside each bucket ->
        attach both signatures -> pairs whose estimated Jaccard reaches the threshold ->
        (verify: exact) pairs whose exact shingle Jaccard reaches it -> connected components
@@ -18,7 +18,7 @@ near:  band keys per row -> hash-partition by band key -> candidate pairs inside
        a thousand), so only candidates' texts are shingled again.
 
 Ids must be unique (the stage passes `dedup_id`s: the input may repeat ids). The
-representative of a group is its smallest (rank, id): rank 0 for eval rows when
+representative of a group is its smallest (priority, id): priority 0 for eval rows when
 decontamination is on (so a train row that duplicates an eval row is dropped as
 `eval_contamination`, never the eval row), else 0 for all. Same input, same representative.
 
@@ -40,7 +40,7 @@ from tailorlm.config import NearDedupConfig
 from tailorlm.data.minhash import band_keys, estimated_jaccard, exact_jaccard, signatures
 
 DUP_COLUMNS = ["id", "duplicate_of", "reason"]
-EDGE_COLUMNS = ["id_a", "rank_a", "id_b", "rank_b", "jaccard"]
+EDGE_COLUMNS = ["id_a", "priority_a", "id_b", "priority_b", "jaccard"]
 MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smallest member
 # Up to this many candidate pairs the driver verifies them (their signatures: <= 2 x pairs x
 # num_perm x 4 bytes, 1 GiB at 128 perms); more go through two distributed joins instead. On
@@ -59,9 +59,9 @@ def _empty_edges() -> pd.DataFrame:
     return pd.DataFrame(
         {
             "id_a": pd.Series([], dtype=object),
-            "rank_a": pd.Series([], dtype="int64"),
+            "priority_a": pd.Series([], dtype="int64"),
             "id_b": pd.Series([], dtype=object),
-            "rank_b": pd.Series([], dtype="int64"),
+            "priority_b": pd.Series([], dtype="int64"),
             "jaccard": pd.Series([], dtype="float64"),
         }
     )
@@ -93,9 +93,9 @@ def _partition(ds, keys: list[str], parts: int):
     return out
 
 
-def _drop_reason(rank, rep_rank, default: str) -> np.ndarray:
+def _drop_reason(priority, rep_priority, default: str) -> np.ndarray:
     """A train row whose representative is an eval row is contamination, not a plain duplicate."""
-    return np.where(np.asarray(rank) > np.asarray(rep_rank), "eval_contamination", default)
+    return np.where(np.asarray(priority) > np.asarray(rep_priority), "eval_contamination", default)
 
 
 def add_signatures(
@@ -125,22 +125,22 @@ def near_duplicates(live, cfg: NearDedupConfig, cpus: int) -> tuple[pd.DataFrame
 def _exact_groups(batch: pd.DataFrame) -> pd.DataFrame:
     if batch.empty:
         return _empty_dups()
-    b = batch.sort_values(["text_hash", "rank", "id"], kind="stable")
+    b = batch.sort_values(["text_hash", "priority", "id"], kind="stable")
     first = ~b["text_hash"].duplicated(keep="first")
     rep_id = b["id"].where(first).ffill()
-    rep_rank = b["rank"].where(first).ffill()
+    rep_priority = b["priority"].where(first).ffill()
     d = b[~first]
     return pd.DataFrame(
         {
             "id": d["id"],
             "duplicate_of": rep_id[~first],
-            "reason": _drop_reason(d["rank"], rep_rank[~first], "exact_duplicate"),
+            "reason": _drop_reason(d["priority"], rep_priority[~first], "exact_duplicate"),
         }
     )
 
 
 def exact_duplicates(live, cpus: int) -> pd.DataFrame:
-    small = live.select_columns(["text_hash", "rank", "id"])
+    small = live.select_columns(["text_hash", "priority", "id"])
     parts = _partition(small, ["text_hash"], num_partitions(small.count(), cpus))
     return _to_pandas(parts.map_batches(_exact_groups, batch_size=None, batch_format="pandas"), _empty_dups())
 
@@ -184,7 +184,7 @@ def _verify(batch: pd.DataFrame, num_perm: int, threshold: float) -> pd.DataFram
     """Pairs whose estimated Jaccard reaches the threshold; texts ride along for an exact check."""
     if batch.empty:  # possibly without columns; the exact check needs none of them then
         return _empty_edges()
-    keep = ["id_a", "rank_a", "id_b", "rank_b"] + [c for c in ("text_a", "text_b") if c in batch]
+    keep = ["id_a", "priority_a", "id_b", "priority_b"] + [c for c in ("text_a", "text_b") if c in batch]
     sa = np.frombuffer(b"".join(batch["sig_a"]), dtype=np.uint32).reshape(len(batch), num_perm)
     sb = np.frombuffer(b"".join(batch["sig_b"]), dtype=np.uint32).reshape(len(batch), num_perm)
     j = estimated_jaccard(sa, sb)
@@ -195,7 +195,7 @@ def _verify_exact(batch: pd.DataFrame, threshold: float, ngram: int, cjk_ngram: 
     if batch.empty:
         return _empty_edges()
     j = exact_jaccard(batch["text_a"].tolist(), batch["text_b"].tolist(), ngram, cjk_ngram)
-    return batch.loc[j >= threshold, ["id_a", "rank_a", "id_b", "rank_b"]].assign(jaccard=j[j >= threshold])
+    return batch.loc[j >= threshold, ["id_a", "priority_a", "id_b", "priority_b"]].assign(jaccard=j[j >= threshold])
 
 
 def _rows_with_keys(batch: pd.DataFrame, keys: np.ndarray) -> pd.DataFrame:
@@ -207,7 +207,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     import ray
 
     exact = cfg.verify == "exact"
-    sigs = live.select_columns(["key", "sig", "id", "rank"] + (["text"] if exact else []))
+    sigs = live.select_columns(["key", "sig", "id", "priority"] + (["text"] if exact else []))
     n = sigs.count()
     bands = sigs.map_batches(
         _band_rows, fn_kwargs=dict(bands=cfg.bands, rows=cfg.rows, num_perm=cfg.num_perm), batch_format="pandas"
@@ -259,17 +259,17 @@ def components(edges: pd.DataFrame) -> pd.DataFrame:
         return _empty_dups()
     nodes = pd.concat(
         [
-            edges[["id_a", "rank_a"]].set_axis(["id", "rank"], axis=1),
-            edges[["id_b", "rank_b"]].set_axis(["id", "rank"], axis=1),
+            edges[["id_a", "priority_a"]].set_axis(["id", "priority"], axis=1),
+            edges[["id_b", "priority_b"]].set_axis(["id", "priority"], axis=1),
         ]
     ).drop_duplicates("id")
-    nodes = nodes.sort_values(["rank", "id"], kind="stable").reset_index(drop=True)
+    nodes = nodes.sort_values(["priority", "id"], kind="stable").reset_index(drop=True)
     index = pd.Series(np.arange(len(nodes)), index=nodes["id"])
     a, b = index[edges["id_a"]].to_numpy(), index[edges["id_b"]].to_numpy()
     graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(nodes), len(nodes)))
     _, label = connected_components(graph, directed=False)
     nodes["label"] = label
-    # nodes are sorted by (rank, id), so the first node of each component is its representative
+    # nodes are sorted by (priority, id), so the first node of each component is its representative
     first = ~nodes["label"].duplicated(keep="first")
     rep = nodes[first].set_index("label")
     dup = nodes[~first]
@@ -278,6 +278,6 @@ def components(edges: pd.DataFrame) -> pd.DataFrame:
         {
             "id": dup["id"].to_numpy(),
             "duplicate_of": rep_of["id"].to_numpy(),
-            "reason": _drop_reason(dup["rank"], rep_of["rank"], "near_duplicate"),
+            "reason": _drop_reason(dup["priority"], rep_of["priority"], "near_duplicate"),
         }
     )

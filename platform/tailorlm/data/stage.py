@@ -98,7 +98,7 @@ def prepare_batch(batch: pd.DataFrame, data_cfg: dict) -> pd.DataFrame:
 
 
 def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame:
-    """PII redaction, then what dedup and the split need: split, rank, text hash, MinHash signature."""
+    """PII redaction, then what dedup and the split need: split, keep priority, text hash, MinHash signature."""
     import xxhash
 
     cfg = DataConfig.model_validate(data_cfg)
@@ -108,7 +108,7 @@ def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame
     # deterministic split from the id alone: the same row lands in the same split on every run
     h = pd.util.hash_array(("%d:" % seed + ids).to_numpy(dtype=object)).astype(np.float64) / 2.0**64
     batch["split"] = np.where(h < cfg.eval_fraction, "eval", "train")
-    batch["rank"] = np.where((batch["split"] == "train") & cfg.decontaminate, 1, 0).astype(np.int64)
+    batch["priority"] = np.where((batch["split"] == "train") & cfg.decontaminate, 1, 0).astype(np.int64)
     live = batch["reason"].isna().tolist()
     texts = [t if ok and isinstance(t, str) else "" for t, ok in zip(batch["text"], live)]
     batch["text_hash"] = [xxhash.xxh3_128_hexdigest(t.encode()) if ok else None for t, ok in zip(texts, live)]
