@@ -143,6 +143,13 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     return body
 
 
+def charge(bucket: TokenBucket, client: str, amount: float, message: str, code: str) -> None:
+    """Take `amount` from the client's bucket, or refuse with 429 and when to retry."""
+    wait = bucket.take(client, amount)
+    if wait > 0:
+        raise Reject(429, message, code=code, headers=[(b"retry-after", retry_after(wait))])
+
+
 class Guard:
     """ASGI middleware applying GuardSettings. tokenizer (optional, the hosted model's): exact
     prompt token counts for the cost, the context check, and the text of token-id prompts."""
@@ -227,27 +234,20 @@ class Guard:
                 code="method_not_allowed",
                 headers=[(b"allow", route.method.encode())],
             )
-        wait = self.requests.take(client)
-        if wait > 0:
-            raise Reject(
-                429,
-                f"rate limit of {s.guard.rate_limit_per_minute} requests per minute exceeded",
-                code="rate_limit_exceeded",
-                headers=[(b"retry-after", retry_after(wait))],
-            )
+        charge(
+            self.requests,
+            client,
+            1,
+            f"rate limit of {s.guard.rate_limit_per_minute} requests per minute exceeded",
+            "rate_limit_exceeded",
+        )
         if route is OPENAPI:
             return await reply(send, 200, json.dumps(openapi_schema()).encode())
         if route.body is None:  # GET /v1/models: no client body or headers go on
             return await self.app(forwarded_scope(scope, b""), replay(b"", receive), send)
         if self.reading + self.inflight >= s.max_inflight:
             # slow uploads count against the capacity too: they hold a connection and a Serve slot
-            raise Reject(
-                503,
-                f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
-                etype="server_error",
-                code="overloaded",
-                headers=[(b"retry-after", b"1")],
-            )
+            raise self._overloaded()
         self.reading += 1
         try:
             raw = await self._read_body(headers, receive)
@@ -299,20 +299,20 @@ class Guard:
             raise Reject(400, "logprobs are not available on this server (it filters responses)", "logprobs")
         if body.get("echo") and body.get("logprobs") is not None:
             raise Reject(400, "echo with logprobs (prompt logprobs) is not supported by this server", "echo")
-        texts = prompt_texts(body, None)
-        if sum(map(len, texts)) > 8 * s.max_model_len * s.guard.max_prompts:  # before normalizing or tokenizing it
-            raise Reject(
-                400,
-                f"prompt text is longer than {s.guard.max_prompts} prompts of {s.max_model_len} tokens",
-                "messages" if "messages" in body else "prompt",
-            )
         prompt = body.get("prompt")
         if self.tokenizer is not None and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
             vocab = len(self.tokenizer)
             for ids in [prompt] if isinstance(prompt[0], int) else prompt:
                 if max(ids) >= vocab:
                     raise Reject(400, f"token id {max(ids)} is outside the vocabulary of {vocab}", "prompt")
-        if self.blocklist and any(self.blocklist.hit(t) for t in prompt_texts(body, self._detokenize)):
+        texts = prompt_texts(body, self._detokenize)  # once: for the length bound and the filter
+        if sum(map(len, texts)) > 8 * s.max_model_len * s.guard.max_prompts:  # before normalizing or tokenizing it
+            raise Reject(
+                400,
+                f"prompt text is longer than {s.guard.max_prompts} prompts of {s.max_model_len} tokens",
+                "messages" if "messages" in body else "prompt",
+            )
+        if self.blocklist and any(self.blocklist.hit(t) for t in texts):
             raise Reject(
                 400,
                 "the prompt was rejected by this server's content filter",
@@ -328,22 +328,15 @@ class Guard:
         problem = cap_problem(cost, body, s, exact)
         if problem:
             raise Reject(400, *problem)
-        wait = self.tokens.take(client, cost.total)
-        if wait > 0:
-            raise Reject(
-                429,
-                f"token budget of {s.guard.tokens_per_minute} per minute exceeded (this request may cost {cost.total})",
-                code="token_rate_limit_exceeded",
-                headers=[(b"retry-after", retry_after(wait))],
-            )
+        charge(
+            self.tokens,
+            client,
+            cost.total,
+            f"token budget of {s.guard.tokens_per_minute} per minute exceeded (this request may cost {cost.total})",
+            "token_rate_limit_exceeded",
+        )
         if self.inflight >= s.max_inflight:
-            raise Reject(
-                503,
-                f"server at capacity ({s.max_inflight} requests in flight); retry shortly",
-                etype="server_error",
-                code="overloaded",
-                headers=[(b"retry-after", b"1")],
-            )
+            raise self._overloaded()
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = default_output  # an uncapped request would run to the context end
         if s.ab.split and body.get("model") == s.ab_alias:
@@ -357,6 +350,15 @@ class Guard:
             await run_abortable(self.app, forwarded_scope(scope, raw), raw, receive, out)
         finally:
             self.inflight -= 1
+
+    def _overloaded(self) -> Reject:
+        return Reject(
+            503,
+            f"server at capacity ({self.s.max_inflight} requests in flight); retry shortly",
+            etype="server_error",
+            code="overloaded",
+            headers=[(b"retry-after", b"1")],
+        )
 
     def _draw(self, client: str) -> float:
         if self.s.ab.sticky:  # a stable hash of the client: the same arm on every request
