@@ -196,7 +196,7 @@ def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
     import numpy as np
     import ray
 
-    from tailorlm.bench.dedup import edit, make_docs
+    from tailorlm.bench.corpus import edit, make_docs
     from tailorlm.config import NearDedupConfig
     from tailorlm.data.dedup import add_signatures, candidate_edges
     from tailorlm.data.minhash import true_jaccard

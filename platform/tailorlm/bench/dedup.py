@@ -26,77 +26,8 @@ import numpy as np
 import pandas as pd
 
 from tailorlm.config import NearDedupConfig
+from tailorlm.bench.corpus import EDITS_EN, EDITS_ZH, edit, make_docs, make_zh_docs
 from tailorlm.data.minhash import tokens, true_jaccard
-
-EDITS_EN = [
-    "whitespace",
-    "case",
-    "punctuation",
-    "substitute_2pct",
-    "substitute_5pct",
-    "substitute_15pct",
-    "boilerplate",
-    "truncate_10pct",
-    "truncate_40pct",
-]
-EDITS_ZH = ["zh_whitespace", "zh_punctuation", "zh_substitute_3pct", "zh_truncate_10pct", "zh_substitute_20pct"]
-BOILERPLATE = "subscribe to our newsletter for weekly updates and read our privacy policy before you continue"
-
-
-# ----------------------------------------------------------------------------- corpus
-def _vocab(rng: np.random.Generator, n: int = 20000) -> np.ndarray:
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    return np.array(["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(n)])
-
-
-def make_docs(rng: np.random.Generator, n: int, words: int = 200) -> list[str]:
-    vocab = _vocab(rng)
-    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.05
-    p /= p.sum()
-    lens = rng.integers(words // 2, words * 3 // 2, n)
-    idx = rng.choice(len(vocab), size=int(lens.sum()), p=p)
-    out, pos = [], 0
-    for ln in lens:
-        out.append(" ".join(vocab[idx[pos : pos + ln]]) + ".")
-        pos += ln
-    return out
-
-
-def make_zh_docs(rng: np.random.Generator, n: int, chars: int = 150) -> list[str]:
-    pool = np.array([chr(c) for c in range(0x4E00, 0x4E00 + 3000)])
-    return ["".join(rng.choice(pool, rng.integers(chars // 2, chars * 3 // 2))) + "。" for _ in range(n)]
-
-
-def edit(text: str, kind: str, rng: np.random.Generator) -> str:
-    if kind.startswith("zh_"):
-        chars = list(text)
-        if kind == "zh_whitespace":
-            return " ".join(text[i : i + 20] for i in range(0, len(text), 20))
-        if kind == "zh_punctuation":
-            return "，".join(text[i : i + 15] for i in range(0, len(text), 15))
-        if kind.startswith("zh_substitute"):
-            frac = int(kind.split("_")[-1].removesuffix("pct")) / 100
-            for i in rng.choice(len(chars), max(1, int(len(chars) * frac)), replace=False):
-                chars[i] = chr(0x4E00 + 3000 + int(rng.integers(0, 1000)))
-            return "".join(chars)
-        return text[: int(len(text) * 0.9)]
-    words = text.split()
-    if kind == "whitespace":
-        return "  ".join(words[:50]) + "\n\n" + " \t".join(words[50:])
-    if kind == "case":
-        return " ".join(w.upper() if rng.random() < 0.3 else w.title() if rng.random() < 0.3 else w for w in words)
-    if kind == "punctuation":
-        return " ".join(w + rng.choice([",", ";", ".", "!"]) if rng.random() < 0.15 else w for w in words)
-    if kind.startswith("substitute"):
-        frac = int(kind.split("_")[-1].removesuffix("pct")) / 100
-        for i in rng.choice(len(words), max(1, int(len(words) * frac)), replace=False):
-            words[i] = "zz" + "".join(rng.choice(list("qxjk"), 5))
-        return " ".join(words)
-    if kind == "boilerplate":
-        return text + " " + BOILERPLATE
-    frac = int(kind.split("_")[-1].removesuffix("pct")) / 100
-    return " ".join(words[: int(len(words) * (1 - frac))])
-
 
 def quality_corpus(n_background: int, groups_per_kind: int, seed: int = 0):
     rng = np.random.default_rng(seed)
