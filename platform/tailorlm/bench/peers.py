@@ -56,13 +56,20 @@ VERSIONS = {  # distributions whose installed versions the report prints
 VENVS = os.path.expanduser(os.environ.get("TAILORLM_BENCH_VENVS", "~/.cache/tailorlm-bench/venvs"))
 DRIVERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_drivers.py")
 LOCK = "/tmp/tailorlm-cpu.lock"
-# `tailorlm data` doing only what the peers do: read, near dedup, write kept/ and dropped/
+# `tailorlm data` doing only what the peers do: read, near dedup, write kept/ and dropped/, with
+# the benchmark's parameters pinned (the defaults may move; verify: exact is the default now)
 TAILORLM_OFF = [
+    "data.dedup.near.num_perm=128",
+    "data.dedup.near.bands=16",
+    "data.dedup.near.rows=8",
+    "data.dedup.near.threshold=0.8",
+    "data.dedup.near.ngram=5",
+    "data.dedup.near.cjk_ngram=5",
+    "data.dedup.near.verify=exact",
     "data.normalize=false",
     "data.filters.min_chars=0",
     "data.filters.max_chars=1000000000",
     "data.filters.min_tokens=0",
-    "data.filters.max_tokens=1000000000",
     "data.filters.languages=[]",
     "data.filters.quality=false",
     "data.pii.enabled=false",
@@ -70,6 +77,20 @@ TAILORLM_OFF = [
     "data.decontaminate=false",
     "data.eval_fraction=0",
 ]
+
+
+def tailorlm_overrides() -> list[str]:
+    """TAILORLM_OFF, plus the token filter off: `null` where the config takes it (then the rows are
+    not tokenized at all), else a bound no row reaches."""
+    from pydantic import ValidationError
+
+    from tailorlm.config import FilterConfig
+
+    try:
+        FilterConfig(max_tokens=None)
+        return TAILORLM_OFF + ["data.filters.max_tokens=null"]
+    except ValidationError:
+        return TAILORLM_OFF + ["data.filters.max_tokens=1000000000"]
 
 
 def peer_python(peer: str) -> str:
@@ -82,7 +103,10 @@ def peer_python(peer: str) -> str:
     print(f"[peers] installing {peer} into {venv}: {' '.join(PEERS[peer])}", flush=True)
     base = shutil.which("python3.11") or sys.executable
     subprocess.run([base, "-m", "venv", "--clear", venv], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", *PEERS[peer]], check=True)
+    log = venv + "-install.log"
+    with open(log, "w") as fh:
+        if subprocess.run([python, "-m", "pip", "install", *PEERS[peer]], stdout=fh, stderr=fh).returncode:
+            raise RuntimeError(f"installing {peer} failed; see {log}")
     with open(stamp, "w") as fh:
         fh.write(want)
     return python
@@ -97,24 +121,30 @@ def versions(system: str) -> dict[str, str]:
     return json.loads(subprocess.run([peer_python(system), "-c", code], capture_output=True, text=True).stdout)
 
 
-def tree_rss(pid: int) -> int:
-    """Summed RSS of a process and all its descendants (Ray's raylet and workers are children
-    of the driver; walking the tree rather than matching "ray::" in command lines leaves out
-    other users' Ray processes on a shared machine). Shared pages count once per process."""
+def tree_rss(pid: int) -> tuple[int, int]:
+    """(summed RSS of a process and all its descendants, the same over the process itself and
+    its Ray workers only). Ray's daemons and workers are the driver's descendants; walking the
+    tree rather than matching "ray::" in every command line leaves out other users' Ray on a
+    shared machine. The second figure leaves out Ray's daemons (GCS, raylet, dashboard), as
+    bench/dedup.py counts. Shared pages (the object store) count once per process."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0
+    total = workers = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            rss = p.memory_info().rss
+            cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            continue
+        total += rss
+        if p.pid == pid or "ray::" in cmd or "default_worker.py" in cmd:
+            workers += rss
+    return total, workers
 
 
 def measure(cmd: list[str], log: str, timeout: float) -> dict:
@@ -124,9 +154,10 @@ def measure(cmd: list[str], log: str, timeout: float) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        peak, timed_out = 0, False
+        peak, peak_workers, timed_out = 0, 0, False
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            total, workers = tree_rss(proc.pid)
+            peak, peak_workers = max(peak, total), max(peak_workers, workers)
             if time.time() - t0 > timeout:
                 timed_out = True
                 os.killpg(proc.pid, 9)  # the session it started: its own Ray included
@@ -137,7 +168,8 @@ def measure(cmd: list[str], log: str, timeout: float) -> dict:
         except ProcessLookupError:
             pass
     done = [float(line.split()[1]) for line in open(log, errors="replace") if line.startswith("@@done ")]
-    return {"wall_s": (done[-1] if done else end) - t0, "peak_gib": peak / 2**30, "rc": proc.returncode,
+    wall = (done[-1] if done else end) - t0
+    return {"wall_s": wall, "peak_gib": peak / 2**30, "workers_gib": peak_workers / 2**30, "rc": proc.returncode,
             "timed_out": timed_out}  # fmt: skip
 
 
@@ -146,7 +178,7 @@ def run_system(system: str, corpus: str, shards: str, out: str, timeout: float) 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     log = out + ".log"
     if system == "tailorlm":
-        cmd = [sys.executable, "-m", "tailorlm.cli", "data", "--input", corpus, "--output", out, *TAILORLM_OFF]
+        cmd = [sys.executable, "-m", "tailorlm.cli", "data", "--input", corpus, "--output", out, *tailorlm_overrides()]
     else:
         cmd = [peer_python(system), DRIVERS, system, shards if system == "datatrove" else corpus, out]
     m = measure(cmd, log, timeout)
@@ -251,7 +283,19 @@ def report(df: pd.DataFrame, sizes: list[int]) -> None:
     df["docs/s"] = (df["docs"] / df["wall_s"]).round(0)
     ours = df[df["system"] == "tailorlm"].set_index("docs")["wall_s"]
     df["x tailorlm"] = [w / ours[n] if n in ours else float("nan") for w, n in zip(df["wall_s"], df["docs"])]
-    cols = ["system", "docs", "wall_s", "docs/s", "peak_gib", "pairs", "P_planted", "R_planted", "P_j08", "R_j08"]
+    cols = [
+        "system",
+        "docs",
+        "wall_s",
+        "docs/s",
+        "peak_gib",
+        "workers_gib",
+        "pairs",
+        "P_planted",
+        "R_planted",
+        "P_j08",
+        "R_j08",
+    ]
     cols += ["x tailorlm"] + (["error"] if "error" in df else [])
     print("\n== near-dedup, 2 CPUs, word 5-grams, 128 perms, 16 bands x 8 rows, threshold 0.8")
     print(df[cols].round(3).to_string(index=False))
