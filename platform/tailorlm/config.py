@@ -142,12 +142,37 @@ class PIIConfig(Strict):
 
 
 class NearDedupConfig(Strict):
+    """Defaults from `python -m tailorlm.bench.dedup quality --sweep` (10k documents, 1000 planted
+    copies): Jaccard 0.5 on word 5-grams with 32 x 4 bands finds copies with up to ~5% of their
+    words substituted, inserted, deleted or swapped, shuffled blocks and truncations up to 40%
+    (planted recall 0.80 at precision 1.000; 0.8 on 5-grams with 16 x 8 bands: 0.51; datatrove's and
+    Data-Juicer's unverified 16 x 8 buckets: 0.67). Copies with 10% of their words changed (5-gram
+    Jaccard ~0.45) are mostly kept: templated documents that differ in a few facts score the same."""
+
     enabled: bool = Field(True, description="MinHash-LSH near-duplicate removal")
-    num_perm: int = Field(128, ge=16, description="MinHash permutations (= bands x rows)")
-    bands: int = Field(16, ge=1, description="LSH bands")
-    rows: int = Field(8, ge=1, description="rows per LSH band")
-    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity needed to call a pair a duplicate")
-    ngram: int = Field(5, ge=1, description="word n-gram size (CJK text uses character n-grams)")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (>= bands x rows)")
+    bands: int = Field(
+        32,
+        ge=1,
+        description="LSH bands: a pair with Jaccard J becomes a candidate with probability "
+        "1-(1-J^rows)^bands (32 x 4: 0.87 at J 0.5, 0.99 at 0.6; 16 x 8: 0.06 at 0.5); more bands find "
+        "lower J at the cost of more candidate pairs",
+    )
+    rows: int = Field(4, ge=1, description="rows per LSH band (fewer rows = more candidates at low Jaccard)")
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="shingle Jaccard at or above which two rows are duplicates; 0.5 on word 5-grams is about "
+        "5% of the words substituted, inserted or deleted (0.8: about 2%; 0.4: about 10%, and templated "
+        "documents that differ in a few facts start to merge)",
+    )
+    ngram: int = Field(
+        5,
+        ge=1,
+        description="word n-gram size (CJK text uses character n-grams); a smaller n gives edited copies, and "
+        "templated documents alike, a higher Jaccard",
+    )
     cjk_ngram: int = Field(5, ge=1, description="character n-gram size for text without spaces (CJK)")
     verify: Literal["exact", "estimated"] = Field(
         "exact",

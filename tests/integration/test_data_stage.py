@@ -227,4 +227,39 @@ def test_near_dedup_broadcast_and_join_paths_agree(ray_local):
         assert sum((f"d{i:03d}", f"d{i + 1:03d}") in found for i in range(0, 60, 6)) >= 8
     text = dict(zip(df["id"], df["text"]))
     for a, b, j in broadcast:  # the exact check's edges
-        assert j >= 0.7 and j == pytest.approx(true_jaccard(text[a], text[b]), abs=1e-6)
+        assert j >= 0.7 and j == pytest.approx(true_jaccard(text[a], text[b], cfg.ngram, cfg.cjk_ngram), abs=1e-6)
+
+
+def test_default_near_dedup_finds_a_lightly_edited_copy(ray_local):
+    """Issue 15: the old default (0.8 on word 5-grams) never found a copy with 5% of its words
+    substituted (5-gram Jaccard ~0.6); the default finds it, and not an unrelated document."""
+    import numpy as np
+    import ray
+
+    from tailorlm.bench.corpus import edit, make_docs
+    from tailorlm.config import NearDedupConfig
+    from tailorlm.data.dedup import add_signatures, candidate_edges, near_duplicates
+    from tailorlm.data.minhash import true_jaccard
+
+    rng = np.random.default_rng(5)
+    texts = make_docs(rng, 8)
+    copy = edit(texts[0], "substitute_5pct", rng)
+    assert 0.5 < true_jaccard(texts[0], copy) < 0.7  # word 5-grams
+    df = pd.DataFrame(
+        {"id": ["a-orig", "b-copy"] + [f"other{i}" for i in range(7)], "text": [texts[0], copy] + texts[1:]}
+    )
+    df["priority"] = 0
+
+    def dedup(cfg):
+        ds = (
+            ray.data.from_pandas([df.iloc[:4], df.iloc[4:]])
+            .map_batches(lambda b: add_signatures(b, cfg, [True] * len(b), seed=1), batch_format="pandas")
+            .materialize()
+        )
+        return candidate_edges(ds, cfg, 2), near_duplicates(ds, cfg, 2)[0]
+
+    edges, dups = dedup(NearDedupConfig())
+    assert [(a, b) for a, b in zip(edges["id_a"], edges["id_b"])] in ([("a-orig", "b-copy")], [("b-copy", "a-orig")])
+    assert dups[["id", "duplicate_of", "reason"]].values.tolist() == [["b-copy", "a-orig", "near_duplicate"]]
+    old_edges, _ = dedup(NearDedupConfig(threshold=0.8, ngram=5, bands=16, rows=8))
+    assert old_edges.empty

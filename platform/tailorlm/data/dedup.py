@@ -14,8 +14,8 @@ near:  band keys per row -> hash-partition by band key -> candidate pairs inside
        filtering pass over the signatures fetches only the rows the pairs name: their number is
        bounded by the edge list); beyond BROADCAST_PAIRS it is two distributed hash joins.
        The exact check runs as Ray Data tasks over the pairs that pass the estimate with a margin
-       of EXACT_MARGIN (a true 0.8 pair estimates below 0.7 with 128 permutations about once in
-       a thousand), so only candidates' texts are shingled again.
+       (`estimate_floor`: 4 standard deviations of the estimate, at least EXACT_MARGIN), so only
+       candidates' texts are shingled again.
 
 Ids must be unique (the stage passes `dedup_id`s: the input may repeat ids). The
 representative of a group is its smallest (priority, id): priority 0 for eval rows when
@@ -48,6 +48,7 @@ MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smalles
 # signature avoided).
 BROADCAST_PAIRS = 1_000_000
 EXACT_MARGIN = 0.1  # verify: exact looks again at pairs whose estimate is within this of the threshold
+EXACT_SIGMAS = 4.0  # ... or within this many standard deviations of the estimate, if that is wider
 VERIFY_PAIRS_PER_TASK = 20_000
 
 
@@ -198,6 +199,13 @@ def _verify_exact(batch: pd.DataFrame, threshold: float, ngram: int, cjk_ngram: 
     return batch.loc[j >= threshold, ["id_a", "priority_a", "id_b", "priority_b"]].assign(jaccard=j[j >= threshold])
 
 
+def estimate_floor(threshold: float, num_perm: int) -> float:
+    """The smallest MinHash estimate `verify: exact` still checks exactly: a pair at the threshold
+    estimates below it about once in 30k (4 standard deviations of the estimate, sqrt(J(1-J)/num_perm):
+    0.18 at J 0.5 with 128 permutations), and never less than EXACT_MARGIN below the threshold."""
+    return threshold - max(EXACT_MARGIN, EXACT_SIGMAS * math.sqrt(threshold * (1 - threshold) / num_perm))
+
+
 def _rows_with_keys(batch: pd.DataFrame, keys: np.ndarray) -> pd.DataFrame:
     return batch[np.isin(batch["key"].to_numpy(np.uint64), keys)]
 
@@ -214,7 +222,9 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     )
     buckets = _partition(bands, ["bucket"], num_partitions(n * cfg.bands, cpus))
     pairs = buckets.map_batches(_bucket_pairs, batch_size=None, batch_format="pandas").materialize()
-    verify = dict(num_perm=cfg.num_perm, threshold=cfg.threshold - EXACT_MARGIN if exact else cfg.threshold)
+    verify = dict(
+        num_perm=cfg.num_perm, threshold=estimate_floor(cfg.threshold, cfg.num_perm) if exact else cfg.threshold
+    )
     exact_args = dict(threshold=cfg.threshold, ngram=cfg.ngram, cjk_ngram=cfg.cjk_ngram)
     n_pairs = pairs.count()
     if n_pairs == 0:  # a corpus without near duplicates: nothing to verify
