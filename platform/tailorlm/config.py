@@ -101,7 +101,9 @@ class FilterConfig(Strict):
     min_chars: int = Field(20, ge=0, description="shorter rows are dropped")
     max_chars: int = Field(100_000, ge=1, description="longer rows are dropped")
     min_tokens: int = Field(32, ge=0, description="rows with fewer tokens are dropped (0: off, no tokenizing)")
-    max_tokens: int = Field(2048, ge=1, description="rows with more tokens are dropped")
+    max_tokens: int | None = Field(
+        2048, ge=1, description="rows with more tokens are dropped (null: off; with min_tokens 0, no tokenizing)"
+    )
     languages: list[str] = Field(default_factory=lambda: ["en", "zh"], description="ISO 639-1; [] = any")
     min_language_score: float = Field(
         0.5, ge=0, le=1, description="fastText language confidence below this drops a row"

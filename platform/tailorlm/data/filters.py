@@ -26,14 +26,6 @@ def cjk_fraction(text: str) -> float:
     return len(CJK.findall(text)) / chars if chars else 0.0
 
 
-def check_length_chars(text: str, cfg: FilterConfig) -> str | None:
-    if len(text) < cfg.min_chars:
-        return "too_short_chars"
-    if len(text) > cfg.max_chars:
-        return "too_long_chars"
-    return None
-
-
 def _top_ngram_fraction(words: list[str], n: int) -> float:
     """Characters covered by the most frequent repeated n-gram, over all word characters."""
     if len(words) < n + 1:
@@ -127,15 +119,36 @@ class DomainRelevance:
         return self.vec.transform(texts) @ self.centroid  # rows are L2-normalized: cosine
 
 
+def wants_language(c: FilterConfig) -> bool:
+    """Language ID runs only when something reads it: the language filter, or the English-only
+    stopword rule (which must not judge Chinese or French text by English stop words)."""
+    return bool(c.languages) or (c.quality and c.min_stopwords > 0)
+
+
+def wants_tokens(c: FilterConfig) -> bool:
+    return c.min_tokens > 0 or c.max_tokens is not None
+
+
+def any_model_filter(c: FilterConfig, tokenizer_path: str | None) -> bool:
+    """Whether `ModelFilters` has any work; the stage leaves its actor pool out otherwise."""
+    return (
+        wants_language(c)
+        or c.quality
+        or (wants_tokens(c) and bool(tokenizer_path))
+        or bool(c.domain_keywords or c.domain_reference)
+        or bool(c.max_perplexity)
+    )
+
+
 class ModelFilters:
     """Language, quality, token-length, domain and perplexity filters over a batch (one actor holds
-    all: two actor pools on a 2-CPU node would hold both CPUs and starve the read tasks)."""
+    all: two actor pools on a 2-CPU node would hold both CPUs and starve the read tasks). A check
+    that is switched off is not built and costs nothing per row."""
 
     def __init__(self, cfg: dict, tokenizer_path: str | None, perplexity_model: str | None = None) -> None:
-        self.cfg = FilterConfig.model_validate(cfg)
-        self.lang = LanguageID()
-        self.tokens = TokenCounter(tokenizer_path) if tokenizer_path else None
-        c = self.cfg
+        self.cfg = c = FilterConfig.model_validate(cfg)
+        self.lang = LanguageID() if wants_language(c) else None
+        self.tokens = TokenCounter(tokenizer_path) if tokenizer_path and wants_tokens(c) else None
         self.domain = (
             DomainRelevance(c.domain_keywords, c.domain_reference)
             if (c.domain_keywords or c.domain_reference)
@@ -147,6 +160,16 @@ class ModelFilters:
 
             self.perplexity = PerplexityFilter(cfg, perplexity_model)
 
+    def _drop(self, batch: pd.DataFrame, idx: list, reasons: list) -> list:
+        """Set the reasons that are not None; return the rows still live."""
+        live = []
+        for i, r in zip(idx, reasons):
+            if r is None:
+                live.append(i)
+            else:
+                batch.at[i, "reason"] = r
+        return live
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         c = self.cfg
         batch["language"] = None
@@ -156,27 +179,29 @@ class ModelFilters:
         if not idx:
             return batch
         texts = batch.loc[idx, "text"].tolist()
-        for i, (code, score) in zip(idx, self.lang(texts)):
-            batch.at[i, "language"] = code
+        langs = self.lang(texts) if self.lang else [(None, 1.0)] * len(texts)
+        if self.lang:
+            batch.loc[idx, "language"] = [code for code, _ in langs]
+        reasons = []
+        for text, (code, score) in zip(texts, langs):
             # quality first: junk gets the reason that explains it, not a guess at its language
-            reason = check_quality(batch.at[i, "text"], c, code) if c.quality else None
+            reason = check_quality(text, c, code) if c.quality else None
             if reason is None and c.languages and code not in c.languages:
                 reason = f"language:{code}"
             elif reason is None and c.languages and score < c.min_language_score:
                 reason = "language:uncertain"
-            batch.at[i, "reason"] = reason
-        idx = [i for i in idx if pd.isna(batch.at[i, "reason"])]
+            reasons.append(reason)
+        idx = self._drop(batch, idx, reasons)
         if self.tokens and idx:
-            for i, n in zip(idx, self.tokens(batch.loc[idx, "text"].tolist())):
-                if n < c.min_tokens:
-                    batch.at[i, "reason"] = "too_few_tokens"
-                elif n > c.max_tokens:
-                    batch.at[i, "reason"] = "too_many_tokens"
-            idx = [i for i in idx if pd.isna(batch.at[i, "reason"])]
+            counts = self.tokens(batch.loc[idx, "text"].tolist())
+            too_many = c.max_tokens if c.max_tokens is not None else float("inf")
+            reasons = [
+                "too_few_tokens" if n < c.min_tokens else "too_many_tokens" if n > too_many else None for n in counts
+            ]
+            idx = self._drop(batch, idx, reasons)
         if self.domain and idx:
-            for i, score in zip(idx, self.domain(batch.loc[idx, "text"].tolist())):
-                if score < c.min_domain_score:
-                    batch.at[i, "reason"] = "off_domain"
+            scores = self.domain(batch.loc[idx, "text"].tolist())
+            self._drop(batch, idx, ["off_domain" if s < c.min_domain_score else None for s in scores])
         batch["language"] = batch["language"].astype(object)
         if self.perplexity:  # last: the most expensive check sees only rows every other one kept
             batch = self.perplexity(batch)
@@ -185,6 +210,8 @@ class ModelFilters:
 
 def length_batch(batch: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     fc = FilterConfig.model_validate(cfg)
-    for i in batch.index[batch["reason"].isna()]:
-        batch.at[i, "reason"] = check_length_chars(batch.at[i, "text"], fc)
+    live = batch["reason"].isna()
+    n = batch["text"].where(live, "").fillna("").str.len()
+    batch.loc[live & (n < fc.min_chars), "reason"] = "too_short_chars"
+    batch.loc[live & (n > fc.max_chars), "reason"] = "too_long_chars"
     return batch

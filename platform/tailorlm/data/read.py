@@ -4,9 +4,13 @@ Every input record becomes exactly one row: readable ones with `reason` None, un
 (malformed JSON, invalid UTF-8, missing text) with `reason` set, so they land in `dropped/`.
 Input that cannot be read as a whole (a missing path, an unsupported format) raises at once.
 
-Files are read with `ray.data.read_binary_files` and parsed in our own function rather than
-with `read_json`: Ray's JSON reader fails the whole file on one bad line and does not give line
-positions, and we need both (a row-level reason, and an id from file and position).
+Files are parsed in our own function rather than with `read_json`: Ray's JSON reader fails the
+whole file on one bad line and does not give line positions, and we need both (a row-level
+reason, and an id from file and position). A large uncompressed JSONL or text file is read as byte
+ranges of RANGE_BYTES, one Ray task each, so one big file is parsed on every CPU and no task holds
+more than a range; a first pass counts the lines that start in each range, so positions are the
+file's own line numbers either way. Lines end at "\n" (an "\r" before it is dropped), as JSON
+Lines defines them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from typing import Any, Iterator
 
 import fsspec
@@ -23,7 +28,6 @@ from tailorlm.config import SourceConfig
 
 # row: `<path>#<position>` of the record, unique per input line even where the input repeats ids
 COLUMNS = ["id", "source", "row", "kind", "text", "raw_text", "messages", "reason", "duplicate_of", "pii"]
-GZIP_MAGIC = b"\x1f\x8b"
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -43,7 +47,7 @@ def source_error(exc: BaseException) -> SourceError | None:
     """The SourceError a Ray task raised, out of the wrappers Ray Data puts around it
     (UserCodeException caused by a RayTaskError whose `cause` is ours), so the user gets the one
     line that says what is wrong with the file, not a remote traceback."""
-    seen = set()
+    first, seen = exc, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
@@ -51,11 +55,11 @@ def source_error(exc: BaseException) -> SourceError | None:
             return cause
         if type(exc) is SourceError:
             return exc
-        if isinstance(cause, OSError) and "inflate" in str(cause):
-            # Ray's reader gunzips .gz files itself and does not name the file that failed
-            return SourceError(f"data.sources: a .gz input file is not valid gzip ({str(cause).splitlines()[0]})")
-        exc = exc.__cause__ or exc.__context__
-    return None
+        exc = exc.__cause__ or exc.__context__ or cause
+    # Ray Data's UserCodeException does not always keep the remote exception as a cause (a map
+    # fused into an actor pool loses it); the remote traceback in the message still names it
+    found = re.search(r"\bSourceError: (.+)", str(first))
+    return SourceError(found.group(1).strip()) if found else None
 
 
 def file_format(path: str, declared: str = "auto") -> str:
@@ -154,14 +158,11 @@ def record_to_row(rec: Any, kind: str, default_id: str, source: str) -> dict[str
 
 def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str, Any]]:
     """Bytes of one file -> rows. Ids default to `<path>#<position>`."""
-    # Ray's binary reader already gunzips .gz files by their name (it cannot be told not to:
-    # compression None means "infer"); gunzipping again failed every .gz input. So only bytes
-    # that still start with the gzip magic are ours to decompress.
-    if path.endswith(".gz") and data[:2] == GZIP_MAGIC:
+    if path.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
-            raise SourceError(f"{path}: not a valid gzip file ({exc})") from None
+            raise SourceError(f"{path}: not valid gzip ({exc})") from None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -176,7 +177,20 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         for i, rec in enumerate(recs if isinstance(recs, list) else [recs]):
             yield record_to_row(rec, kind, f"{path}#{i}", path)
         return
-    for i, raw in enumerate(data.splitlines()):
+    yield from parse_lines(data, path, fmt, kind, first_line=0)
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """JSON Lines' lines: split at "\n", a trailing "\r" dropped, no empty piece after a final "\n"."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+
+
+def parse_lines(data: bytes, path: str, fmt: str, kind: str, first_line: int) -> Iterator[dict[str, Any]]:
+    """Rows of JSONL or text lines; data starts at the start of line number first_line."""
+    for i, raw in enumerate(split_lines(data), start=first_line):
         if not raw.strip():
             continue
         default_id = f"{path}#{i}"
@@ -212,11 +226,71 @@ def parse_file(data: bytes, path: str, fmt: str, kind: str) -> Iterator[dict[str
         yield record_to_row(rec, kind, default_id, path)
 
 
+RANGE_BYTES = 32 * 2**20  # ~25k web documents; large enough that per-task overhead is small
+
+
+def _plan(files: list[str], declared: str, kind: str, range_bytes: int = RANGE_BYTES) -> list[dict[str, Any]]:
+    """One read per file, or per byte range of a large uncompressed JSONL/text file."""
+    out = []
+    for path in files:
+        fmt = file_format(path, declared)
+        fs, p = url_to_fs(path)
+        size = fs.size(p) if fmt in ("jsonl", "text") and not path.endswith(".gz") else 0
+        if size > range_bytes:
+            cuts = list(range(0, size, range_bytes)) + [size]
+            out += [dict(path=path, fmt=fmt, kind=kind, start=a, end=b) for a, b in zip(cuts, cuts[1:])]
+        else:
+            out.append(dict(path=path, fmt=fmt, kind=kind, start=0, end=-1))  # end -1: the whole file
+    return out
+
+
+def _line_starts(path: str, start: int, end: int) -> int:
+    """How many lines start at a byte offset in [start, end): one after each "\n" in
+    [start-1, end-1), and one at 0."""
+    with fsspec.open(path, "rb") as fh:
+        fh.seek(max(0, start - 1))
+        data = fh.read(end - max(0, start - 1) - 1)
+    return data.count(b"\n") + (start == 0 and end > 0)
+
+
+def _read_range(path: str, start: int, end: int) -> bytes:
+    """The bytes of the lines that start in [start, end) (the last one read to its end)."""
+    with fsspec.open(path, "rb") as fh:
+        if start > 0:
+            fh.seek(start - 1)
+            fh.readline()  # the rest of the line that started before this range
+        here = fh.tell()
+        data = fh.read(max(0, end - here))
+        if data and not data.endswith(b"\n"):
+            data += fh.readline()
+    return data
+
+
+def parse_task(batch: dict[str, Any]) -> Any:
+    """One planned read -> a frame of rows (one block per read)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for path, fmt, kind, start, end, first in zip(
+        batch["path"], batch["fmt"], batch["kind"], batch["start"], batch["end"], batch["first_line"]
+    ):
+        if end < 0:
+            try:
+                with fsspec.open(path, "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                raise SourceError(f"data.sources: {path!r} disappeared while it was being read") from None
+            rows += parse_file(data, path, fmt, kind)
+        else:
+            rows += parse_lines(_read_range(path, int(start), int(end)), path, fmt, kind, int(first))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def read_sources(sources: list[SourceConfig]):
-    """All sources -> one Ray Dataset of normalized rows (lazy)."""
+    """All sources -> one Ray Dataset of normalized rows (lazy, except the line count of ranged files)."""
     import ray
 
-    datasets, seen = [], set()
+    plan, seen = [], set()
     for src in sources:
         files = expand_source(src)
         # a file read twice would give two rows the same position (`row`), which dedup relies on
@@ -225,13 +299,19 @@ def read_sources(sources: list[SourceConfig]):
         if twice:
             raise SourceError(f"data.sources: {sorted(twice)[0]!r} is named by more than one source")
         seen.update(files)
-
-        def parse(row: dict[str, Any], kind: str = src.kind, declared: str = src.format) -> list[dict[str, Any]]:
-            return list(parse_file(row["bytes"], row["path"], file_format(row["path"], declared), kind))
-
-        datasets.append(ray.data.read_binary_files(files, include_paths=True).flat_map(parse))
-    ds = datasets[0]
-    return ds.union(*datasets[1:]) if len(datasets) > 1 else ds
+        plan += _plan(files, src.format, src.kind)
+    ranged = [r for r in plan if r["end"] >= 0]
+    count = ray.remote(num_cpus=1)(_line_starts)
+    counts = ray.get([count.remote(r["path"], r["start"], r["end"]) for r in ranged])
+    first: dict[str, int] = {}
+    for r, n in zip(ranged, counts):  # planned in file order, ranges in offset order
+        r["first_line"] = first.get(r["path"], 0)
+        first[r["path"]] = r["first_line"] + n
+    for r in plan:
+        r.setdefault("first_line", 0)
+    return ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
+        parse_task, batch_size=1, batch_format="numpy"
+    )
 
 
 def write_demo(uri: str) -> str:

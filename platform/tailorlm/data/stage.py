@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from fsspec.core import url_to_fs
 
 from tailorlm.config import DataConfig, PipelineConfig, SourceConfig
 from tailorlm.data import dedup
-from tailorlm.data.filters import ModelFilters, length_batch
+from tailorlm.data.filters import ModelFilters, any_model_filter, length_batch, wants_tokens
 from tailorlm.data.normalize import normalize_batch
 from tailorlm.data.pii import pii_batch
 from tailorlm.data.read import COLUMNS, read_sources, source_error, write_demo
@@ -220,17 +221,39 @@ def _sum_pii(values) -> dict[str, int]:
     return total
 
 
-def write_rows(ds, uri: str) -> None:
-    """Parquet files under uri; an empty dataset still gets the folder and one empty file with
-    the output schema (Ray Data writes nothing for it, and readers of kept/ need the schema)."""
+def write_block(batch: pd.DataFrame, dups: pd.DataFrame, kept_uri: str, dropped_uri: str) -> pd.DataFrame:
+    """Apply the duplicates to one block, write its kept and dropped rows, return its counts.
+
+    One pass over the annotated corpus writes both outputs and counts them (Ray Data's
+    write_parquet writes one dataset per pass: two more passes, and a materialized copy of the
+    whole corpus to feed them). A block's file is named by the rows it holds, so a task that Ray
+    retries overwrites its own file instead of adding a second copy of its rows."""
+    import pyarrow.parquet as pq
+    import xxhash
+    from fsspec.core import url_to_fs
+
+    table = apply_duplicates(batch, dups)
+    if table.num_rows:
+        name = xxhash.xxh3_64_hexdigest("\n".join(table["row"].to_pylist()).encode()) + ".parquet"
+        for uri, dropped in ((kept_uri, False), (dropped_uri, True)):
+            part = _rows_where_reason(table, dropped)
+            if part.num_rows:
+                fs, path = url_to_fs(uri)
+                with fs.open(f"{path.rstrip('/')}/{name}", "wb") as fh:
+                    pq.write_table(part, fh)
+    return count_batch(batch)  # apply_duplicates set the reasons on batch itself
+
+
+def schema_file_if_empty(uri: str) -> None:
+    """An output with no rows still gets one empty file with the output schema (readers of kept/
+    need the schema, and an empty folder is indistinguishable from an unwritten one)."""
     import pyarrow.parquet as pq
     from fsspec.core import url_to_fs
 
-    ds.write_parquet(uri)
     fs, path = url_to_fs(uri)
-    if fs.exists(path) and any(p.endswith(".parquet") for p in fs.ls(path, detail=False)):
-        return
     fs.makedirs(path, exist_ok=True)
+    if any(p.endswith(".parquet") for p in fs.ls(path, detail=False)):
+        return
     with fs.open(f"{path.rstrip('/')}/empty.parquet", "wb") as fh:
         pq.write_table(OUT_SCHEMA.empty_table(), fh)
 
@@ -255,21 +278,24 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     t0 = time.time()
     sources = resolve_sources(cfg, run_dir)
-    tokenizer = dc.tokenizer or resolve_base(cfg.model)
+    # the tokenizer and the perplexity model are resolved (a factory model built) only when a
+    # filter that is switched on needs them
+    tokenizer = (dc.tokenizer or resolve_base(cfg.model)) if wants_tokens(dc.filters) else None
     ds = read_sources(sources)
     ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
     ppl_model = (dc.filters.perplexity_model or resolve_base(cfg.model)) if dc.filters.max_perplexity else None
-    ds = ds.map_batches(
-        ModelFilters,
-        fn_constructor_kwargs={
-            "cfg": dc.filters.model_dump(),
-            "tokenizer_path": tokenizer,
-            "perplexity_model": ppl_model,
-        },
-        concurrency=(1, max(1, cpus)),
-        batch_size=512,
-        batch_format="pandas",
-    )
+    if any_model_filter(dc.filters, tokenizer):
+        ds = ds.map_batches(
+            ModelFilters,
+            fn_constructor_kwargs={
+                "cfg": dc.filters.model_dump(),
+                "tokenizer_path": tokenizer,
+                "perplexity_model": ppl_model,
+            },
+            concurrency=(1, max(1, cpus)),
+            batch_size=512,
+            batch_format="pandas",
+        )
     ds = ds.map_batches(
         finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": cfg.run.seed}, batch_format="pandas"
     )
@@ -284,7 +310,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     timings["read_filter"] = time.time() - t0
 
     t = time.time()
-    live = annotated.map_batches(_live, batch_format="pandas").materialize()
+    needed = ["id", "row", "reason", "text_hash", "priority", "key", "sig"] + (
+        ["text"] if dc.dedup.near.enabled else []
+    )
+    live = annotated.select_columns(needed).map_batches(_live, batch_format="pandas").materialize()
     exact = dedup.exact_duplicates(live, cpus) if dc.dedup.exact else dedup._empty_dups()
     timings["dedup_exact"] = time.time() - t
 
@@ -303,16 +332,23 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     dups = pd.concat([exact, near], ignore_index=True)
 
     t = time.time()
-    final = annotated.map_batches(apply_duplicates, fn_kwargs={"dups": dups}, batch_format="pandas").materialize()
-    counts = dedup._to_pandas(final.map_batches(count_batch, batch_format="pandas"), _empty_counts())
+    kept_uri, dropped_uri = sdir.sub("kept"), sdir.sub("dropped")
+    for uri in (kept_uri, dropped_uri):
+        url_to_fs(uri)[0].makedirs(url_to_fs(uri)[1], exist_ok=True)
+    counts = dedup._to_pandas(
+        annotated.map_batches(
+            write_block,
+            fn_kwargs={"dups": dups, "kept_uri": kept_uri, "dropped_uri": dropped_uri},
+            batch_size=None,
+            batch_format="pandas",
+        ),
+        _empty_counts(),
+    )
     n_out = int(counts["rows"].sum())
     if n_out != n_input:
         raise RuntimeError(f"data stage lost rows: {n_input} read, {n_out} accounted for")
-    for name, dropped in (("kept", False), ("dropped", True)):
-        write_rows(
-            final.map_batches(_rows_where_reason, fn_kwargs={"dropped": dropped}, batch_format="pyarrow"),
-            sdir.sub(name),
-        )
+    for uri in (kept_uri, dropped_uri):
+        schema_file_if_empty(uri)
     timings["write"] = time.time() - t
     timings["total"] = time.time() - t0
 

@@ -1,0 +1,164 @@
+"""The whole data stage as users run it, at scale: wall time, time per step, peak memory.
+
+    python -m tailorlm.bench.stage --docs 100 --docs 100000          # fixed overhead + per-doc cost
+    python -m tailorlm.bench.stage --docs 1000000                    # ~1.2 GB of text
+    python -m tailorlm.bench.stage --docs 100000 --near-only         # near dedup only (the peers' work)
+
+Each size runs `tailorlm data --input corpus.jsonl --output out` as a fresh subprocess (its own
+embedded Ray, 2 CPUs unless --cpus), so the time includes starting Ray, reading, every step and
+writing kept/ and dropped/. Peak RSS is the sum over the driver and its Ray (GCS, raylet,
+workers: all in its process tree), sampled every 0.2 s. Per-step times come from the stage's own stats.json.
+
+The corpus is real English: sentences of the C4 sample in shared/data (or --seed-text), remixed
+into distinct documents of 6-14 sentences (~1.2 KB each, like web text), with 5% exact copies and
+10% edited copies (bench/corpus.py's edit kinds), so every filter and both dedup steps do real work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from tailorlm.bench.corpus import EDITS_EN, edit
+
+SEED_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "c4_demo.jsonl")
+NEAR_ONLY = [
+    "data.normalize=false",
+    "data.filters.quality=false",
+    "data.filters.languages=[]",
+    "data.filters.min_tokens=0",
+    "data.filters.max_tokens=null",
+    "data.filters.min_chars=0",
+    "data.pii.enabled=false",
+    "data.dedup.exact=false",
+    "data.decontaminate=false",
+]
+
+
+def sentences(path: str) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            text = json.loads(line).get("text", "")
+            out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 4]
+    return out
+
+
+def write_corpus(path: str, n: int, seed_text: str, seed: int = 0) -> int:
+    """n documents as JSONL; returns the bytes of text written."""
+    rng = np.random.default_rng(seed)
+    pool = np.array(sentences(seed_text), dtype=object)
+    total = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        prev: list[str] = []
+        for i in range(n):
+            r = rng.random()
+            if prev and r < 0.05:
+                text = prev[int(rng.integers(len(prev)))]  # an exact copy of a recent document
+            elif prev and r < 0.15:
+                text = edit(prev[int(rng.integers(len(prev)))], EDITS_EN[int(rng.integers(len(EDITS_EN)))], rng)
+            else:
+                text = " ".join(pool[rng.integers(0, len(pool), int(rng.integers(6, 15)))])
+            prev = (prev + [text])[-1000:]
+            total += len(text)
+            fh.write(json.dumps({"id": f"d{i:08d}", "text": text}, ensure_ascii=False) + "\n")
+    return total
+
+
+class PeakRSS:
+    """Peak RSS summed over a process tree, sampled every 0.2 s. An embedded Ray's GCS and raylet
+    are children of the driver and its workers children of the raylet, so the tree is all of it
+    (and not the Ray of another process on the same machine)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root, self.peak, self._stop = root_pid, 0, threading.Event()
+
+    def _total(self) -> int:
+        import psutil
+
+        pids = set()
+        try:
+            pids = {p.pid for p in psutil.Process(self.root).children(recursive=True)} | {self.root}
+        except psutil.NoSuchProcess:
+            pass
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self._total())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def run_stage(corpus: str, out: str, overrides: list[str]) -> dict:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "tailorlm.cli", "data", "--input", corpus, "--output", out, *overrides]
+    t = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with PeakRSS(proc.pid) as mem:
+        log, _ = proc.communicate()
+    wall = time.time() - t
+    if proc.returncode:
+        raise SystemExit(f"tailorlm data failed ({proc.returncode}):\n{log[-4000:]}")
+    with open(os.path.join(out, "stats.json")) as fh:
+        stats = json.load(fh)
+    return {"wall_s": wall, "peak_gib": mem.peak / 2**30, "stats": stats}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, action="append", help="corpus size; give several for the slope")
+    ap.add_argument("--near-only", action="store_true", help="switch off every step but near dedup")
+    ap.add_argument("--seed-text", default=os.path.normpath(SEED_TEXT), help="JSONL of real text to remix")
+    ap.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp folder)")
+    ap.add_argument("overrides", nargs="*", help="extra dotted overrides for tailorlm data")
+    args = ap.parse_args()
+    sizes = sorted(args.docs or [100, 100_000])
+    overrides = (NEAR_ONLY if args.near_only else []) + args.overrides
+    work = args.workdir or tempfile.mkdtemp(prefix="tailorlm-bench-stage-")
+    results = []
+    for n in sizes:
+        corpus = os.path.join(work, f"corpus-{n}.jsonl")
+        if not os.path.exists(corpus):
+            write_corpus(corpus, n, args.seed_text)
+        mb = os.path.getsize(corpus) / 1e6
+        r = run_stage(corpus, os.path.join(work, f"out-{n}"), overrides)
+        s = r["stats"]
+        results.append((n, r["wall_s"]))
+        print(
+            f"{n:>9} docs {mb:8.1f} MB  wall {r['wall_s']:7.1f} s  {n / r['wall_s']:8.0f} docs/s  "
+            f"peak RSS {r['peak_gib']:5.2f} GiB  kept {s['kept']}  dropped {s['dropped']}"
+        )
+        print(f"          steps (s): {s['timings_s']}")
+    if len(results) >= 2:
+        (n0, t0), (n1, t1) = results[0], results[-1]
+        slope = (t1 - t0) / (n1 - n0)
+        print(f"fixed overhead (wall at {n0} docs): {t0:.1f} s; per-document cost: {slope * 1e3:.3f} ms/doc")
+
+
+if __name__ == "__main__":
+    main()
