@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from tailorlm.config import load_config
+from tailorlm.config import NearDedupConfig, load_config
 from tailorlm.pipeline import run_stage
 
 from .corpora import FIXED_REASON, Line, corpora, document, write_corpus
@@ -46,7 +46,7 @@ knobs = st.fixed_dictionaries(
     {
         "eval_fraction": st.sampled_from([0.0, 0.05, 0.3]),
         "verify": st.sampled_from(["exact", "estimated"]),
-        "threshold": st.sampled_from([0.7, 0.8, 0.9]),
+        "threshold": st.sampled_from([0.5, 0.7, 0.8, 0.9]),
         "exact": st.booleans(),
         "gz": st.lists(st.booleans(), min_size=3, max_size=3),
         "blank_every": st.sampled_from([0, 3]),
@@ -55,7 +55,7 @@ knobs = st.fixed_dictionaries(
 DEFAULT_KNOBS = {
     "eval_fraction": 0.05,
     "verify": "exact",
-    "threshold": 0.8,
+    "threshold": NearDedupConfig().threshold,
     "exact": True,
     "gz": [False] * 3,
     "blank_every": 0,
