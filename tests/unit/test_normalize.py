@@ -46,14 +46,22 @@ def test_any_text_equals_ftfy(text):
     assert repair(text) == ftfy_nfkc(text)
 
 
+MOJIBAKE = ["don\u00e2\u0080\u0099t", "don\u00e2\u20ac\u2122t", "\u00c3\u00a9t\u00c3\u00a9", "\ufb01le"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.one_of(st.lists(safe_chars, max_size=20).map("".join), st.sampled_from(MOJIBAKE), st.text(max_size=10)))
+)
+def test_mixed_lines_equal_ftfy(lines):
+    """Lines outside the fast path's alphabet get ftfy's full pass, the others the fast path."""
+    text = "\n".join(lines)
+    assert repair(text) == ftfy_nfkc(text)
+
+
 @pytest.mark.parametrize(
     "text",
-    [
-        "don\u00e2\u0080\u0099t",  # UTF-8 read as Latin-1: ftfy's mojibake repair must still run
-        "don\u00e2\u20ac\u2122t",  # ... as cp1252
-        "\u00c3\u00a9t\u00c3\u00a9",
-        "\ufb01le",  # ligature: outside the fast path's alphabet
-    ],
+    MOJIBAKE,  # UTF-8 read as Latin-1 or cp1252 (ftfy's mojibake repair must still run), a ligature
 )
 def test_mojibake_takes_the_full_path(text):
     assert not SAFE_TEXT.fullmatch(text)

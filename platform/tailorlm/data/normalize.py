@@ -32,6 +32,7 @@ SAFE_TEXT = re.compile(
     "[\x00-\x7f\u2018\u2019\u201c\u201d\u2013\u2014\u2026"
     "\u3000-\u303f\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3\uff01-\uff5e]*"
 )
+_LINES = re.compile(r"[^\n]*\n|[^\n]+")  # ftfy's segments: up to and including each "\n"
 _WIDE = re.compile("[\u3000\uff01-\uff5e]")  # what fix_character_width changes in SAFE_TEXT
 _CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(fixes.CONTROL_CHARS)) + "]")
 
@@ -42,8 +43,18 @@ def repair(text: str) -> str:
     heuristics), while most web text is ASCII plus curly quotes and dashes, or CJK. On such text
     (SAFE_TEXT) only the fixes that can change it run, each one only where its characters occur;
     a property test checks the result equals ftfy's for every such text."""
-    if not SAFE_TEXT.fullmatch(text):
-        return ftfy.fix_text(text, normalization="NFKC", unescape_html=False)
+    if SAFE_TEXT.fullmatch(text):
+        return _repair_safe(text)
+    # ftfy repairs each line on its own (its segments end at "\n"), so only the lines outside
+    # SAFE_TEXT need its full pass
+    return "".join(_repair_safe(line) if SAFE_TEXT.fullmatch(line) else _ftfy(line) for line in _LINES.findall(text))
+
+
+def _ftfy(text: str) -> str:
+    return ftfy.fix_text(text, normalization="NFKC", unescape_html=False)
+
+
+def _repair_safe(text: str) -> str:
     while True:  # ftfy's own loop: its fixes in its order, until nothing changes
         before = text
         if _WIDE.search(text):
