@@ -26,46 +26,58 @@ def cjk_fraction(text: str) -> float:
     return len(CJK.findall(text)) / chars if chars else 0.0
 
 
-def _top_ngram_fraction(words: list[str], n: int) -> float:
+def _top_ngram_fraction(words: list[str], n: int, word_chars: int) -> float:
     """Characters covered by the most frequent repeated n-gram, over all word characters."""
     if len(words) < n + 1:
         return 0.0
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    grams = Counter(zip(*(words[i:] for i in range(n))))  # zip: the n-grams in C, not a Python loop
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
-    return count * sum(len(w) for w in gram) / max(1, sum(len(w) for w in words))
+    return count * sum(len(w) for w in gram) / max(1, word_chars)
+
+
+_SPACE = re.compile(r"\s+")  # \s is str.isspace, as str.split() uses
+_SYMBOL = re.compile("[" + re.escape("".join(sorted(SYMBOLS))) + "]")
+_ASCII_WORD_WITH_LETTER = re.compile(r"\S*[A-Za-z]\S*")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+def _words_with_letter(text: str, raw_words: list[str]) -> int:
+    """Words holding a letter (str.isalpha; a letter is a \\w, so WORD matches such a word too)."""
+    if text.isascii():  # one regex pass over the text instead of a Python loop over its characters
+        return len(_ASCII_WORD_WITH_LETTER.findall(text))
+    return sum(bool(_ASCII_LETTER.search(w)) if w.isascii() else any(c.isalpha() for c in w) for w in raw_words)
 
 
 def check_quality(text: str, cfg: FilterConfig, language: str | None) -> str | None:
-    """Gopher-style heuristics; word-level ones only for space-delimited scripts."""
+    """Gopher-style heuristics; word-level ones only for space-delimited scripts. Counting is done
+    with regular expressions and C-level builtins where they give the same counts as a loop over
+    characters (tests/unit/test_quality_filter.py checks it against the plain loops)."""
     lines = [line for line in text.split("\n") if line.strip()]
     if len(lines) >= 3 and 1 - len(set(lines)) / len(lines) > cfg.max_duplicate_line_fraction:
         return "quality:duplicate_lines"
-    chars = [c for c in text if not c.isspace()]
-    if chars and sum(c in SYMBOLS for c in chars) / len(chars) > cfg.max_symbol_ratio:
+    nonspace = len(_SPACE.sub("", text))
+    if nonspace and len(_SYMBOL.findall(text)) / nonspace > cfg.max_symbol_ratio:
         return "quality:symbols"
     if cjk_fraction(text) > 0.3:
         return None
     raw_words = text.split()
-    if (
-        raw_words
-        and sum(bool(WORD.search(w)) and any(c.isalpha() for c in w) for w in raw_words) / len(raw_words)
-        < cfg.min_alpha_word_fraction
-    ):
+    if raw_words and _words_with_letter(text, raw_words) / len(raw_words) < cfg.min_alpha_word_fraction:
         return "quality:non_alpha_words"
-    words = [w.lower() for w in WORD.findall(text)]
+    words = WORD.findall(text.lower()) if text.isascii() else [w.lower() for w in WORD.findall(text)]
     if not words:
         return "quality:no_words"
-    mean_len = sum(map(len, words)) / len(words)
+    word_chars = sum(map(len, words))
+    mean_len = word_chars / len(words)
     if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
         return "quality:word_length"
     if len(words) < cfg.quality_min_words:  # repetition and stopword rules mean nothing on a short Q&A
         return None
     for n, slack in ((2, 0.0), (3, 0.02), (4, 0.04)):
-        if _top_ngram_fraction(words, n) > cfg.max_top_ngram_fraction - slack:
+        if _top_ngram_fraction(words, n, word_chars) > cfg.max_top_ngram_fraction - slack:
             return "quality:repeated_ngrams"
-    if language in (None, "en") and sum(w in STOPWORDS for w in words) < cfg.min_stopwords:
+    if language in (None, "en") and sum(map(STOPWORDS.__contains__, words)) < cfg.min_stopwords:
         return "quality:stopwords"
     return None
 
