@@ -61,14 +61,21 @@ class StageDir:
 
     # -- markers --------------------------------------------------------------------------
     def is_complete(self) -> bool:
-        return self.fs.exists(join(self.path, COMPLETE))
+        return self.marker() is not None
 
     def marker(self) -> dict[str, Any] | None:
+        """The completion marker, or None. A marker that cannot be read (cut short: the writer was
+        killed, or the disk was full, between creating the file and closing it) is no marker: the
+        stage did not finish, and it reruns (otherwise every later run, --force too, fails on it)."""
         p = join(self.path, COMPLETE)
         if not self.fs.exists(p):
             return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        try:
+            with self.fs.open(p, "r") as f:
+                marker = json.load(f)
+        except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+            return None
+        return marker if isinstance(marker, dict) else None
 
     def write_json(self, name: str, obj: Any) -> str:
         p = join(self.path, name)
@@ -95,6 +102,10 @@ class StageDir:
         """Remove everything in the stage folder except the top-level entries named in keep."""
         if not self.fs.exists(self.path):
             return
+        # the marker first: a clear cut short (the driver killed, a storage error) must not leave
+        # a marker beside partly removed outputs, whatever order the storage lists entries in
+        if COMPLETE not in keep and self.fs.exists(join(self.path, COMPLETE)):
+            self.fs.rm(join(self.path, COMPLETE))
         for entry in self.fs.ls(self.path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if name not in keep:
