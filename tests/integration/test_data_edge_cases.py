@@ -143,3 +143,22 @@ def test_gzip_input_is_read_once(ray_local, tmp_path):
     (tmp_path / "in" / "a.jsonl.gz").write_bytes(b'{"text": "plain bytes under a .gz name"}\n')
     with pytest.raises(SourceError, match="not valid gzip"):
         run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(tmp_path / "out"))
+
+
+def test_exact_copy_of_a_contaminating_row_is_contamination(ray_local, tmp_path):
+    """Found by the property tests: r1 is an exact copy of r0, r0 a near copy of the eval row r2.
+    r1 pointed at r2 (the row kept in r0's place) but stayed `exact_duplicate`, not the
+    `eval_contamination` every train row pointing at an eval row is. (Ids picked so that with
+    run.seed 0 and eval_fraction 0.05 r2 is the only eval row.)"""
+    near = DOC.replace("fishing boats", "fishing ships")
+    lines = [
+        json.dumps({"id": "r0", "text": near}),
+        json.dumps({"id": "r1", "text": near}),
+        json.dumps({"id": "r2", "text": DOC}),
+    ]
+    kept, dropped, _ = run_data(tmp_path, lines, "data.eval_fraction=0.05", "data.dedup.near.threshold=0.5")
+    assert list(zip(kept["id"], kept["split"])) == [("r2", "eval")]
+    assert sorted(zip(dropped["id"], dropped["reason"], dropped["duplicate_of"])) == [
+        ("r0", "eval_contamination", "r2"),
+        ("r1", "eval_contamination", "r2"),
+    ]

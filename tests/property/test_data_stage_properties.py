@@ -5,7 +5,8 @@ the stage completes on any readable file; every input line appears exactly once 
 dropped; every dropped row has a reason (the known one for malformed, empty, short, too long
 rows); `duplicate_of` is set exactly on duplicates and names a kept row, and a train row pointing
 at an eval row is `eval_contamination`; no two kept rows have the same text; and the outputs are
-identical when the stage runs again planned for 1 CPU instead of 2 with many small blocks.
+identical when the stage runs again planned for 1 CPU instead of 2 with many small blocks, and
+with dedup on the distributed path instead of the driver's small-corpus path (or the reverse).
 
 Each example runs a whole Ray Data pipeline (about 10 s on 2 cores), so the default profile is
 bounded and derandomized (the same corpora every run, no shrinking: CI time stays fixed);
@@ -50,6 +51,7 @@ knobs = st.fixed_dictionaries(
         "exact": st.booleans(),
         "gz": st.lists(st.booleans(), min_size=3, max_size=3),
         "blank_every": st.sampled_from([0, 3]),
+        "distributed_dedup": st.booleans(),  # the shuffles' path, which small corpora skip by default
     }
 )
 DEFAULT_KNOBS = {
@@ -59,6 +61,7 @@ DEFAULT_KNOBS = {
     "exact": True,
     "gz": [False] * 3,
     "blank_every": 0,
+    "distributed_dedup": False,
 }
 
 
@@ -77,7 +80,11 @@ def run_data(folder, knobs: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             f"data.dedup.near.threshold={knobs['threshold']}",
         ],
     )
-    run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
+    from tailorlm.data import dedup
+
+    with pytest.MonkeyPatch.context() as mp:  # every corpus here is small: force the path
+        mp.setattr(dedup, "LOCAL_ROWS", 0 if knobs["distributed_dedup"] else 10**9)
+        run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
     assert (out / "_COMPLETE.json").exists()
     kept, dropped = (pq.read_table(out / d).to_pandas() for d in ("kept", "dropped"))
     return kept, dropped, json.loads((out / "stats.json").read_text())
@@ -152,7 +159,7 @@ def test_outputs_do_not_depend_on_parallelism_or_blocks(ray_local, tmp_path_fact
     folder = tmp_path_factory.mktemp("corpus")
     write_corpus(lines, folder / "in", knobs["gz"], knobs["blank_every"])
     first = run_data(folder, knobs)
-    with planned_for_one_cpu_and_small_blocks():
-        second = run_data(folder, knobs)
+    with planned_for_one_cpu_and_small_blocks():  # and dedup on the other path
+        second = run_data(folder, {**knobs, "distributed_dedup": not knobs["distributed_dedup"]})
     for a, b in zip(first[:2], second[:2]):
         pd.testing.assert_frame_equal(canonical(a), canonical(b))

@@ -47,6 +47,11 @@ MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smalles
 # 100k documents the broadcast path saved about 1/4 of near-dedup time (two shuffles of every
 # signature avoided).
 BROADCAST_PAIRS = 1_000_000
+# Up to this many live rows dedup runs in the driver process on one pandas frame (the same
+# functions, one partition): each distributed shuffle costs about a second of Ray Data
+# scheduling here, five of them were most of a small corpus's wall time, and 20k rows of
+# signatures and texts are ~50 MB. Larger corpora take the distributed path.
+LOCAL_ROWS = 20_000
 EXACT_MARGIN = 0.1  # verify: exact looks again at pairs whose estimate is within this of the threshold
 EXACT_SIGMAS = 4.0  # ... or within this many standard deviations of the estimate, if that is wider
 VERIFY_PAIRS_PER_TASK = 20_000
@@ -210,6 +215,46 @@ def _rows_with_keys(batch: pd.DataFrame, keys: np.ndarray) -> pd.DataFrame:
     return batch[np.isin(batch["key"].to_numpy(np.uint64), keys)]
 
 
+def _attach(pairs: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Pairs (a, b) of keys -> both rows' columns side by side (`<column>_a`, `<column>_b`)."""
+    rows = rows.drop_duplicates("key").set_index("key")  # a row read twice by a retried task counts once
+    a, b = rows.loc[pairs["a"].to_numpy(np.uint64)], rows.loc[pairs["b"].to_numpy(np.uint64)]
+    return pd.DataFrame(
+        {f"{col}_{side}": df[col].to_numpy() for side, df in (("a", a), ("b", b)) for col in rows.columns}
+    )
+
+
+def _verify_args(cfg: NearDedupConfig) -> tuple[dict, dict]:
+    exact = cfg.verify == "exact"
+    verify = dict(
+        num_perm=cfg.num_perm, threshold=estimate_floor(cfg.threshold, cfg.num_perm) if exact else cfg.threshold
+    )
+    return verify, dict(threshold=cfg.threshold, ngram=cfg.ngram, cjk_ngram=cfg.cjk_ngram)
+
+
+# ----------------------------------------------------------------------------- small corpora
+def exact_duplicates_local(live: pd.DataFrame) -> pd.DataFrame:
+    """`exact_duplicates` of a frame in this process: the same groups, no shuffle."""
+    return _exact_groups(live[["text_hash", "priority", "id"]]) if len(live) else _empty_dups()
+
+
+def near_duplicates_local(live: pd.DataFrame, cfg: NearDedupConfig) -> tuple[pd.DataFrame, int]:
+    """`near_duplicates` of a frame in this process: the same steps on one partition holding
+    every bucket, so the same edges and groups (a property test compares the two paths)."""
+    if live.empty:
+        return _empty_dups(), 0
+    verify, exact_args = _verify_args(cfg)
+    pairs = _bucket_pairs(_band_rows(live, cfg.bands, cfg.rows, cfg.num_perm))
+    if pairs.empty:
+        return _empty_dups(), 0
+    cols = ["key", "sig", "id", "priority"] + (["text"] if cfg.verify == "exact" else [])
+    edges = _verify(_attach(pairs, live[cols]), **verify)
+    if cfg.verify == "exact" and not edges.empty:
+        edges = _verify_exact(edges, **exact_args)
+    edges = edges.reset_index(drop=True)
+    return components(edges), len(edges)
+
+
 def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int = BROADCAST_PAIRS) -> pd.DataFrame:
     """Distributed: band rows -> buckets -> candidate pairs, verified against the Jaccard threshold."""
     import ray
@@ -222,10 +267,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     )
     buckets = _partition(bands, ["bucket"], num_partitions(n * cfg.bands, cpus))
     pairs = buckets.map_batches(_bucket_pairs, batch_size=None, batch_format="pandas").materialize()
-    verify = dict(
-        num_perm=cfg.num_perm, threshold=estimate_floor(cfg.threshold, cfg.num_perm) if exact else cfg.threshold
-    )
-    exact_args = dict(threshold=cfg.threshold, ngram=cfg.ngram, cjk_ngram=cfg.cjk_ngram)
+    verify, exact_args = _verify_args(cfg)
     n_pairs = pairs.count()
     if n_pairs == 0:  # a corpus without near duplicates: nothing to verify
         return _empty_edges()
@@ -233,12 +275,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
         p = pairs.to_pandas().drop_duplicates()
         need = np.unique(np.concatenate([p["a"].to_numpy(np.uint64), p["b"].to_numpy(np.uint64)]))
         rows = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas").to_pandas()
-        rows = rows.drop_duplicates("key").set_index("key")  # a row read twice by a retried task counts once
-        a, b = rows.loc[p["a"].to_numpy(np.uint64)], rows.loc[p["b"].to_numpy(np.uint64)]
-        joined = pd.DataFrame(
-            {f"{col}_{side}": df[col].to_numpy() for side, df in (("a", a), ("b", b)) for col in rows.columns}
-        )
-        edges = _verify(joined, **verify).reset_index(drop=True)
+        edges = _verify(_attach(p, rows), **verify).reset_index(drop=True)
         if not exact or edges.empty:
             return edges
         step = VERIFY_PAIRS_PER_TASK

@@ -314,21 +314,33 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         ["text"] if dc.dedup.near.enabled else []
     )
     live = annotated.select_columns(needed).map_batches(_live, batch_format="pandas").materialize()
-    exact = dedup.exact_duplicates(live, cpus) if dc.dedup.exact else dedup._empty_dups()
+    n_live = live.count()
+    local = dedup._to_pandas(live, pd.DataFrame(columns=needed)) if n_live <= dedup.LOCAL_ROWS else None
+    if not dc.dedup.exact:
+        exact = dedup._empty_dups()
+    else:
+        exact = dedup.exact_duplicates_local(local) if local is not None else dedup.exact_duplicates(live, cpus)
     timings["dedup_exact"] = time.time() - t
 
     t = time.time()
     near = dedup._empty_dups()
     n_edges = 0
-    if dc.dedup.near.enabled:
+    if dc.dedup.near.enabled and local is not None:
+        near, n_edges = dedup.near_duplicates_local(local[~local["id"].isin(set(exact["id"]))], dc.dedup.near)
+    elif dc.dedup.near.enabled:
         survivors = live.map_batches(_without, fn_kwargs={"ids": set(exact["id"])}, batch_format="pandas")
         near, n_edges = dedup.near_duplicates(survivors, dc.dedup.near, cpus)
     timings["dedup_near"] = time.time() - t
 
     # an exact duplicate points at the row kept in its place, even when its exact twin was
-    # itself dropped as a near duplicate
-    follow = near.set_index("id")["duplicate_of"]
-    exact["duplicate_of"] = exact["duplicate_of"].map(lambda i: follow.get(i, i))
+    # itself dropped as a near duplicate; when that row is an eval row, the copy is contamination
+    # (found by the property tests: it stayed `exact_duplicate` while pointing at an eval row)
+    rep, why = dict(zip(near["id"], near["duplicate_of"])), dict(zip(near["id"], near["reason"]))
+    twins = exact["duplicate_of"].tolist()
+    exact["reason"] = [
+        "eval_contamination" if why.get(t) == "eval_contamination" else r for t, r in zip(twins, exact["reason"])
+    ]
+    exact["duplicate_of"] = [rep.get(t, t) for t in twins]
     dups = pd.concat([exact, near], ignore_index=True)
 
     t = time.time()
