@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _adhoc_data_config(args):
-    """`tailorlm data --input X --output Y`: the default cleaning on X, written to Y/data/."""
+    """`tailorlm data --input X --output Y`: the default cleaning on X, written to Y."""
     from tailorlm.config import load_config
 
     if not (args.input and args.output):
@@ -140,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         from tailorlm.cluster import init_ray
+        from tailorlm.pipeline import check_output
         from tailorlm.serving.keys import take_from_env
+
+        if args.command == "data" and args.output:
+            check_output(args.output)  # before Ray starts: a refused run should cost nothing
 
         take_from_env(cfg.serve.guard.api_keys_env)  # before Ray starts: its workers would inherit the keys
         init_ray(args.address)

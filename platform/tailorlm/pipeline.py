@@ -63,6 +63,16 @@ def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
     return stage != "tune" or cfg.tune.enabled
 
 
+def check_output(stage_uri: str) -> None:
+    """An ad-hoc output folder (`tailorlm data --output`) must be new, empty or a stage's own: a
+    run empties its folder first, and must not take the user's files with it."""
+    if StageDir(stage_uri, "check").holds_other_files():
+        raise ValueError(
+            f"--output {stage_uri}: the folder holds files that are not a tailorlm stage's output, and a run "
+            "empties its output folder first; name a new or empty folder"
+        )
+
+
 def run_stage(
     cfg: PipelineConfig,
     stage: str,
@@ -82,6 +92,8 @@ def run_stage(
         cfg = with_tuned(cfg, run_dir, echo)
     fn = stage_module(record).run
     sdir = StageDir(stage_uri, stage, record.keeps) if stage_uri else run_dir.stage(stage, resumable=record.keeps)
+    if stage_uri:
+        check_output(stage_uri)
     inputs = cfg.section_hash("run", *record.reads)
     marker = sdir.marker()
     if marker and not force:

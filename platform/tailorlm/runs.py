@@ -21,6 +21,7 @@ from fsspec.core import url_to_fs
 
 COMPLETE = "_COMPLETE.json"
 FAILED = "_FAILED.json"
+STARTED = "_STARTED.json"  # written right after a run clears the folder: the folder is a stage's
 
 
 def normalize_uri(uri: str) -> str:
@@ -98,6 +99,15 @@ class StageDir:
         with self.fs.open(join(self.path, name), "r") as f:
             return json.load(f)
 
+    def holds_other_files(self) -> bool:
+        """The folder exists, is not empty and holds no marker of a stage run: it is someone's
+        folder (`tailorlm data --output ./data` where ./data holds the input), which a run would
+        empty. An empty, missing or earlier stage folder is not."""
+        if not self.fs.exists(self.path):
+            return False
+        names = {e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.path, detail=False)}
+        return bool(names) and not names & {COMPLETE, FAILED, STARTED}
+
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove everything in the stage folder except the top-level entries named in keep."""
         if not self.fs.exists(self.path):
@@ -117,6 +127,7 @@ class StageDir:
         self.clear(keep=self.resumable)
         self.fs.makedirs(self.path, exist_ok=True)
         started = time.time()
+        self.write_json(STARTED, {"stage": self.stage, "started": started})
         try:
             yield self
         except BaseException as exc:
@@ -142,6 +153,7 @@ class StageDir:
                 **(info or {}),
             },
         )
+        self.fs.rm(join(self.path, STARTED))  # the marker now says what it said
 
 
 class RunDir:

@@ -6,7 +6,7 @@ import pytest
 
 from tailorlm.config import load_config
 from tailorlm.pipeline import run_stage
-from tailorlm.runs import COMPLETE, FAILED, RunDir
+from tailorlm.runs import COMPLETE, FAILED, RunDir, StageDir
 from tailorlm.stages import BY_NAME
 
 
@@ -95,3 +95,25 @@ def test_failed_stage_leaves_no_marker_and_reruns(tmp_path, counting_stage):
     good = load_config(None, [f"run.storage={tmp_path}"])
     run_stage(good, "data", echo=lambda s: None)
     assert (d / COMPLETE).exists() and not (d / FAILED).exists()
+
+
+def test_adhoc_output_never_empties_a_folder_of_other_files(tmp_path):
+    """Found by the hostile pass: `tailorlm data --input d/in.jsonl --output d` emptied d (a run
+    clears its folder first), the input with it. A folder holding files but no stage marker is
+    refused; a new folder, an empty one, and an earlier run's output folder are not."""
+    from tailorlm.cli import main
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "in.jsonl").write_text('{"text": "precious"}\n')
+    rc = main(["data", "--input", str(tmp_path / "d" / "in.jsonl"), "--output", str(tmp_path / "d")])
+    assert rc == 1
+    assert (tmp_path / "d" / "in.jsonl").read_text() == '{"text": "precious"}\n'
+    for folder in ("new", "empty", "earlier"):
+        sdir = StageDir(str(tmp_path / folder), "data")
+        if folder == "empty":
+            (tmp_path / folder).mkdir()
+        if folder == "earlier":
+            with sdir.running():
+                (tmp_path / folder / "kept").mkdir()
+        assert not sdir.holds_other_files()
+    assert sorted(p.name for p in (tmp_path / "earlier").iterdir()) == [COMPLETE, "kept"]
