@@ -23,12 +23,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 from tailorlm.bench.corpus import EDITS_EN, edit
+from tailorlm.bench.dedup import PeakRSS
 
 SEED_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "shared", "data", "c4_demo.jsonl")
 NEAR_ONLY = [
@@ -74,42 +74,28 @@ def write_corpus(path: str, n: int, seed_text: str, seed: int = 0) -> int:
     return total
 
 
-class PeakRSS:
-    """Peak RSS summed over a process tree, sampled every 0.2 s. An embedded Ray's GCS and raylet
-    are children of the driver and its workers children of the raylet, so the tree is all of it
-    (and not the Ray of another process on the same machine)."""
+class TreeRSS(PeakRSS):
+    """bench.dedup's sampler over a process tree instead: an embedded Ray's GCS and raylet are
+    children of the driver and its workers children of the raylet, so the tree is all of it (and
+    not the Ray of another process on the same machine)."""
 
     def __init__(self, root_pid: int) -> None:
-        self.root, self.peak, self._stop = root_pid, 0, threading.Event()
+        super().__init__()
+        self.root = root_pid
 
     def _total(self) -> int:
-        import psutil
-
-        pids = set()
         try:
-            pids = {p.pid for p in psutil.Process(self.root).children(recursive=True)} | {self.root}
-        except psutil.NoSuchProcess:
-            pass
+            root = self.psutil.Process(self.root)
+            procs = [root, *root.children(recursive=True)]
+        except self.psutil.NoSuchProcess:
+            return 0
         total = 0
-        for pid in pids:
+        for p in procs:
             try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.NoSuchProcess:
+                total += p.memory_info().rss
+            except self.psutil.NoSuchProcess:
                 pass
         return total
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, self._total())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join()
 
 
 def run_stage(corpus: str, out: str, overrides: list[str]) -> dict:
@@ -119,7 +105,7 @@ def run_stage(corpus: str, out: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "tailorlm.cli", "data", "--input", corpus, "--output", out, *overrides]
     t = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with PeakRSS(proc.pid) as mem:
+    with TreeRSS(proc.pid) as mem:
         log, _ = proc.communicate()
     wall = time.time() - t
     if proc.returncode:
@@ -140,6 +126,7 @@ def main() -> None:
     sizes = sorted(args.docs or [100, 100_000])
     overrides = (NEAR_ONLY if args.near_only else []) + args.overrides
     work = args.workdir or tempfile.mkdtemp(prefix="tailorlm-bench-stage-")
+    os.makedirs(work, exist_ok=True)
     results = []
     for n in sizes:
         corpus = os.path.join(work, f"corpus-{n}.jsonl")
