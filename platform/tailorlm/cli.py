@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(dump_yaml(cfg), end="")
             return 0
-        from tailorlm.cluster import init_ray
+        from tailorlm.cluster import init_ray, loopback_only
         from tailorlm.pipeline import check_output
         from tailorlm.serving.keys import take_from_env
 
@@ -147,7 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_output(args.output)  # before Ray starts: a refused run should cost nothing
 
         take_from_env(cfg.serve.guard.api_keys_env)  # before Ray starts: its workers would inherit the keys
-        init_ray(args.address)
+        if args.address:
+            os.environ["RAY_ADDRESS"] = args.address  # where init_ray connects, now or in a stage
+        if args.command == "data":
+            # the data stage starts Ray when its input needs Ray Data (a small one runs here)
+            if not os.environ.get("RAY_ADDRESS"):
+                loopback_only()  # in case a library imports ray first
+        else:
+            init_ray()
         if args.command == "run":
             results = run_pipeline(cfg, force=tuple(args.force))
             print(recap(results))

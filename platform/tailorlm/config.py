@@ -209,6 +209,12 @@ class DataConfig(Strict):
     decontaminate: bool = Field(True, description="drop training rows that near-duplicate an eval row")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of rows held out for evaluation")
     tokenizer: str | None = Field(None, description="tokenizer for token-length filters; default: the model's")
+    in_process_max_mb: float = Field(
+        8.0,
+        ge=0,
+        description="inputs up to this size (MB; gzip counted 4x) run in the driver process, without "
+        "Ray Data, whose start-up outweighs their work; 0: always Ray Data",
+    )
 
 
 # ----------------------------------------------------------------------------- train

@@ -118,14 +118,15 @@ def test_repeated_ids_lose_one_copy_not_both(ray_local, tmp_path):
 
 def test_a_file_named_by_two_sources_is_an_error(ray_local, tmp_path):
     from tailorlm.config import SourceConfig
-    from tailorlm.data.read import SourceError, read_sources
+    from tailorlm.data.read import SourceError, plan_reads
 
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": DOC}) + "\n")
     with pytest.raises(SourceError, match="more than one source"):
-        read_sources([SourceConfig(path=str(tmp_path / "a.jsonl")), SourceConfig(path=str(tmp_path / "*.jsonl"))])
+        plan_reads([SourceConfig(path=str(tmp_path / "a.jsonl")), SourceConfig(path=str(tmp_path / "*.jsonl"))])
 
 
-def test_gzip_input_is_read_once(ray_local, tmp_path):
+@pytest.mark.parametrize("in_process_max_mb", [0, 8], ids=["ray_data", "in_process"])
+def test_gzip_input_is_read_once(ray_local, tmp_path, in_process_max_mb):
     """Found by the property tests: Ray gunzipped .gz files by their name and parse_file gunzipped
     again, so every .jsonl.gz input failed ("not a valid gzip file"); a file that is not gzip
     under a .gz name is one clear SourceError, not a remote traceback."""
@@ -136,7 +137,13 @@ def test_gzip_input_is_read_once(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress((json.dumps({"id": "z", "text": DOC}) + "\n").encode()))
     cfg = load_config(
-        None, [f"run.storage={tmp_path}/runs", f"data.sources=[{{path: '{tmp_path}/in'}}]", "data.filters.min_tokens=1"]
+        None,
+        [
+            f"run.storage={tmp_path}/runs",
+            f"data.sources=[{{path: '{tmp_path}/in'}}]",
+            "data.filters.min_tokens=1",
+            f"data.in_process_max_mb={in_process_max_mb}",
+        ],
     )
     run_stage(cfg, "data", echo=lambda s: None, stage_uri=str(tmp_path / "out"))
     assert pq.read_table(tmp_path / "out" / "kept").to_pandas()["id"].tolist() == ["z"]

@@ -169,6 +169,7 @@ def test_killed_data_stage_reruns_to_complete_outputs(tmp_path, corpus, drivers)
         "data.filters.quality=false",
         *cheap_filters(),
         "data.dedup.exact=false",  # near dedup finds the exact copies too; one shuffle less per run
+        "data.in_process_max_mb=0",  # Ray Data, whose write tasks are killed mid-write
     ]
     sdir = tmp_path / "runs" / "demo" / "data"
     stage = RunDir(str(tmp_path / "runs"), "demo").stage("data")

@@ -86,9 +86,10 @@ def _read(stage_dir):
     return pd.read_parquet(stage_dir / "kept"), pd.read_parquet(stage_dir / "dropped")
 
 
-def test_data_stage_accounts_for_every_row(ray_local, tmp_path, corpus):
+@pytest.mark.parametrize("in_process_max_mb", [0, 8], ids=["ray_data", "in_process"])
+def test_data_stage_accounts_for_every_row(ray_local, tmp_path, corpus, in_process_max_mb):
     corpus_dir, n_rows = corpus
-    cfg = _cfg(tmp_path, corpus_dir)
+    cfg = _cfg(tmp_path, corpus_dir, f"data.in_process_max_mb={in_process_max_mb}")
     run_stage(cfg, "data", echo=lambda s: None)
     sdir = tmp_path / "demo" / "data"
     kept, dropped = _read(sdir)
@@ -116,6 +117,7 @@ def test_data_stage_accounts_for_every_row(ray_local, tmp_path, corpus):
     assert stats["dropped_by_step"]["dedup_exact"]["exact_duplicate"] == 2
     assert stats["pii_redacted"] == {"email": 1, "phone": 1}
     assert (sdir / "_COMPLETE.json").exists()
+    assert stats["executor"] == ("ray_data" if in_process_max_mb == 0 else "in_process")
 
     # deterministic: a forced rerun keeps the same rows and picks the same representatives
     run_stage(cfg, "data", force=True, echo=lambda s: None)

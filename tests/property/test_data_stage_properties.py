@@ -5,11 +5,12 @@ the stage completes on any readable file; every input line appears exactly once 
 dropped; every dropped row has a reason (the known one for malformed, empty, short, too long
 rows); `duplicate_of` is set exactly on duplicates and names a kept row, and a train row pointing
 at an eval row is `eval_contamination`; no two kept rows have the same text; and the outputs are
-identical when the stage runs again planned for 1 CPU instead of 2 with many small blocks, and
-with dedup on the distributed path instead of the driver's small-corpus path (or the reverse).
+identical when the stage runs again planned for 1 CPU instead of 2 with many small blocks, on
+another executor (in the driver, Ray Data, Ray Data with the distributed dedup).
 
-Each example runs a whole Ray Data pipeline (about 10 s on 2 cores), so the default profile is
-bounded and derandomized (the same corpora every run, no shrinking: CI time stays fixed);
+An example on Ray Data runs a whole pipeline (about 10 s on 2 cores; in the driver well under
+1 s, so that executor gets many more examples of its own), so the default profile is bounded
+and derandomized (the same corpora every run, no shrinking: CI time stays fixed);
 HYPOTHESIS_PROFILE=nightly draws 25x more, at random, and shrinks what fails.
 """
 
@@ -42,6 +43,9 @@ settings.register_profile(
 settings.register_profile("nightly", max_examples=175, print_blob=True, **_COMMON)
 PROFILE = settings.get_profile("nightly" if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else "data-stage")
 
+# how the stage runs: in the driver (small inputs, the default here), Ray Data with dedup in the
+# driver (inputs over data.in_process_max_mb), Ray Data with the distributed dedup (over LOCAL_ROWS)
+EXECUTORS = ["in_process", "ray_data", "ray_distributed_dedup"]
 DUP_REASONS = {"exact_duplicate", "near_duplicate", "eval_contamination"}
 knobs = st.fixed_dictionaries(
     {
@@ -51,7 +55,7 @@ knobs = st.fixed_dictionaries(
         "exact": st.booleans(),
         "gz": st.lists(st.booleans(), min_size=3, max_size=3),
         "blank_every": st.sampled_from([0, 3]),
-        "distributed_dedup": st.booleans(),  # the shuffles' path, which small corpora skip by default
+        "executor": st.sampled_from(EXECUTORS),
     }
 )
 DEFAULT_KNOBS = {
@@ -61,7 +65,7 @@ DEFAULT_KNOBS = {
     "exact": True,
     "gz": [False] * 3,
     "blank_every": 0,
-    "distributed_dedup": False,
+    "executor": "in_process",
 }
 
 
@@ -78,12 +82,13 @@ def run_data(folder, knobs: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             f"data.dedup.exact={str(knobs['exact']).lower()}",
             f"data.dedup.near.verify={knobs['verify']}",
             f"data.dedup.near.threshold={knobs['threshold']}",
+            f"data.in_process_max_mb={8 if knobs['executor'] == 'in_process' else 0}",
         ],
     )
     from tailorlm.data import dedup
 
     with pytest.MonkeyPatch.context() as mp:  # every corpus here is small: force the path
-        mp.setattr(dedup, "LOCAL_ROWS", 0 if knobs["distributed_dedup"] else 10**9)
+        mp.setattr(dedup, "LOCAL_ROWS", 0 if knobs["executor"] == "ray_distributed_dedup" else 10**9)
         run_stage(cfg, "data", force=True, echo=lambda s: None, stage_uri=str(out))
     assert (out / "_COMPLETE.json").exists()
     kept, dropped = (pq.read_table(out / d).to_pandas() for d in ("kept", "dropped"))
@@ -146,11 +151,28 @@ def planned_for_one_cpu_and_small_blocks():
 @example(lines=[], knobs=DEFAULT_KNOBS)
 @example(lines=[Line("text", "a", document(1))], knobs=DEFAULT_KNOBS)
 @example(lines=[Line("text", "a", document(1)), Line("text", "a", document(1))], knobs=DEFAULT_KNOBS)
+@example(lines=[], knobs={**DEFAULT_KNOBS, "executor": "ray_distributed_dedup"})
+@example(
+    lines=[Line("text", "a", document(1)), Line("text", "a", document(1))],
+    knobs={**DEFAULT_KNOBS, "executor": "ray_distributed_dedup"},
+)
 def test_every_corpus_is_accounted_for(ray_local, tmp_path_factory, lines, knobs):
     folder = tmp_path_factory.mktemp("corpus")
     expected = write_corpus(lines, folder / "in", knobs["gz"], knobs["blank_every"])
     kept, dropped, stats = run_data(folder, knobs)
     check_invariants(expected, kept, dropped, stats)
+
+
+@settings(PROFILE, max_examples=PROFILE.max_examples * 10)
+@given(lines=corpora(), knobs=knobs.map(lambda k: {**k, "executor": "in_process"}))
+def test_every_corpus_is_accounted_for_in_process(tmp_path_factory, lines, knobs):
+    """The same invariants on many more corpora: the driver's executor runs the same steps in a
+    fraction of the time, and needs no Ray."""
+    folder = tmp_path_factory.mktemp("corpus")
+    expected = write_corpus(lines, folder / "in", knobs["gz"], knobs["blank_every"])
+    kept, dropped, stats = run_data(folder, knobs)
+    check_invariants(expected, kept, dropped, stats)
+    assert stats["executor"] == "in_process"
 
 
 @settings(PROFILE, max_examples=max(2, PROFILE.max_examples // 3))
@@ -159,7 +181,8 @@ def test_outputs_do_not_depend_on_parallelism_or_blocks(ray_local, tmp_path_fact
     folder = tmp_path_factory.mktemp("corpus")
     write_corpus(lines, folder / "in", knobs["gz"], knobs["blank_every"])
     first = run_data(folder, knobs)
-    with planned_for_one_cpu_and_small_blocks():  # and dedup on the other path
-        second = run_data(folder, {**knobs, "distributed_dedup": not knobs["distributed_dedup"]})
+    other = EXECUTORS[(EXECUTORS.index(knobs["executor"]) + 1) % len(EXECUTORS)]
+    with planned_for_one_cpu_and_small_blocks():  # and on another executor
+        second = run_data(folder, {**knobs, "executor": other})
     for a, b in zip(first[:2], second[:2]):
         pd.testing.assert_frame_equal(canonical(a), canonical(b))

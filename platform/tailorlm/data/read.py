@@ -286,10 +286,9 @@ def parse_task(batch: dict[str, Any]) -> Any:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def read_sources(sources: list[SourceConfig]):
-    """All sources -> one Ray Dataset of normalized rows (lazy, except the line count of ranged files)."""
-    import ray
-
+def plan_reads(sources: list[SourceConfig]) -> list[dict[str, Any]]:
+    """All sources -> the planned reads (a file each, or a byte range of a large one), with each
+    read's estimated `bytes` of input. Line positions are filled in by `number_lines`."""
     plan, seen = [], set()
     for src in sources:
         files = expand_source(src)
@@ -300,18 +299,53 @@ def read_sources(sources: list[SourceConfig]):
             raise SourceError(f"data.sources: {sorted(twice)[0]!r} is named by more than one source")
         seen.update(files)
         plan += _plan(files, src.format, src.kind)
+    for r in plan:
+        if r["end"] >= 0:
+            r["bytes"] = r["end"] - r["start"]
+        else:
+            fs, p = url_to_fs(r["path"])
+            # text compresses about 4x in gzip: the estimate is of what will be parsed
+            r["bytes"] = fs.size(p) * (GZIP_RATIO if r["path"].endswith(".gz") else 1)
+    return plan
+
+
+GZIP_RATIO = 4
+
+
+def number_lines(plan: list[dict[str, Any]], remote: bool) -> list[dict[str, Any]]:
+    """Set `first_line` of each read: the file's own line number where a byte range starts (a
+    pass counting the lines that start in each range: Ray tasks when remote)."""
     ranged = [r for r in plan if r["end"] >= 0]
-    count = ray.remote(num_cpus=1)(_line_starts)
-    counts = ray.get([count.remote(r["path"], r["start"], r["end"]) for r in ranged])
+    if remote:
+        import ray
+
+        count = ray.remote(num_cpus=1)(_line_starts)
+        counts = ray.get([count.remote(r["path"], r["start"], r["end"]) for r in ranged])
+    else:
+        counts = [_line_starts(r["path"], r["start"], r["end"]) for r in ranged]
     first: dict[str, int] = {}
     for r, n in zip(ranged, counts):  # planned in file order, ranges in offset order
         r["first_line"] = first.get(r["path"], 0)
         first[r["path"]] = r["first_line"] + n
     for r in plan:
         r.setdefault("first_line", 0)
+    return plan
+
+
+def read_sources(plan: list[dict[str, Any]]):
+    """The planned reads -> one Ray Dataset of normalized rows, one block per read (lazy, except
+    the line count of ranged files)."""
+    import ray
+
+    plan = number_lines(plan, remote=True)
     return ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         parse_task, batch_size=1, batch_format="numpy"
     )
+
+
+def read_in_process(plan: list[dict[str, Any]]) -> list[Any]:
+    """The planned reads parsed here, one frame per read: the same rows as read_sources."""
+    return [parse_task({k: [v] for k, v in r.items()}) for r in number_lines(plan, remote=False)]
 
 
 def write_demo(uri: str) -> str:
