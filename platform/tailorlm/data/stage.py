@@ -275,40 +275,66 @@ def in_process(plan: list[dict], data_cfg: DataConfig) -> bool:
     return sum(r["bytes"] for r in plan) <= data_cfg.in_process_max_mb * 1e6
 
 
+class Annotate:
+    """prepare -> model filters -> finish on one batch: every per-row step, in one place for both
+    executors. With a model filter on, Ray Data runs it as an actor pool (the filters' models load
+    once per actor); one operator rather than an actor pool followed by finish tasks, because on a
+    2-CPU node the finish tasks held one CPU and the pool never grew past one actor (a 1M-document
+    run spent ~40 min in this step on one core)."""
+
+    def __init__(self, data_cfg: dict, seed: int, tokenizer: str | None, ppl_model: str | None) -> None:
+        self.data_cfg, self.seed = data_cfg, seed
+        dc = DataConfig.model_validate(data_cfg)
+        self.filters = (
+            ModelFilters(dc.filters.model_dump(), tokenizer, ppl_model)
+            if any_model_filter(dc.filters, tokenizer)
+            else None
+        )
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = prepare_batch(batch, self.data_cfg)
+        if self.filters is not None:
+            batch = self.filters(batch)
+        return finish_batch(batch, self.data_cfg, self.seed)
+
+
+def annotate_task(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame:
+    """Annotate as a plain Ray task, when no model filter is on (nothing to load per worker)."""
+    return Annotate(data_cfg, seed, None, None)(batch)
+
+
+FILTER_BATCH = 512  # rows per model-filter call: bounds the perplexity model's batch
+
+
 def annotate_in_process(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: int) -> pd.DataFrame:
-    """read -> prepare -> model filters -> finish, in this process: what the Ray Data pipeline in
-    annotate_ray does, on one frame (the model filters in batches of its batch size)."""
+    """The pipeline of annotate_ray in this process, one batch of FILTER_BATCH rows at a time."""
     frames = [f for f in read_in_process(plan) if len(f)]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
-    batch = prepare_batch(pd.concat(frames, ignore_index=True), dc.model_dump())
-    if any_model_filter(dc.filters, tokenizer):
-        filters = ModelFilters(dc.filters.model_dump(), tokenizer, ppl_model)
-        parts = [batch.iloc[i : i + FILTER_BATCH].copy() for i in range(0, len(batch), FILTER_BATCH)]
-        batch = pd.concat([filters(part) for part in parts])
-    return finish_batch(batch.reset_index(drop=True), dc.model_dump(), seed)
-
-
-FILTER_BATCH = 512
+    rows = pd.concat(frames, ignore_index=True)
+    annotate = Annotate(dc.model_dump(), seed, tokenizer, ppl_model)
+    parts = [annotate(rows.iloc[i : i + FILTER_BATCH].copy()) for i in range(0, len(rows), FILTER_BATCH)]
+    return pd.concat(parts, ignore_index=True)
 
 
 def annotate_ray(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: int, cpus: int):
-    """The same steps as a Ray Data pipeline, materialized (dedup and the write read it again)."""
+    """read -> Annotate as a Ray Data pipeline, materialized (dedup and the write read it again)."""
     ds = read_sources(plan)
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"data_cfg": dc.model_dump()}, batch_format="pandas")
     if any_model_filter(dc.filters, tokenizer):
         ds = ds.map_batches(
-            ModelFilters,
+            Annotate,
             fn_constructor_kwargs={
-                "cfg": dc.filters.model_dump(),
-                "tokenizer_path": tokenizer,
-                "perplexity_model": ppl_model,
+                "data_cfg": dc.model_dump(),
+                "seed": seed,
+                "tokenizer": tokenizer,
+                "ppl_model": ppl_model,
             },
             concurrency=(1, max(1, cpus)),
             batch_size=FILTER_BATCH,
             batch_format="pandas",
         )
-    ds = ds.map_batches(finish_batch, fn_kwargs={"data_cfg": dc.model_dump(), "seed": seed}, batch_format="pandas")
+    else:
+        ds = ds.map_batches(annotate_task, fn_kwargs={"data_cfg": dc.model_dump(), "seed": seed}, batch_format="pandas")
     try:
         return ds.materialize()
     except Exception as exc:  # a file that cannot be read (corrupt gzip, bad JSON document) fails in a task
