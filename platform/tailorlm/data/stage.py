@@ -278,9 +278,8 @@ def in_process(plan: list[dict], data_cfg: DataConfig) -> bool:
 class Annotate:
     """prepare -> model filters -> finish on one batch: every per-row step, in one place for both
     executors. With a model filter on, Ray Data runs it as an actor pool (the filters' models load
-    once per actor); one operator rather than an actor pool followed by finish tasks, because on a
-    2-CPU node the finish tasks held one CPU and the pool never grew past one actor (a 1M-document
-    run spent ~40 min in this step on one core)."""
+    once per actor), the read fused into it: one operator, so no second operator's tasks hold a CPU
+    the pool needs."""
 
     def __init__(self, data_cfg: dict, seed: int, tokenizer: str | None, ppl_model: str | None) -> None:
         self.data_cfg, self.seed = data_cfg, seed
@@ -293,8 +292,9 @@ class Annotate:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = prepare_batch(batch, self.data_cfg)
-        if self.filters is not None:
-            batch = self.filters(batch)
+        if self.filters is not None and len(batch):
+            parts = [batch.iloc[i : i + FILTER_BATCH].copy() for i in range(0, len(batch), FILTER_BATCH)]
+            batch = pd.concat([self.filters(part) for part in parts])
         return finish_batch(batch, self.data_cfg, self.seed)
 
 
@@ -303,18 +303,19 @@ def annotate_task(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFram
     return Annotate(data_cfg, seed, None, None)(batch)
 
 
-FILTER_BATCH = 512  # rows per model-filter call: bounds the perplexity model's batch
+# rows per model-filter call (bounds the perplexity model's batch). Not Ray Data's batch_size: the
+# read is fused into the Annotate operator, whose input blocks are the planned reads (one row
+# each), and a batch_size of 512 bundled every read of a 1M-document corpus into one task
+FILTER_BATCH = 512
 
 
 def annotate_in_process(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: int) -> pd.DataFrame:
-    """The pipeline of annotate_ray in this process, one batch of FILTER_BATCH rows at a time."""
+    """The pipeline of annotate_ray in this process, on one frame."""
     frames = [f for f in read_in_process(plan) if len(f)]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     rows = pd.concat(frames, ignore_index=True)
-    annotate = Annotate(dc.model_dump(), seed, tokenizer, ppl_model)
-    parts = [annotate(rows.iloc[i : i + FILTER_BATCH].copy()) for i in range(0, len(rows), FILTER_BATCH)]
-    return pd.concat(parts, ignore_index=True)
+    return Annotate(dc.model_dump(), seed, tokenizer, ppl_model)(rows).reset_index(drop=True)
 
 
 def annotate_ray(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: int, cpus: int):
@@ -329,12 +330,14 @@ def annotate_ray(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: i
                 "tokenizer": tokenizer,
                 "ppl_model": ppl_model,
             },
-            concurrency=(1, max(1, cpus)),
-            batch_size=FILTER_BATCH,
+            concurrency=max(1, cpus),  # one actor per CPU from the start: the read runs inside it
+            batch_size=None,  # one planned read per call
             batch_format="pandas",
         )
     else:
-        ds = ds.map_batches(annotate_task, fn_kwargs={"data_cfg": dc.model_dump(), "seed": seed}, batch_format="pandas")
+        ds = ds.map_batches(
+            annotate_task, fn_kwargs={"data_cfg": dc.model_dump(), "seed": seed}, batch_size=None, batch_format="pandas"
+        )
     try:
         return ds.materialize()
     except Exception as exc:  # a file that cannot be read (corrupt gzip, bad JSON document) fails in a task
