@@ -265,3 +265,22 @@ def test_default_near_dedup_finds_a_lightly_edited_copy(ray_local):
     assert dups[["id", "duplicate_of", "reason"]].values.tolist() == [["b-copy", "a-orig", "near_duplicate"]]
     old_edges, _ = dedup(NearDedupConfig(threshold=0.8, ngram=5, bands=16, rows=8))
     assert old_edges.empty
+
+
+def test_each_planned_read_is_its_own_filter_task(ray_local, tmp_path):
+    """Found at 1M documents: the filter actor pool asked Ray Data for batches of 512 rows, and
+    its input blocks are the planned reads (one row each), so every read of the corpus was
+    bundled into one task on one actor (one core for the whole step). Each read is a task now,
+    one output block each at least."""
+    from tailorlm.data.filters import any_model_filter
+    from tailorlm.data.read import plan_reads
+    from tailorlm.data.stage import annotate_ray
+
+    for k in range(6):
+        (tmp_path / f"part{k}.jsonl").write_text(json.dumps({"id": f"p{k}", "text": f"{DOC} {k}"}) + "\n")
+    cfg = load_config(None, [f"data.sources=[{{path: '{tmp_path}'}}]", "data.filters.min_tokens=0"])
+    assert any_model_filter(cfg.data.filters, None)  # the quality filter: the actor-pool path
+    plan = plan_reads(cfg.data.sources)
+    annotated = annotate_ray(plan, cfg.data, None, None, seed=0, cpus=2)
+    assert len(plan) == 6 and annotated.count() == 6
+    assert annotated.num_blocks() >= len(plan)
