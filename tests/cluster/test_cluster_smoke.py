@@ -1,0 +1,63 @@
+"""Smoke test of the multi-node fixture: 3 Ray nodes in their own namespaces, work pinned to each
+worker, S3 shared by all, disks and networks private."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.cluster.netns import BUCKET, PYTHON, REPO
+
+pytestmark = pytest.mark.cluster
+
+
+def test_three_nodes_pinned_tasks_shared_s3_private_disks(ray_cluster):
+    c = ray_cluster
+    t0 = time.monotonic()
+    p = c.run(
+        "head",
+        [PYTHON, str(REPO / "tests/cluster/smoke_driver.py"), c.gcs_address, c.dashboard_url, BUCKET, str(c.state)],
+        timeout=180,
+    )
+    seen = json.loads(p.stdout.strip().splitlines()[-1])
+
+    nodes = {n["name"]: n for n in seen["nodes"]}
+    assert sorted(nodes) == ["tlmc-head", "tlmc-w1", "tlmc-w2"], seen["nodes"]
+    assert all(n["alive"] for n in nodes.values()), seen["nodes"]
+    assert {name: (n["ip"], n["cpus"]) for name, n in nodes.items()} == {
+        "tlmc-head": ("10.77.0.1", 0),
+        "tlmc-w1": ("10.77.0.2", 1),
+        "tlmc-w2": ("10.77.0.3", 1),
+    }
+
+    one, two = seen["results"]["phase1"], seen["results"]["phase2"]
+    assert sorted(one) == sorted(two) == ["w1", "w2"]
+    for me, other in (("w1", "w2"), ("w2", "w1")):
+        r = one[me]
+        # ran where it was pinned: that node's hostname (UTS namespace), address and Ray node
+        assert (r["hostname"], r["ip"], r["node_id"]) == (
+            f"tlmc-{me}",
+            nodes[f"tlmc-{me}"]["ip"],
+            nodes[f"tlmc-{me}"]["id"],
+        )
+        assert r["s3_own"] == f"tlmc-{me}"  # wrote and read back its object through the head's S3
+        assert r["state_nodes"] == []  # no node can look into the host-side folders of node disks
+        assert len(r["ray_session_dirs"]) == 1  # its own /tmp/ray: one session, this node's
+        assert r["outside"].startswith("OSError") and "unreachable" in r["outside"], r["outside"]  # no route out
+        r2 = two[me]
+        assert r2["node_id"] == r["node_id"]
+        assert r2["own_marker"] is True  # its /tmp persists across tasks on the node...
+        assert r2["other_markers"] == {other: False}  # ...and the other worker's /tmp is not visible
+        assert r2["s3_others"] == {other: f"tlmc-{other}"}  # storage is shared: it reads the other's object
+
+    # host side: each node's disk is its own folder, the marker only in its writer's
+    for me, other in (("w1", "w2"), ("w2", "w1")):
+        assert (c.state / "nodes" / me / "tmp" / f"smoke-marker-{me}").read_text() == f"tlmc-{me}"
+        assert not (c.state / "nodes" / other / "tmp" / f"smoke-marker-{me}").exists()
+
+    # token auth is on: the dashboard's job API refuses a missing or wrong token
+    assert seen["auth"]["token"] == 200, seen["auth"]
+    assert seen["auth"]["no_token"] in (401, 403) and seen["auth"]["bad_token"] in (401, 403), seen["auth"]
+    print(f"driver {seen['driver_s']:.1f} s, test body {time.monotonic() - t0:.1f} s")
