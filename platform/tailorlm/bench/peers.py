@@ -124,11 +124,12 @@ def versions(system: str) -> dict[str, str]:
 
 
 def tree_rss(pid: int) -> tuple[int, int]:
-    """(summed RSS of a process and all its descendants, the same over the process itself and
+    """(summed PSS of a process and all its descendants, the same over the process itself and
     its Ray workers only). Ray's daemons and workers are the driver's descendants; walking the
     tree rather than matching "ray::" in every command line leaves out other users' Ray on a
     shared machine. The second figure leaves out Ray's daemons (GCS, raylet, dashboard), as
-    bench/dedup.py counts. Shared pages (the object store) count once per process."""
+    bench/dedup.py counts. PSS, not RSS: shared pages (the object store, which every reader of
+    a block maps) are split among the processes that map them instead of counted by each."""
     import psutil
 
     try:
@@ -139,7 +140,7 @@ def tree_rss(pid: int) -> tuple[int, int]:
     total = workers = 0
     for p in procs:
         try:
-            rss = p.memory_info().rss
+            rss = p.memory_full_info().pss
             cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

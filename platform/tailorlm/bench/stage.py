@@ -4,10 +4,12 @@
     python -m tailorlm.bench.stage --docs 1000000                    # ~1.2 GB of text
     python -m tailorlm.bench.stage --docs 100000 --near-only         # near dedup only (the peers' work)
 
-Each size runs `tailorlm data --input corpus.jsonl --output out` as a fresh subprocess (its own
-embedded Ray, 2 CPUs unless --cpus), so the time includes starting Ray, reading, every step and
-writing kept/ and dropped/. Peak RSS is the sum over the driver and its Ray (GCS, raylet,
-workers: all in its process tree), sampled every 0.2 s. Per-step times come from the stage's own stats.json.
+Each size runs `tailorlm data --input corpus.jsonl --output out` as a fresh subprocess, so the
+time includes starting Ray (its own embedded Ray on every CPU; none for an input under
+data.in_process_max_mb, which runs in the driver: add `data.in_process_max_mb=0` to time Ray Data
+on it), reading, every step and writing kept/ and dropped/. Peak memory is the summed PSS of the
+driver and its Ray (GCS, raylet, workers: all in its process tree), sampled every 0.2 s, and the
+driver's own peak RSS. Per-step times come from the stage's own stats.json.
 
 The corpus is real English: sentences of the C4 sample in shared/data (or --seed-text), remixed
 into distinct documents of 6-14 sentences (~1.2 KB each, like web text), with 5% exact copies and
@@ -77,23 +79,27 @@ def write_corpus(path: str, n: int, seed_text: str, seed: int = 0) -> int:
 class TreeRSS(PeakRSS):
     """bench.dedup's sampler over a process tree instead: an embedded Ray's GCS and raylet are
     children of the driver and its workers children of the raylet, so the tree is all of it (and
-    not the Ray of another process on the same machine)."""
+    not the Ray of another process on the same machine). It sums PSS, not RSS: every worker that
+    reads a block maps the object store's shared pages, and summed RSS counted them once per
+    reader (43 GiB "peak" on a 24 GiB machine at 1M documents). `driver_peak` is the driver's own
+    RSS, what must not grow with the corpus."""
 
     def __init__(self, root_pid: int) -> None:
         super().__init__()
-        self.root = root_pid
+        self.root, self.driver_peak = root_pid, 0
 
     def _total(self) -> int:
         try:
             root = self.psutil.Process(self.root)
             procs = [root, *root.children(recursive=True)]
+            self.driver_peak = max(self.driver_peak, root.memory_info().rss)
         except self.psutil.NoSuchProcess:
             return 0
         total = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
-            except self.psutil.NoSuchProcess:
+                total += p.memory_full_info().pss
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                 pass
         return total
 
@@ -112,7 +118,7 @@ def run_stage(corpus: str, out: str, overrides: list[str]) -> dict:
         raise SystemExit(f"tailorlm data failed ({proc.returncode}):\n{log[-4000:]}")
     with open(os.path.join(out, "stats.json")) as fh:
         stats = json.load(fh)
-    return {"wall_s": wall, "peak_gib": mem.peak / 2**30, "stats": stats}
+    return {"wall_s": wall, "peak_gib": mem.peak / 2**30, "driver_gib": mem.driver_peak / 2**30, "stats": stats}
 
 
 def main() -> None:
@@ -138,7 +144,8 @@ def main() -> None:
         results.append((n, r["wall_s"]))
         print(
             f"{n:>9} docs {mb:8.1f} MB  wall {r['wall_s']:7.1f} s  {n / r['wall_s']:8.0f} docs/s  "
-            f"peak RSS {r['peak_gib']:5.2f} GiB  kept {s['kept']}  dropped {s['dropped']}"
+            f"peak PSS {r['peak_gib']:5.2f} GiB (driver RSS {r['driver_gib']:4.2f})  kept {s['kept']}  "
+            f"dropped {s['dropped']}  {s.get('executor', '')}"
         )
         print(f"          steps (s): {s['timings_s']}")
     if len(results) >= 2:

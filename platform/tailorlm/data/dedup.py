@@ -11,8 +11,8 @@ near:  band keys per row -> hash-partition by band key -> candidate pairs inside
        (verify: exact) pairs whose exact shingle Jaccard reaches it -> connected components
        (scipy) on the driver -> one representative each.
        Attaching signatures is a broadcast join while the candidate pairs are few (one
-       filtering pass over the signatures fetches only the rows the pairs name: their number is
-       bounded by the edge list); beyond BROADCAST_PAIRS it is two distributed hash joins.
+       filtering pass over the signatures fetches only the rows the pairs name); beyond
+       BROADCAST_PAIRS it is two distributed hash joins of the pairs with only those rows.
        The exact check runs as Ray Data tasks over the pairs that pass the estimate with a margin
        (`estimate_floor`: 4 standard deviations of the estimate, at least EXACT_MARGIN), so only
        candidates' texts are shingled again.
@@ -31,6 +31,7 @@ property that makes it correct (a partition is never split across blocks).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import numpy as np
@@ -39,14 +40,17 @@ import pandas as pd
 from tailorlm.config import NearDedupConfig
 from tailorlm.data.minhash import band_keys, estimated_jaccard, exact_jaccard, signatures
 
+log = logging.getLogger(__name__)
 DUP_COLUMNS = ["id", "duplicate_of", "reason"]
 EDGE_COLUMNS = ["id_a", "priority_a", "id_b", "priority_b", "jaccard"]
 MAX_PAIRS_BUCKET = 64  # buckets larger than this emit a star around the smallest member
-# Up to this many candidate pairs the driver verifies them (their signatures: <= 2 x pairs x
-# num_perm x 4 bytes, 1 GiB at 128 perms); more go through two distributed joins instead. On
-# 100k documents the broadcast path saved about 1/4 of near-dedup time (two shuffles of every
-# signature avoided).
-BROADCAST_PAIRS = 1_000_000
+# Up to this many candidate pairs the driver verifies them (their signatures) and holds ...
+BROADCAST_PAIRS = 200_000  # ... the rows they name: <= 400k rows (signature and text), ~0.7 GB
+# The hash joins of more pairs: each side holds only the rows some pair names (a broadcast set of
+# keys, 16 bytes a pair), and there is a partition per JOIN_PAIRS_PER_PARTITION pairs. With
+# partitions sized by rows instead (4 on 2 CPUs) a 1M-document run had ~1M pairs joined to their
+# rows' signatures and texts in 4 tasks, 6-8 GB each.
+JOIN_PAIRS_PER_PARTITION = 100_000
 # Up to this many live rows dedup runs in the driver process on one pandas frame (the same
 # functions, one partition): each distributed shuffle costs about a second of Ray Data
 # scheduling here, five of them were most of a small corpus's wall time, and 20k rows of
@@ -271,6 +275,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     n_pairs = pairs.count()
     if n_pairs == 0:  # a corpus without near duplicates: nothing to verify
         return _empty_edges()
+    log.info("near dedup: %d rows, %d candidate pairs", n, n_pairs)
     if n_pairs <= broadcast_pairs:
         p = pairs.to_pandas().drop_duplicates()
         need = np.unique(np.concatenate([p["a"].to_numpy(np.uint64), p["b"].to_numpy(np.uint64)]))
@@ -285,9 +290,13 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
             ),
             _empty_edges(),
         ).reset_index(drop=True)
-    parts = num_partitions(n, cpus)
-    side_a = sigs.rename_columns({c: f"{c}_a" if c != "key" else "a" for c in sigs.columns()})
-    side_b = sigs.rename_columns({c: f"{c}_b" if c != "key" else "b" for c in sigs.columns()})
+    parts = max(num_partitions(n, cpus), math.ceil(n_pairs / JOIN_PAIRS_PER_PARTITION))
+    # the keys some pair names, 8 bytes each on the driver (n_pairs > 0 here)
+    batches = pairs.iter_batches(batch_format="pandas", batch_size=None)
+    need = np.unique(np.concatenate([b[c].to_numpy(np.uint64) for b in batches for c in "ab"]))
+    named = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas")
+    side_a = named.rename_columns({c: f"{c}_a" if c != "key" else "a" for c in sigs.columns()})
+    side_b = named.rename_columns({c: f"{c}_b" if c != "key" else "b" for c in sigs.columns()})
     joined = pairs.join(side_a, "inner", parts, on=("a",)).join(side_b, "inner", parts, on=("b",))
     edges = joined.map_batches(_verify, fn_kwargs=verify, batch_format="pandas")
     if exact:
