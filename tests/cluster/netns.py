@@ -55,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,10 @@ _INIT = (
 
 class ClusterError(RuntimeError):
     pass
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def missing_requirements() -> str | None:
@@ -382,10 +387,11 @@ class Cluster:
         dest = Path(dest)
         for n in self.nodes.values():
             tmp = self.state / "nodes" / n.name / "tmp"
-            logs = tmp / "ray" / "session_latest" / "logs"
-            if logs.is_dir():
-                shutil.copytree(logs, dest / n.name / "ray", symlinks=False, ignore_dangling_symlinks=True,
-                                dirs_exist_ok=True)  # fmt: skip
+            latest = tmp / "ray" / "session_latest"  # a link to /tmp/ray/...: a path inside the node
+            logs = tmp / "ray" / Path(os.readlink(latest)).name / "logs" if latest.is_symlink() else None
+            if logs is not None and logs.is_dir():
+                # links copied as links: one pointing to /tmp/... would be the host's /tmp here
+                shutil.copytree(logs, dest / n.name / "ray", symlinks=True, dirs_exist_ok=True)
             for f in [*tmp.glob("*.log"), self.state / f"init-{n.name}.log"]:
                 if f.is_file():
                     (dest / n.name).mkdir(parents=True, exist_ok=True)
@@ -404,12 +410,30 @@ class Cluster:
         return out
 
     def __enter__(self) -> Cluster:
-        self.down()
-        self.up()
+        # SIGTERM (a CI job's timeout, `kill`) would end Python without running __exit__: turn it into
+        # KeyboardInterrupt while the cluster is up, so pytest and `with` blocks tear down. SIGKILL
+        # cannot be caught: the next __enter__ (or `down`) removes what it left.
+        self._old_sigterm = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        try:
+            self.down()
+            self.up()
+        except BaseException:
+            self._restore_sigterm()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.down()
+        try:
+            self.down()
+        finally:
+            self._restore_sigterm()
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
 
     # ---------------------------------------------------------------- pieces of up()
     def _write_shared(self) -> None:
