@@ -300,12 +300,12 @@ class Cluster:
 
     def spawn(self, node: str, argv: list[str], log: str, env: dict[str, str] | None = None) -> int:
         """Start a daemon in `node` (its parent becomes the node's init); log is a path inside the
-        node. Returns its PID inside the node's PID namespace (for `signal`)."""
+        node. Returns its PID inside the node's PID namespace (for `send_signal`)."""
         script = 'exec setsid "$@" </dev/null >>"$LOG" 2>&1 & echo $!'
         p = self.run(node, ["sh", "-c", script, "sh", *argv], env={"LOG": log, **(env or {})}, timeout=30)
         return int(p.stdout.strip().splitlines()[-1])
 
-    def signal(self, node: str, pid: int, sig: int = signal.SIGTERM) -> None:
+    def send_signal(self, node: str, pid: int, sig: int = signal.SIGTERM) -> None:
         """Send a signal to a PID as the node numbers it."""
         self.run(node, ["kill", f"-{int(sig)}", str(pid)], check=False, timeout=10)
 
@@ -544,6 +544,9 @@ class Cluster:
             "-s3", f"-s3.port={S3_PORT}", f"-s3.config={self.s3_config_path}", "-s3.localSocket=/tmp/weed-s3.sock",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=1024", "-volume.max=32", "-master.telemetry=false",
+            # one master: no one to wait for in an election (a restart took ~15 s at the default 10 s);
+            # SIGTERM stops the volume server at once (default: 10 s of grace)
+            "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
         ]  # fmt: skip
         self.s3_pid = self.spawn("head", argv, "/tmp/weed.log")
         return self.s3_pid
@@ -583,6 +586,64 @@ class Cluster:
         out, err = p.communicate(timeout=120)
         if p.returncode != 0:
             raise ClusterError(f"ray start on {name} failed:\n{out[-2000:]}\n{err[-2000:]}")
+
+    # ---------------------------------------------------------------- faults
+    def kill_node(self, name: str) -> None:
+        """Lose a node the hard way: SIGKILL its init, so the kernel kills every process of the node
+        at once (raylet, workers, object store). Its network namespace and disk folder stay, as a
+        machine's would; `restart_node` boots it again."""
+        ns = self.nodes[name].ns
+        pid1 = _inner_pid1(ns)
+        for pid in ([pid1] if pid1 else []) + _netns_pids(ns):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while _netns_pids(ns):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"processes {_netns_pids(ns)} of node {name} did not die")
+            time.sleep(0.1)
+
+    def restart_node(self, name: str, timeout: float = 120) -> list[dict]:
+        """Boot a killed worker node again (same address and disk: like a rebooted machine) and wait
+        until Ray counts every node alive; returns Ray's alive nodes."""
+        if self.nodes[name].is_head:
+            raise ClusterError("restarting the head is not supported (its GCS state is not persisted)")
+        self._start_node(name)
+        self.start_worker(name)
+        return self._wait_nodes(timeout=timeout)
+
+    def s3_pids(self) -> list[int]:
+        """Host PIDs of the S3 server (in the head's namespaces)."""
+        out = []
+        for pid in _netns_pids(self.nodes["head"].ns):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"/weed") and argv[1:2] == [b"server"]:
+                out.append(pid)
+        return out
+
+    def stop_s3(self, sig: int = signal.SIGKILL, grace: float = 30) -> float:
+        """Stop the S3 server (its data, in <state>/s3, stays); `start_s3` brings it back. SIGTERM is
+        a graceful stop (weed took 15-20 s here), SIGKILL follows after `grace` s. Returns seconds."""
+        t0 = time.monotonic()
+        for pid in self.s3_pids():
+            os.kill(pid, sig)
+        while self.s3_pids():
+            if time.monotonic() - t0 > grace:
+                for pid in self.s3_pids():
+                    os.kill(pid, signal.SIGKILL)
+            if time.monotonic() - t0 > grace + 15:
+                raise ClusterError("the S3 server did not stop")
+            time.sleep(0.1)
+        return time.monotonic() - t0
+
+    def start_s3(self, timeout: float = 60) -> None:
+        self._start_s3()
+        self._wait_s3(timeout=timeout)
 
     def _wait_nodes(self, timeout: float) -> list[dict]:
         code = _NODES_CODE.format(addr=self.gcs_address, want=len(self.nodes), timeout=timeout)

@@ -61,3 +61,45 @@ def test_three_nodes_pinned_tasks_shared_s3_private_disks(ray_cluster):
     assert seen["auth"]["token"] == 200, seen["auth"]
     assert seen["auth"]["no_token"] in (401, 403) and seen["auth"]["bad_token"] in (401, 403), seen["auth"]
     print(f"driver {seen['driver_s']:.1f} s, test body {time.monotonic() - t0:.1f} s")
+
+
+_AFTER_LOSS = """
+import json, time, ray
+ray.init(address="{addr}", log_to_driver=False, logging_level="ERROR")
+t0 = time.monotonic()
+while any(n["Alive"] for n in ray.nodes() if n["NodeName"] == "tlmc-w2"):
+    time.sleep(0.2)
+dead_s = time.monotonic() - t0
+host = ray.get(ray.remote(num_cpus=1)(lambda: __import__("socket").gethostname()).remote(), timeout=60)
+print(json.dumps({{"dead_s": dead_s, "task_ran_on": host}}))
+"""
+
+
+def test_fixture_faults_node_loss_and_s3_restart(ray_cluster):
+    """The fault helpers later tests build on: a lost worker node (every process killed at once)
+    is seen dead by Ray, work goes on elsewhere, the node reboots with its own disk; the S3 server
+    stops (clients get connection errors) and restarts with its data."""
+    c = ray_cluster
+    c.run("w2", ["sh", "-c", "echo kept > /tmp/survives-reboot"])
+    c.python("w1", "import s3fs; s3fs.S3FileSystem().pipe('tailorlm/faults/before.txt', b'before')")
+
+    c.kill_node("w2")
+    seen = json.loads(c.python("head", _AFTER_LOSS.format(addr=c.gcs_address)).stdout.strip().splitlines()[-1])
+    assert seen["task_ran_on"] == "tlmc-w1", seen
+    alive = c.restart_node("w2")
+    assert sorted(n["name"] for n in alive) == ["tlmc-head", "tlmc-w1", "tlmc-w2"]
+    assert c.run("w2", ["cat", "/tmp/survives-reboot"]).stdout.strip() == "kept"
+
+    c.stop_s3()
+    down = c.python(
+        "w1",
+        "import botocore.exceptions as e, s3fs\n"
+        "fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={'retries': {'max_attempts': 1}})\n"
+        "try:\n    fs.cat('tailorlm/faults/before.txt')\nexcept (e.EndpointConnectionError, OSError) as x:\n"
+        "    print(type(x).__name__)",
+    )
+    assert down.stdout.strip() in ("EndpointConnectionError", "ConnectionError", "OSError"), down.stdout
+    c.start_s3()
+    back = c.python("w2", "import s3fs; print(s3fs.S3FileSystem().cat('tailorlm/faults/before.txt').decode())")
+    assert back.stdout.strip() == "before"
+    print(f"w2 marked dead by Ray {seen['dead_s']:.1f} s after its processes were killed")
