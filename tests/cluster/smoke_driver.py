@@ -51,6 +51,15 @@ def probe(phase: int, me: str, others: list[str], bucket: str, state: str) -> di
         out["own_marker"] = os.path.exists(marker)
         out["other_markers"] = {o: os.path.exists(f"/tmp/smoke-marker-{o}") for o in others}
         out["s3_others"] = {o: fs.cat(f"{bucket}/smoke/{o}.txt").decode() for o in others}
+        # pyarrow's S3 filesystem too (what Ray Data and Ray Train's storage_path use): endpoint and
+        # credentials from the same environment variables
+        import pyarrow.fs as pafs
+
+        afs, root = pafs.FileSystem.from_uri(f"s3://{bucket}/smoke")
+        out["pyarrow_others"] = {}
+        for o in others:
+            with afs.open_input_stream(f"{root}/{o}.txt") as f:
+                out["pyarrow_others"][o] = f.read().decode()
     return out
 
 

@@ -51,6 +51,7 @@ def test_three_nodes_pinned_tasks_shared_s3_private_disks(ray_cluster):
         assert r2["own_marker"] is True  # its /tmp persists across tasks on the node...
         assert r2["other_markers"] == {other: False}  # ...and the other worker's /tmp is not visible
         assert r2["s3_others"] == {other: f"tlmc-{other}"}  # storage is shared: it reads the other's object
+        assert r2["pyarrow_others"] == {other: f"tlmc-{other}"}  # and so does pyarrow's S3FileSystem
 
     # host side: each node's disk is its own folder, the marker only in its writer's
     for me, other in (("w1", "w2"), ("w2", "w1")):
