@@ -1,4 +1,5 @@
-"""The multi-node cluster fixture: one cluster per session, torn down however the session ends."""
+"""The multi-node cluster fixture: one cluster for the tests in this folder (torn down when they are
+done, not at the end of the whole suite, whose other tests it would slow), torn down however they end."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from tests.cluster.netns import Cluster, missing_requirements
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(request, tmp_path_factory):
     """Head (0 CPUs) + 2 one-CPU workers in their own namespaces, S3 on the head (see netns.py).
     Leftovers of an earlier crashed run are removed first; on failures the nodes' Ray logs and the
