@@ -49,8 +49,9 @@ BROADCAST_PAIRS = 200_000  # ... the rows they name: <= 400k rows (signature and
 # The hash joins of more pairs: each side holds only the rows some pair names (a broadcast set of
 # keys, 16 bytes a pair), and there is a partition per JOIN_PAIRS_PER_PARTITION pairs. With
 # partitions sized by rows instead (4 on 2 CPUs) a 1M-document run had ~1M pairs joined to their
-# rows' signatures and texts in 4 tasks, 6-8 GB each.
-JOIN_PAIRS_PER_PARTITION = 100_000
+# rows' signatures and texts in 4 tasks, 6-8 GB each; at 100k pairs a partition they still took
+# 3-5 GB (the joined pairs as pandas, both texts and signatures: ~10x their bytes on disk).
+JOIN_PAIRS_PER_PARTITION = 25_000
 # Up to this many live rows dedup runs in the driver process on one pandas frame (the same
 # functions, one partition): each distributed shuffle costs about a second of Ray Data
 # scheduling here, five of them were most of a small corpus's wall time, and 20k rows of
