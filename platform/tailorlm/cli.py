@@ -21,7 +21,8 @@ Config: one YAML with sections run, model, data, train, tune, export, serve
 (see jobs/configs/tiny_cpu.yaml). Override any key with dotted.key=value, e.g.
   tailorlm train jobs/configs/tiny_cpu.yaml train.lr=3e-4 train.lora.r=8
 Ray: with no --address and no RAY_ADDRESS an embedded local Ray is started;
-otherwise tailorlm connects to that cluster (as under `ray job submit`).
+otherwise tailorlm connects to that cluster (as under `ray job submit`). `tailorlm data`
+starts or joins Ray only for an input over data.in_process_max_mb (smaller ones run here).
 Outputs: <run.storage>/<run.name>/<stage>/, each with _COMPLETE.json written last.
 """
 

@@ -284,3 +284,23 @@ def test_each_planned_read_is_its_own_filter_task(ray_local, tmp_path):
     annotated = annotate_ray(plan, cfg.data, None, None, seed=0, cpus=2)
     assert len(plan) == 6 and annotated.count() == 6
     assert annotated.num_blocks() >= len(plan)
+
+
+def test_a_small_input_never_contacts_ray(tmp_path):
+    """`tailorlm data` on an input under data.in_process_max_mb runs in the driver: with
+    RAY_ADDRESS naming a cluster that does not exist, it still completes (any contact with Ray
+    would fail to connect)."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "text": f"{DOC} {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # the discard port: nothing answers there
+    cmd = [sys.executable, "-m", "tailorlm.cli", "data", "--input", str(src), "--output", str(out)]
+    r = subprocess.run([*cmd, "data.filters.min_tokens=0"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["executor"] == "in_process" and stats["input_rows"] == 20
+    assert (out / "_COMPLETE.json").exists()
