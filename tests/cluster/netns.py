@@ -71,6 +71,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 BIN = str(Path(sys.executable).parent)
+
+
+def _under_tmp() -> list[str]:
+    """What the nodes need of the host (this checkout, the venv, the interpreter) that lies
+    under /tmp, as paths relative to it, outermost only."""
+    need = {REPO, Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent, Path(sys.base_prefix).resolve()}
+    rels = sorted({p.relative_to("/tmp") for p in need if p.is_relative_to("/tmp") and p != Path("/tmp")}, key=len_of)
+    out: list[Path] = []
+    for r in rels:
+        if not any(r.is_relative_to(o) for o in out):
+            out.append(r)
+    return [str(r) for r in out]
+
+
+def len_of(p: Path) -> int:
+    return len(p.parts)
+
+
 RAY = str(Path(BIN) / "ray")
 
 DEFAULT_PREFIX = "tlmc"
@@ -503,9 +521,14 @@ class Cluster:
         n = self.nodes[name]
         nodes_dir = self.state / "nodes"
         hide = [str(nodes_dir)] + ([] if n.is_head else [str(self.state / "s3")])
+        private_tmp = nodes_dir / n.name / "tmp"
+        # a checkout or venv under /tmp (a CI clone in /tmp/...) would vanish behind the node's
+        # private /tmp: bind each back at its own path inside it, and bring it along (rbind)
+        keep = [f"mkdir -p {private_tmp / rel} && mount --bind /tmp/{rel} {private_tmp / rel}" for rel in _under_tmp()]
         setup = " && ".join(
             [
-                f"mount --bind {nodes_dir / n.name / 'tmp'} /tmp",
+                *keep,
+                f"mount --rbind {private_tmp} /tmp",
                 f"mount -t tmpfs -o size={self.shm_mb}m,mode=1777 tmpfs /dev/shm",
                 f"mount --bind {self.state / 'shared' / 'hosts'} /etc/hosts",
                 *(f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {h}" for h in hide),
