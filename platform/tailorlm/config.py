@@ -577,6 +577,9 @@ class ServeConfig(Strict):
 # ----------------------------------------------------------------------------- root
 
 
+EXECUTION_ONLY = {("data", "in_process_max_mb")}
+
+
 class PipelineConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -590,8 +593,11 @@ class PipelineConfig(Strict):
         return self.model_dump(mode="json")
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections, to tell whether a finished stage's inputs changed."""
-        blob = json.dumps({s: self.to_dict()[s] for s in sections}, sort_keys=True)
+        """Stable hash of some sections, to tell whether a finished stage's inputs changed. Fields
+        that only say how a stage runs (EXECUTION_ONLY) are left out: changing them changes no output."""
+        d = self.to_dict()
+        picked = {s: {k: v for k, v in d[s].items() if (s, k) not in EXECUTION_ONLY} for s in sections}
+        blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -139,3 +139,26 @@ def test_config_module_does_not_import_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_execution_only_fields_leave_the_stage_hash_alone():
+    """data.in_process_max_mb says where the data stage runs, not what it writes: changing it must
+    not make a finished run's data, tune, train and export stages rerun."""
+    from tailorlm.config import EXECUTION_ONLY
+
+    base = load_config(None, [])
+    assert base.section_hash("model", "data") == load_config(None, ["data.in_process_max_mb=0"]).section_hash(
+        "model", "data"
+    )
+    assert base.section_hash("data") != load_config(None, ["data.eval_fraction=0.2"]).section_hash("data")
+    for section, field in EXECUTION_ONLY:  # each names a real field
+        assert field in type(getattr(base, section)).model_fields
+
+
+def test_in_process_max_mb_zero_means_ray_data_even_for_an_empty_file():
+    from tailorlm.config import DataConfig
+    from tailorlm.data.stage import in_process
+
+    empty = [{"bytes": 0}]
+    assert not in_process(empty, DataConfig(in_process_max_mb=0))
+    assert in_process(empty, DataConfig()) and not in_process([{"bytes": 9e6}], DataConfig())

@@ -272,7 +272,8 @@ def in_process(plan: list[dict], data_cfg: DataConfig) -> bool:
     """Whether the planned reads are small enough to run here, without Ray Data: starting Ray and
     Ray Data's first pipeline cost ~15 s of a 20 s run on 100 documents (2 cores), more than the
     work itself up to several thousand documents. The steps are the same functions either way."""
-    return sum(r["bytes"] for r in plan) <= data_cfg.in_process_max_mb * 1e6
+    limit = data_cfg.in_process_max_mb
+    return limit > 0 and sum(r["bytes"] for r in plan) <= limit * 1e6  # 0: Ray Data even for an empty file
 
 
 class Annotate:
@@ -358,12 +359,14 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     here = in_process(plan, dc)
     cpus = 1
     if not here:
-        import ray
-
         from tailorlm.cluster import init_ray
+        from tailorlm.serving.keys import take_from_env
 
-        init_ray()  # tailorlm data leaves starting Ray to the stage: a small input never needs it
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # tailorlm data leaves starting Ray to the stage (a small input never needs it); as the CLI
+        # does: the API keys out of the environment Ray's workers inherit, and init_ray before
+        # anything imports ray (it keeps an embedded Ray on loopback only if it comes first)
+        take_from_env(cfg.serve.guard.api_keys_env)
+        cpus = int(init_ray().get("CPU", 1))
     log.info("data: %d reads, %s", len(plan), "in this process" if here else f"Ray Data on {cpus} CPUs")
     # the tokenizer and the perplexity model are resolved (a factory model built) only when a
     # filter that is switched on needs them
