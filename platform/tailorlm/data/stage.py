@@ -331,7 +331,9 @@ def annotate_ray(plan: list[dict], dc: DataConfig, tokenizer, ppl_model, seed: i
                 "tokenizer": tokenizer,
                 "ppl_model": ppl_model,
             },
-            concurrency=max(1, cpus),  # one actor per CPU from the start: the read runs inside it
+            # one actor per CPU from the start (the read runs inside it), no more than reads: each
+            # actor loads the filters' models
+            concurrency=max(1, min(cpus, len(plan))),
             batch_size=None,  # one planned read per call
             batch_format="pandas",
         )
