@@ -64,7 +64,10 @@ async def test_keys_required_beyond_localhost(monkeypatch):
 
 
 def test_no_keys_beyond_localhost_is_a_startup_error(monkeypatch):
+    from tailorlm.serving import keys
+
     monkeypatch.delenv("TAILORLM_API_KEYS", raising=False)
+    monkeypatch.setattr(keys, "_TAKEN", {})  # nor keys an earlier test's take_from_env holds
     with pytest.raises(ValueError, match="TAILORLM_API_KEYS"):
         GuardSettings.from_config(load_config(None, ["serve.host=0.0.0.0"]).serve)
 

@@ -362,12 +362,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     cpus = 1
     if not here:
         from tailorlm.cluster import init_ray
-        from tailorlm.serving.keys import take_from_env
 
-        # tailorlm data leaves starting Ray to the stage (a small input never needs it); as the CLI
-        # does: the API keys out of the environment Ray's workers inherit, and init_ray before
-        # anything imports ray (it keeps an embedded Ray on loopback only if it comes first)
-        take_from_env(cfg.serve.guard.api_keys_env)
+        # tailorlm data leaves starting Ray to the stage (a small input never needs it; the CLI has
+        # taken the API keys out of the environment already); init_ray comes before anything
+        # imports ray: it keeps an embedded Ray on loopback only if it comes first
         cpus = int(init_ray().get("CPU", 1))
     log.info("data: %d reads, %s", len(plan), "in this process" if here else f"Ray Data on {cpus} CPUs")
     # the tokenizer and the perplexity model are resolved (a factory model built) only when a
