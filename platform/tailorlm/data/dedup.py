@@ -216,6 +216,11 @@ def estimate_floor(threshold: float, num_perm: int) -> float:
     return threshold - max(EXACT_MARGIN, EXACT_SIGMAS * math.sqrt(threshold * (1 - threshold) / num_perm))
 
 
+def _keys_named(pair_frames) -> np.ndarray:
+    """The distinct keys that frames of candidate pairs (a, b) name."""
+    return np.unique(np.concatenate([f[c].to_numpy(np.uint64) for f in pair_frames for c in "ab"]))
+
+
 def _rows_with_keys(batch: pd.DataFrame, keys: np.ndarray) -> pd.DataFrame:
     return batch[np.isin(batch["key"].to_numpy(np.uint64), keys)]
 
@@ -279,7 +284,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
     log.info("near dedup: %d rows, %d candidate pairs", n, n_pairs)
     if n_pairs <= broadcast_pairs:
         p = pairs.to_pandas().drop_duplicates()
-        need = np.unique(np.concatenate([p["a"].to_numpy(np.uint64), p["b"].to_numpy(np.uint64)]))
+        need = _keys_named([p])
         rows = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas").to_pandas()
         edges = _verify(_attach(p, rows), **verify).reset_index(drop=True)
         if not exact or edges.empty:
@@ -293,8 +298,7 @@ def candidate_edges(live, cfg: NearDedupConfig, cpus: int, broadcast_pairs: int 
         ).reset_index(drop=True)
     parts = max(num_partitions(n, cpus), math.ceil(n_pairs / JOIN_PAIRS_PER_PARTITION))
     # the keys some pair names, 8 bytes each on the driver (n_pairs > 0 here)
-    batches = pairs.iter_batches(batch_format="pandas", batch_size=None)
-    need = np.unique(np.concatenate([b[c].to_numpy(np.uint64) for b in batches for c in "ab"]))
+    need = _keys_named(pairs.iter_batches(batch_format="pandas", batch_size=None))
     named = sigs.map_batches(_rows_with_keys, fn_kwargs={"keys": need}, batch_format="pandas")
     side_a = named.rename_columns({c: f"{c}_a" if c != "key" else "a" for c in sigs.columns()})
     side_b = named.rename_columns({c: f"{c}_b" if c != "key" else "b" for c in sigs.columns()})

@@ -226,21 +226,25 @@ def parse_lines(data: bytes, path: str, fmt: str, kind: str, first_line: int) ->
         yield record_to_row(rec, kind, default_id, path)
 
 
+GZIP_RATIO = 4
 RANGE_BYTES = 32 * 2**20  # ~25k web documents; large enough that per-task overhead is small
 
 
 def _plan(files: list[str], declared: str, kind: str, range_bytes: int = RANGE_BYTES) -> list[dict[str, Any]]:
-    """One read per file, or per byte range of a large uncompressed JSONL/text file."""
+    """One read per file, or per byte range of a large uncompressed JSONL/text file, each with the
+    estimated `bytes` it will parse."""
     out = []
     for path in files:
         fmt = file_format(path, declared)
         fs, p = url_to_fs(path)
-        size = fs.size(p) if fmt in ("jsonl", "text") and not path.endswith(".gz") else 0
-        if size > range_bytes:
+        size = fs.size(p)
+        if size > range_bytes and fmt in ("jsonl", "text") and not path.endswith(".gz"):
             cuts = list(range(0, size, range_bytes)) + [size]
-            out += [dict(path=path, fmt=fmt, kind=kind, start=a, end=b) for a, b in zip(cuts, cuts[1:])]
+            out += [dict(path=path, fmt=fmt, kind=kind, start=a, end=b, bytes=b - a) for a, b in zip(cuts, cuts[1:])]
         else:
-            out.append(dict(path=path, fmt=fmt, kind=kind, start=0, end=-1))  # end -1: the whole file
+            # end -1: the whole file; bytes: what will be parsed (text compresses about 4x in gzip)
+            est = size * (GZIP_RATIO if path.endswith(".gz") else 1)
+            out.append(dict(path=path, fmt=fmt, kind=kind, start=0, end=-1, bytes=est))
     return out
 
 
@@ -299,17 +303,7 @@ def plan_reads(sources: list[SourceConfig]) -> list[dict[str, Any]]:
             raise SourceError(f"data.sources: {sorted(twice)[0]!r} is named by more than one source")
         seen.update(files)
         plan += _plan(files, src.format, src.kind)
-    for r in plan:
-        if r["end"] >= 0:
-            r["bytes"] = r["end"] - r["start"]
-        else:
-            fs, p = url_to_fs(r["path"])
-            # text compresses about 4x in gzip: the estimate is of what will be parsed
-            r["bytes"] = fs.size(p) * (GZIP_RATIO if r["path"].endswith(".gz") else 1)
     return plan
-
-
-GZIP_RATIO = 4
 
 
 def number_lines(plan: list[dict[str, Any]], remote: bool) -> list[dict[str, Any]]:
