@@ -140,10 +140,15 @@ def ensure_tiny_model(spec: TinyModelSpec, root: Path | None = None) -> Path:
     return out
 
 
-def resolve_base(model: ModelConfig) -> str:
-    """`model.base` -> a local folder or a hub id, whatever from_pretrained takes."""
+def resolve_base(model: ModelConfig, storage: str | None = None) -> str:
+    """`model.base` -> a local folder, a hub id or a storage URI; `load_model`/`load_tokenizer`
+    take each of them on any node. A factory model is built here once; with remote run storage
+    (`run.storage`, s3:// and the like) it is published there, since the processes that load it
+    may run on other nodes, whose disks do not hold this one's cache."""
     base = model.base
     if isinstance(base, TinyModelSpec):
+        if storage is not None and is_remote(storage):
+            return publish_model(base, storage)
         return str(ensure_tiny_model(base))
     if Path(base).expanduser().is_dir():
         return str(Path(base).expanduser().resolve())
@@ -152,10 +157,68 @@ def resolve_base(model: ModelConfig) -> str:
     return base  # a hub id: transformers resolves (and caches) it
 
 
+def is_remote(uri: str) -> bool:
+    """A URI of storage other than this machine's disk (s3://, gs://, memory://...)."""
+    from tailorlm.runs import local_path
+
+    return "://" in uri and local_path(uri) is None
+
+
+def publish_model(spec: TinyModelSpec, storage: str) -> str:
+    """The factory model in `<storage>/_models/<name>/`, built and uploaded by the first process
+    that needs it; `_READY` goes last, so a folder without it is an upload cut short, redone."""
+    from fsspec.core import url_to_fs
+
+    from tailorlm.runs import join
+
+    uri = join(storage, "_models", f"{spec.factory}-{spec_hash(spec)}")
+    fs, path = url_to_fs(uri)
+    if not fs.exists(join(path, READY)):
+        folder = ensure_tiny_model(spec)
+        fs.put([str(f) for f in sorted(folder.iterdir()) if f.name != READY], path + "/", recursive=True)
+        fs.pipe(join(path, READY), b"ok")
+    return uri
+
+
+def local_model(uri: str) -> str:
+    """A local folder or hub id as it is; a model folder in remote storage copied into this
+    node's cache (transformers and vLLM load local folders). The copy is named by the remote
+    files' sizes and ETags/mtimes, not just the URI: a rerun that overwrites `train/model/`
+    must not be served from the copy of the old one."""
+    if not is_remote(uri):
+        from tailorlm.runs import local_path
+
+        return local_path(uri) if "://" in uri else uri
+    import shutil
+
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    files = fs.find(path, detail=True)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no model files there")
+    stamp = sorted(
+        (n, i.get("size"), str(i.get("ETag") or i.get("mtime") or i.get("LastModified") or i.get("created")))
+        for n, i in files.items()
+    )
+    digest = hashlib.sha256(json.dumps([uri, stamp], default=str).encode()).hexdigest()[:16]
+    dest = cache_root() / "remote" / f"{path.strip('/').rsplit('/', 1)[-1]}-{digest}"
+    if dest.exists():
+        return str(dest)
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process on this node copied it first: the same files
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
 def load_tokenizer(path: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(local_model(path))
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:
@@ -170,4 +233,4 @@ def load_model(path: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(local_model(path), dtype=torch_dtype)

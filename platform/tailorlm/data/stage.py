@@ -370,8 +370,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     log.info("data: %d reads, %s", len(plan), "in this process" if here else f"Ray Data on {cpus} CPUs")
     # the tokenizer and the perplexity model are resolved (a factory model built) only when a
     # filter that is switched on needs them
-    tokenizer = (dc.tokenizer or resolve_base(cfg.model)) if wants_tokens(dc.filters) else None
-    ppl_model = (dc.filters.perplexity_model or resolve_base(cfg.model)) if dc.filters.max_perplexity else None
+    tokenizer = (dc.tokenizer or resolve_base(cfg.model, cfg.run.storage)) if wants_tokens(dc.filters) else None
+    ppl_model = (
+        (dc.filters.perplexity_model or resolve_base(cfg.model, cfg.run.storage)) if dc.filters.max_perplexity else None
+    )
     if here:
         annotated = annotate_in_process(plan, dc, tokenizer, ppl_model, cfg.run.seed)
         n_input = len(annotated)

@@ -31,7 +31,7 @@ def merged_bf16(cfg: PipelineConfig, model_dir: str, out_dir: str) -> str:
     if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
         from peft import PeftModel
 
-        base = load_model(resolve_base(cfg.model), dtype="bfloat16")
+        base = load_model(resolve_base(cfg.model, cfg.run.storage), dtype="bfloat16")
         model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
     else:
         model = load_model(model_dir, dtype="bfloat16")
@@ -104,49 +104,77 @@ def calibration_texts(model_dir: str, rows: list[dict], n: int, seed: int) -> li
     return out
 
 
+def merge_task(cfg: PipelineConfig, trained_uri: str, sdir: StageDir, name: str) -> int:
+    """merged_bf16 as a task on any node: reads the trained model from storage, writes the bf16
+    variant into the stage folder; returns its weights' size."""
+    from tailorlm.export.quantize import weights_size
+    from tailorlm.models import local_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = merged_bf16(cfg, local_model(trained_uri), os.path.join(tmp, "bf16"))
+        sdir.put(out, name)
+        return weights_size(out)
+
+
+def quantize_task(
+    bf16_uri: str, sdir: StageDir, name: str, scheme: str, ec, train_rows: list[dict], seed: int, max_len: int
+) -> int:
+    """One quantized variant as a task on any node (calibration texts drawn there: the same seeded
+    sample in every task); returns its weights' size."""
+    from tailorlm.export.quantize import quantize, weights_size
+    from tailorlm.models import local_model
+
+    bf16 = local_model(bf16_uri)
+    calib = calibration_texts(bf16, train_rows, ec.calibration_samples, seed) if ec.method == "gptq" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = quantize(bf16, os.path.join(tmp, scheme), scheme, ec.method, calib, max_len)
+        sdir.put(out, name)
+        return weights_size(out)
+
+
+def compare_task(bf16_uri: str, variants: dict[str, str], rows: list[dict], max_len: int) -> dict[str, dict[str, Any]]:
+    from tailorlm.models import local_model
+
+    return compare_variants(local_model(bf16_uri), {n: local_model(u) for n, u in variants.items()}, rows, max_len)
+
+
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
     from tailorlm.data.splits import splits_rows
-    from tailorlm.export.quantize import quantize, weights_size
 
     ec = cfg.export
     train, data = run_dir.stage("train"), run_dir.stage("data")  # finished: the pipeline checks needs
     version = next_version(run_dir)
     rows = splits_rows(data.sub("kept"))
+    # Each step is a task on whichever node has a CPU free; they hand models to each other through
+    # the stage folder (storage every node reaches), never through this driver's disk. Every
+    # variant is written to <version>/<variant>; the ones the quality gate refuses are removed.
+    task = ray.remote(num_cpus=1)
+    bf16_uri = sdir.sub(f"{version}/bf16")
+    sizes = {"bf16": ray.get(task(merge_task).remote(cfg, train.sub("model"), sdir, f"{version}/bf16"))}
+    train_rows = splits_rows(data.sub("kept"), "train") if ec.method == "gptq" else []
+    seed, max_len = cfg.run.seed, cfg.train.max_seq_len
+    quantized = {s: sdir.sub(f"{version}/{s}") for s in ec.quantize}
+    refs = {
+        s: task(quantize_task).remote(bf16_uri, sdir, f"{version}/{s}", s, ec, train_rows, seed, max_len)
+        for s in quantized
+    }
+    sizes.update(dict(zip(refs, ray.get(list(refs.values())))))
+    metrics = ray.get(task(compare_task).remote(bf16_uri, quantized, rows, max_len))
     variants: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "trained")
-        train.fs.get(train.path + "/model", src, recursive=True)
-        bf16 = os.path.join(tmp, "bf16")
-        task = ray.remote(num_cpus=1)
-        ray.get(task(merged_bf16).remote(cfg, src, bf16))
-        quantized = {s: os.path.join(tmp, s) for s in ec.quantize}
-        calib = (
-            calibration_texts(bf16, splits_rows(data.sub("kept"), "train"), ec.calibration_samples, cfg.run.seed)
-            if ec.method == "gptq"
-            else None
-        )
-        ray.get(
-            [
-                task(quantize).remote(bf16, path, s, ec.method, calib, cfg.train.max_seq_len)
-                for s, path in quantized.items()
-            ]
-        )
-        metrics = ray.get(task(compare_variants).remote(bf16, quantized, rows, cfg.train.max_seq_len))
-        for name, path in {"bf16": bf16, **quantized}.items():
-            m = {**metrics[name], "size_bytes": weights_size(path)}
-            worse = m.get("ppl_increase", 0.0) > ec.max_ppl_increase
-            status = (
-                ("refused" if ec.on_quality_fail == "refuse" else "published_with_warning") if worse else "published"
+    for name, uri in {"bf16": bf16_uri, **quantized}.items():
+        m = {**metrics[name], "size_bytes": sizes[name]}
+        worse = m.get("ppl_increase", 0.0) > ec.max_ppl_increase
+        status = ("refused" if ec.on_quality_fail == "refuse" else "published_with_warning") if worse else "published"
+        if status == "refused":
+            sdir.fs.rm(f"{sdir.path}/{version}/{name}", recursive=True)
+        variants[name] = {**m, "status": status, "uri": uri if status != "refused" else None}
+        if worse:
+            print(
+                f"[export] {name}: perplexity +{m['ppl_increase']:.1%} exceeds the "
+                f"{ec.max_ppl_increase:.0%} limit: {status}"
             )
-            uri = sdir.put(path, f"{version}/{name}") if status != "refused" else None
-            variants[name] = {**m, "status": status, "uri": uri}
-            if worse:
-                print(
-                    f"[export] {name}: perplexity +{m['ppl_increase']:.1%} exceeds the "
-                    f"{ec.max_ppl_increase:.0%} limit: {status}"
-                )
     manifest = {
         "version": version,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

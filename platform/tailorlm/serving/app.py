@@ -49,8 +49,9 @@ def llm_config(cfg: PipelineConfig, model_id: str, model_dir: str):
 
 
 def build_app(cfg: PipelineConfig, models: dict[str, str], direct_ingress: bool = False):
-    """models: model_id -> local HF folder. Returns a Ray Serve Application. direct_ingress: only
-    where the caller also starts the Serve controller for it (serving/stage.py)."""
+    """models: model_id -> HF folder (a local path or a storage URI). Returns a Ray Serve
+    Application. direct_ingress: only where the caller also starts the Serve controller for it
+    (serving/stage.py)."""
     if cfg.serve.backend == "vllm":
         from tailorlm.serving.engine import build_engine_app
 
@@ -68,7 +69,14 @@ def build_ray_llm_app(cfg: PipelineConfig, models: dict[str, str]):
 
     sc = cfg.serve
     settings = GuardSettings.from_config(sc)
-    configs = {mid: llm_config(cfg, mid, path) for mid, path in models.items()}
+    from tailorlm.models import local_model
+
+    # Ray's LLM engine copies s3:// and gs:// model sources on the node it runs on; other
+    # locations must be folders on the node (a local path or a copy made here)
+    configs = {
+        mid: llm_config(cfg, mid, uri if uri.startswith(("s3://", "gs://")) else local_model(uri))
+        for mid, uri in models.items()
+    }
     deployments = {mid: build_llm_deployment(c, name_prefix=f"{mid}:") for mid, c in configs.items()}
     fastapi_app = init()
 

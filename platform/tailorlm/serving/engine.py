@@ -208,7 +208,11 @@ class EngineServer:
     async def __init__(self, serve_cfg: dict[str, Any], settings, models: dict[str, str], adapters: dict[str, str]):
         from transformers import AutoTokenizer
 
+        from tailorlm.models import local_model
+
         self.sc, self.settings = ServeConfig(**serve_cfg), settings
+        # storage URIs: this replica may run on any node, so it copies them into its own cache
+        models = {model_id: local_model(uri) for model_id, uri in models.items()}
         # the guard counts prompt tokens and reads token-id prompts with the hosted model's tokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(next(iter(models.values())))
         self.apps, self.engines, self.names = {}, [], {}

@@ -1,5 +1,6 @@
-"""The model folders the endpoint hosts: the newest registered export's variants (serve.variants),
-copied into the local cache when they live in remote storage (vLLM loads local folders).
+"""The models the endpoint hosts: the newest registered export's variants (serve.variants), as
+storage URIs. The replica copies remote ones into its own node's cache (`models.local_model`):
+on a cluster it may run on any node, and no node but the driver's holds the driver's disk.
 Shared by the serve stage and `serve deploy`'s application builder (serving/app.py).
 """
 
@@ -9,22 +10,6 @@ from tailorlm.config import PipelineConfig
 from tailorlm.runs import RunDir
 
 
-def local_copy(uri: str) -> str:
-    """vLLM loads from a local folder: remote exports are copied into the local cache once."""
-    from fsspec.core import url_to_fs
-
-    from tailorlm.models import cache_root
-    from tailorlm.runs import local_path
-
-    if local_path(uri):
-        return local_path(uri)
-    fs, path = url_to_fs(uri)
-    dest = cache_root() / "served" / path.strip("/").replace("/", "_")
-    if not dest.exists():
-        fs.get(path, str(dest), recursive=True)
-    return str(dest)
-
-
 def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
     from tailorlm.export.registry import latest_variant
 
@@ -32,5 +17,5 @@ def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
     out = {}
     for name, variant in zip(cfg.serve.hosted_ids(), cfg.serve.variants):
         uri, _ = latest_variant(run_dir, variant)
-        out[name] = local_copy(uri)
+        out[name] = uri
     return out

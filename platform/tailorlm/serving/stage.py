@@ -78,6 +78,12 @@ def _serve_running() -> bool:
         return False
 
 
+def _node_count() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"])
+
+
 def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
     from ray import serve
 
@@ -85,6 +91,17 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
 
     sc = cfg.serve
     direct = sc.uses_direct_ingress()
+    if direct and _node_count() > 1:
+        # the replica would answer on the port of whichever node it lands on, not through this
+        # (the driver's) node, where users and the sample request come in
+        if sc.direct_ingress:
+            raise ValueError(
+                "serve.direct_ingress: true serves from the replica's own node, but this Ray cluster "
+                "has several nodes; set serve.direct_ingress=false (requests then enter through "
+                "Ray Serve's proxy on this node)"
+            )
+        print("[serve] several Ray nodes: requests go through Ray Serve's proxy (no direct ingress)")
+        direct = False
     if direct and _serve_running():
         # the controller's settings are fixed when it starts; an existing one runs without direct ingress
         if sc.direct_ingress:

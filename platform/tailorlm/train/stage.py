@@ -24,28 +24,35 @@ from tailorlm.train.trainer import make_trainer, prepare
 RESUMABLE = ("ray", "ray_inputs.json")
 
 
-def export_model(cfg: PipelineConfig, base_path: str, ckpt_dir: str, out_dir: str, merged_dir: str | None) -> None:
-    """Apply the best checkpoint's weights to the base and save it in HF format (safetensors)."""
+def export_model(cfg: PipelineConfig, base_path: str, checkpoint, sdir: StageDir) -> None:
+    """Apply the checkpoint's weights to the base and write `model/` (and `merged/`) in HF format
+    (safetensors) into the stage folder. Runs as a task on whichever node has a CPU free, so it
+    fetches the checkpoint and writes the model through storage, never the driver's disk."""
     from safetensors.torch import load_file
 
     from tailorlm.models import load_tokenizer
     from tailorlm.train.loop import build_model
 
     model = build_model(cfg, base_path)
-    weights = load_file(os.path.join(ckpt_dir, "model.safetensors"))
+    with checkpoint.as_directory() as ckpt_dir:
+        weights = load_file(os.path.join(ckpt_dir, "model.safetensors"))
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
     if missing:
-        raise ValueError(f"checkpoint {ckpt_dir} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
+        raise ValueError(f"checkpoint {checkpoint.path} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
     params = dict(model.named_parameters())
     for n, t in weights.items():
         params[n].data.copy_(t.to(params[n].dtype))
     tok = load_tokenizer(base_path, cfg.model.chat_template)
-    model.save_pretrained(out_dir)  # LoRA: adapter_model.safetensors + adapter_config.json only
-    tok.save_pretrained(out_dir)
-    if merged_dir and cfg.train.method == "lora":
-        merged = model.merge_and_unload()
-        merged.save_pretrained(merged_dir)
-        tok.save_pretrained(merged_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = os.path.join(tmp, "model")
+        model.save_pretrained(out_dir)  # LoRA: adapter_model.safetensors + adapter_config.json only
+        tok.save_pretrained(out_dir)
+        sdir.put(out_dir, "model")
+        if cfg.train.merge_adapter and cfg.train.method == "lora":
+            merged_dir = os.path.join(tmp, "merged")
+            model.merge_and_unload().save_pretrained(merged_dir)
+            tok.save_pretrained(merged_dir)
+            sdir.put(merged_dir, "merged")
 
 
 def loss_plot(history: list[dict], path: str) -> None:
@@ -102,41 +109,31 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     from tailorlm.data.splits import splits_rows
 
     eval_rows = splits_rows(data.sub("kept"))
+    with best_ckpt.filesystem.open_input_stream(f"{best_ckpt.path}/state.json") as f:  # not the whole checkpoint
+        state = json.load(f)
+    ray.get(ray.remote(num_cpus=1)(export_model).remote(cfg, base_path, best_ckpt, sdir))
+    history = state["history"]
+    write_history(history, sdir.sub("metrics.jsonl"))
     with tempfile.TemporaryDirectory() as tmp:
-        with best_ckpt.as_directory() as d:
-            state = json.load(open(os.path.join(d, "state.json")))
-            model_dir, merged_dir = os.path.join(tmp, "model"), os.path.join(tmp, "merged")
-            ray.get(
-                ray.remote(num_cpus=1)(export_model).remote(
-                    cfg, base_path, d, model_dir, merged_dir if tc.merge_adapter else None
-                )
-            )
-        history = state["history"]
-        write_history(history, sdir.sub("metrics.jsonl"))
         loss_plot(history, os.path.join(tmp, "loss.png"))
-        sdir.put(model_dir, "model")
-        if tc.merge_adapter and tc.method == "lora":
-            sdir.put(merged_dir, "merged")
         sdir.put(os.path.join(tmp, "loss.png"), "loss.png")
-        # before/after on the eval split: the untrained base against the finetuned model
-        remote_eval = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(evaluate_model)
-        adapter = model_dir if tc.method == "lora" else None
-        finetuned_path = base_path if adapter else model_dir
-        before, after = ray.get(
-            [
-                remote_eval.remote(
-                    base_path, base_path, eval_rows, tc.max_seq_len, chat_template=cfg.model.chat_template
-                ),
-                remote_eval.remote(
-                    finetuned_path,
-                    base_path,
-                    eval_rows,
-                    tc.max_seq_len,
-                    adapter_path=adapter,
-                    chat_template=cfg.model.chat_template,
-                ),
-            ]
-        )
+    # before/after on the eval split: the untrained base against the finetuned model
+    remote_eval = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(evaluate_model)
+    adapter = sdir.sub("model") if tc.method == "lora" else None
+    finetuned_path = base_path if adapter else sdir.sub("model")
+    before, after = ray.get(
+        [
+            remote_eval.remote(base_path, base_path, eval_rows, tc.max_seq_len, chat_template=cfg.model.chat_template),
+            remote_eval.remote(
+                finetuned_path,
+                base_path,
+                eval_rows,
+                tc.max_seq_len,
+                adapter_path=adapter,
+                chat_template=cfg.model.chat_template,
+            ),
+        ]
+    )
     report = {
         "base": before,
         "finetuned": after,

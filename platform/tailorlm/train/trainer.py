@@ -48,7 +48,7 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
 
     tc = cfg.train
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    base_path = resolve_base(cfg.model)
+    base_path = resolve_base(cfg.model, cfg.run.storage)
     tok = load_tokenizer(base_path, cfg.model.chat_template)
     splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
     n_train = splits["train"].count()
