@@ -34,6 +34,12 @@ class RunConfig(Strict):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run folder name")
     storage: str = Field("./runs", description="local path or fsspec/pyarrow URI (s3://bucket/prefix)")
     seed: int = Field(0, description="one seed for data splits, model init and training order")
+    storage_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="remote run.storage (s3:// etc.) that answers no request for this long fails the "
+        "running stage, naming the storage (else Ray would retry the stage's tasks until it is back)",
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -577,7 +583,7 @@ class ServeConfig(Strict):
 # ----------------------------------------------------------------------------- root
 
 
-EXECUTION_ONLY = {("data", "in_process_max_mb")}
+EXECUTION_ONLY = {("data", "in_process_max_mb"), ("run", "storage_timeout_s")}
 
 
 class PipelineConfig(Strict):

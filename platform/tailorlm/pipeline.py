@@ -16,6 +16,7 @@ from typing import Any, Callable
 from tailorlm.config import PipelineConfig
 from tailorlm.runs import RunDir, StageDir
 from tailorlm.stages import BY_NAME, STAGES, Stage
+from tailorlm.storage_watch import watch_storage
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def run_stage(
     echo(f"[{stage}] starting -> {sdir.uri}")
     t0 = time.time()
     info: dict[str, Any] = {"inputs": inputs, "outputs": sdir.uri}
-    with sdir.running(info):  # reads info when it writes the marker, after the body succeeded
+    # an endpoint kept serving needs its storage only to start: a storage outage must not stop it
+    watched = not (stage == "serve" and cfg.serve.keep_serving)
+    timeout_s = cfg.run.storage_timeout_s if watched else None
+    with sdir.running(info), watch_storage(sdir, timeout_s):  # info: read for the marker
         info["summary"] = fn(cfg, run_dir, sdir) or {}
     marker = sdir.marker()
     echo(f"[{stage}] done in {time.time() - t0:.1f}s; outputs: {sdir.uri}")

@@ -131,17 +131,24 @@ class StageDir:
         try:
             yield self
         except BaseException as exc:
-            self.clear(keep=self.resumable)
-            self.write_json(
-                FAILED,
-                {
-                    "stage": self.stage,
-                    "error": repr(exc),
-                    "traceback": traceback.format_exc(),
-                    "started": started,
-                    "failed": time.time(),
-                },
-            )
+            from tailorlm.storage_watch import StorageUnavailable
+
+            if isinstance(exc, StorageUnavailable):
+                raise  # nothing can be cleaned or written there; no marker says complete
+            try:
+                self.clear(keep=self.resumable)
+                self.write_json(
+                    FAILED,
+                    {
+                        "stage": self.stage,
+                        "error": repr(exc),
+                        "traceback": traceback.format_exc(),
+                        "started": started,
+                        "failed": time.time(),
+                    },
+                )
+            except Exception as cleanup:  # noqa: BLE001 - the stage's own error is the one to report
+                print(f"[{self.stage}] could not record the failure in {self.uri}: {cleanup!r}")
             raise
         self.write_json(
             COMPLETE,

@@ -24,3 +24,14 @@ def ray_cluster(request, tmp_path_factory):
             dest = tmp_path_factory.mktemp("cluster-logs")
             cluster.save_logs(dest)
             print(f"\ncluster logs: {dest}")
+
+
+@pytest.fixture(scope="package")
+def pipeline_run(ray_cluster):
+    """The whole pipeline submitted once as a Ray job (run `spread` in S3): the pipeline test
+    checks where its work ran, the training fault test compares its own model with this one."""
+    from tests.cluster.jobs import OVERRIDES, submit
+
+    p, seconds = submit(ray_cluster, "tlm-pipeline", "pipeline", [*OVERRIDES, "run.name=spread"])
+    assert p.returncode == 0, f"the pipeline job failed:\n{p.stdout[-6000:]}\n{p.stderr[-3000:]}"
+    return {"cluster": ray_cluster, "name": "spread", "submission_id": "tlm-pipeline", "seconds": seconds}

@@ -22,7 +22,7 @@ def main() -> None:
     tasks, actors = [], []
     if info.job_id:
         flt = [("job_id", "=", info.job_id)]
-        for t in list_tasks(address=dashboard, filters=flt, limit=100_000, raise_on_missing_output=False):
+        for t in list_tasks(address=dashboard, filters=flt, limit=10_000, raise_on_missing_output=False):
             tasks.append({"name": t.name, "node": node_names.get(t.node_id), "state": t.state, "type": t.type})
         for a in list_actors(address=dashboard, filters=flt, limit=10_000, raise_on_missing_output=False):
             actors.append({"class": a.class_name, "node": node_names.get(a.node_id), "state": a.state})
