@@ -119,3 +119,19 @@ def test_healthy_or_local_storage_is_left_alone(tmp_path, monkeypatch):
     local = StageDir(str(tmp_path / "run" / "data"), "data")  # local storage: not watched at all
     with sw.watch_storage(local, timeout_s=0.01):
         time.sleep(0.2)
+
+
+def test_a_job_on_local_run_storage_is_warned(capsys, monkeypatch):
+    from tailorlm.jobs import warn_local_storage
+
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    warn_local_storage("jobs/configs/tiny_cpu.yaml", [])
+    assert capsys.readouterr().out == ""  # not a job: a laptop run keeps ./runs quietly
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    warn_local_storage("jobs/configs/tiny_cpu.yaml", [])
+    out = capsys.readouterr().out
+    assert "run.storage ./runs is a path on this node's disk (inside the job's temporary working dir)" in out
+    warn_local_storage("jobs/configs/tiny_cpu.yaml", ["run.storage=s3://bucket/runs"])
+    warn_local_storage("jobs/configs/tiny_cpu.yaml", ["run.nme=typo"])  # the CLI reports this one
+    assert capsys.readouterr().out == ""
