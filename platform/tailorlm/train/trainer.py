@@ -34,8 +34,18 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
         )
         if split == "train":
             ds = ds.random_shuffle(seed=cfg.run.seed)
-        out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
+        out[split] = held_by_driver(ds.materialize())  # before training: workers must not wait on CPU for tokenizing
     return out
+
+
+def held_by_driver(ds):
+    """The dataset's blocks copied into objects this driver puts, so they live in its node's object
+    store (spilled to its disk beyond it). Blocks left where the tokenizing tasks made them die with
+    that worker node, and Ray's reconstruction then needs a CPU, which the restarted training
+    worker group holds: a lost node deadlocked the restart (seen on the multi-node test cluster)."""
+    import ray
+
+    return ray.data.from_arrow_refs([ray.put(t) for t in ray.get(ds.to_arrow_refs())])
 
 
 def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
