@@ -90,9 +90,14 @@ class StageDir:
         return self.fs.open(join(self.path, name), mode)
 
     def put(self, local_path: str, name: str) -> str:
-        """Upload a local file or folder into the stage folder."""
+        """Upload a local file or folder into the stage folder, replacing what is there: a task
+        retried after a lost node must not nest its folder inside the first try's (fsspec puts a
+        folder into an existing one as a subfolder)."""
         self.fs.makedirs(self.path, exist_ok=True)
-        self.fs.put(local_path, join(self.path, name), recursive=True)
+        target = join(self.path, name)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        self.fs.put(local_path, target, recursive=True)
         return join(self.uri, name)
 
     def read_json(self, name: str) -> Any:

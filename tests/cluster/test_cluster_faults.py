@@ -60,7 +60,7 @@ def test_lost_worker_during_training_resumes_from_checkpoint(pipeline_run):
     c, run = pipeline_run["cluster"], "lost-node-train"
     s3(c, f"fs.copy('{BUCKET}/runs/spread/data', '{BUCKET}/runs/{run}/data', recursive=True) or 0")
     submit(c, run, "train", [*OVERRIDES, f"run.name={run}"], wait=False)
-    wait_for_key(c, f"{BUCKET}/runs/{run}/train/ray/checkpoint_*/state.json", timeout=400)
+    wait_for_key(c, f"{BUCKET}/runs/{run}/train/ray/checkpoint_*", timeout=400)
     c.kill_node("w2")
     killed = time.monotonic()
     c.restart_node("w2")
@@ -68,7 +68,7 @@ def test_lost_worker_during_training_resumes_from_checkpoint(pipeline_run):
     took = time.monotonic() - killed
     logs = job_logs(c, run)
     assert status == "SUCCEEDED", logs[-5000:]
-    assert "[train] resumed at step" in logs, logs[-5000:]
+    assert "[train] resumed at step" in logs, logs[-5000:]  # the loss hit training, not a later step
     ref = s3_json(c, f"{BUCKET}/runs/spread/train/eval.json")
     got = s3_json(c, f"{BUCKET}/runs/{run}/train/eval.json")
     assert got["best_checkpoint_step"] == ref["best_checkpoint_step"]

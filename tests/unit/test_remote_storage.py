@@ -135,3 +135,19 @@ def test_a_job_on_local_run_storage_is_warned(capsys, monkeypatch):
     warn_local_storage("jobs/configs/tiny_cpu.yaml", ["run.storage=s3://bucket/runs"])
     warn_local_storage("jobs/configs/tiny_cpu.yaml", ["run.nme=typo"])  # the CLI reports this one
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("storage", ["local", "memory"])
+def test_put_twice_replaces_instead_of_nesting(tmp_path, storage):
+    """A retried export task uploads its folder again: the second put replaces the first."""
+    root = str(tmp_path / "runs") if storage == "local" else _store()
+    sdir = StageDir(f"{root}/run/export", "export")
+    for content in (b"first", b"second"):
+        src = tmp_path / f"src-{content.decode()}" / "model"
+        src.mkdir(parents=True)
+        (src / "weights.bin").write_bytes(content)
+        sdir.put(str(src), "v1/bf16")
+    names = [p.rsplit("/export/", 1)[1] for p in sdir.fs.find(sdir.path)]
+    assert names == ["v1/bf16/weights.bin"], names
+    with sdir.fs.open(sdir.path + "/v1/bf16/weights.bin", "rb") as f:
+        assert f.read() == b"second"
