@@ -89,15 +89,23 @@ def parquet_rows(c, key: str) -> int:
     return s3(c, f"pq.ParquetDataset({key!r}, filesystem=fs).read(columns=['id']).num_rows")
 
 
-def wait_for_key(c, key: str, timeout: float = 300) -> float:
-    """Block until the object (or any object under a prefix glob) exists; seconds waited."""
+def wait_until(c, expr: str, timeout: float = 300) -> float:
+    """Block until expr (Python, with `fs` the cluster's S3) is true; seconds waited."""
     code = (
-        "import s3fs, time\nfs = s3fs.S3FileSystem(skip_instance_cache=True)\nt0 = time.monotonic()\n"
-        f"while not fs.glob({key!r}) and time.monotonic() - t0 < {timeout}:\n"
+        "import json, s3fs, time\nfs = s3fs.S3FileSystem(skip_instance_cache=True)\nt0 = time.monotonic()\n"
+        "def ok():\n    try:\n"
+        f"        return bool({expr})\n"
+        "    except (OSError, ValueError):\n        return False\n"
+        f"while not ok() and time.monotonic() - t0 < {timeout}:\n"
         "    time.sleep(0.3); fs.invalidate_cache()\n"
         "print('RESULT', time.monotonic() - t0)"
     )
     out = c.python("head", code, timeout=timeout + 60).stdout
     waited = float([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
-    assert waited < timeout, f"{key} did not appear within {timeout} s"
+    assert waited < timeout, f"not true within {timeout} s: {expr}"
     return waited
+
+
+def wait_for_key(c, key: str, timeout: float = 300) -> float:
+    """Block until the object (or any object a glob matches) exists; seconds waited."""
+    return wait_until(c, f"fs.glob({key!r})", timeout)
