@@ -49,6 +49,11 @@ class _Watch:
                 _thread.interrupt_main()  # KeyboardInterrupt in the driver, turned into the error below
                 return
 
+    def failing(self) -> bool:
+        """The last read failed, or none has succeeded for a few probe periods (a client retrying
+        with back-off holds its read for a while before it raises)."""
+        return self.last_error is not None or self.down_for() > 3 * PROBE_EVERY_S + 1
+
     def down_for(self) -> float:
         return time.monotonic() - self.last_ok
 
@@ -84,7 +89,7 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
         raise
     except Exception as exc:
         w.stop.set()
-        if w.last_error is not None:  # the stage failed while its storage fails: say so first
+        if w.failing():  # the stage failed while its storage fails: say so first
             raise w.error() from exc
         raise
     finally:

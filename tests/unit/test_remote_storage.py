@@ -151,3 +151,18 @@ def test_put_twice_replaces_instead_of_nesting(tmp_path, storage):
     assert names == ["v1/bf16/weights.bin"], names
     with sdir.fs.open(sdir.path + "/v1/bf16/weights.bin", "rb") as f:
         assert f.read() == b"second"
+
+
+def test_a_stage_error_while_a_read_hangs_is_reported_as_storage(monkeypatch):
+    """Seen on the cluster: with S3 down, the probe's read hangs in the client's retries (no error
+    yet) when Ray Data's own error arrives; that still names the storage."""
+    monkeypatch.setattr(sw, "PROBE_EVERY_S", 0.1)
+    sdir = _started(_store())
+    hang = threading.Event()
+    monkeypatch.setattr(sdir.fs, "cat_file", lambda path: hang.wait(30))
+    with pytest.raises(sw.StorageUnavailable) as info:
+        with sw.watch_storage(sdir, timeout_s=60):
+            time.sleep(1.6)  # longer than 3 probe periods + 1 s without an answer
+            raise RuntimeError("actor died: could not connect")
+    hang.set()
+    assert isinstance(info.value.__cause__, RuntimeError) and "requests time out" in str(info.value)
