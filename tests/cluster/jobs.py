@@ -73,8 +73,12 @@ def s3(c, expr: str, timeout: float = 120):
         "fs = s3fs.S3FileSystem(skip_instance_cache=True)\n"
         f"print('RESULT', json.dumps({expr}))"
     )
-    out = c.python("head", code, timeout=timeout).stdout
-    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][7:])
+    # check=False: pyarrow's S3 threads can abort the interpreter at exit ("terminate called
+    # without an active exception") after the result is out
+    p = c.python("head", code, timeout=timeout, check=False)
+    results = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results, f"{expr}: {p.stderr[-2000:]}"
+    return json.loads(results[-1][7:])
 
 
 def s3_json(c, key: str):
