@@ -31,6 +31,7 @@ class _Watch:
         self.last_error: BaseException | None = None
         self.tripped = False
         self.stop = threading.Event()
+        self.lock = threading.Lock()
 
     def probe(self) -> None:
         """Reads, never from a cache; a read that hangs (retries with back-off) counts as down."""
@@ -44,15 +45,33 @@ class _Watch:
 
     def check(self) -> None:
         while not self.stop.wait(1.0):
-            if self.down_for() > self.timeout_s and not self.stop.is_set():
-                self.tripped = True
-                _thread.interrupt_main()  # KeyboardInterrupt in the driver, turned into the error below
-                return
+            with self.lock:  # never interrupt once the stage body has ended
+                if self.down_for() > self.timeout_s and not self.stop.is_set():
+                    self.tripped = True
+                    _thread.interrupt_main()  # KeyboardInterrupt in the driver, turned into the error below
+                    return
 
-    def failing(self) -> bool:
-        """The last read failed, or none has succeeded for a few probe periods (a client retrying
-        with back-off holds its read for a while before it raises)."""
-        return self.last_error is not None or self.down_for() > 3 * PROBE_EVERY_S + 1
+    def failing(self, within_s: float = 10.0) -> bool:
+        """Whether a fresh read fails or gets no answer within within_s (a client retrying with
+        back-off holds a read for a while before it raises). Asked when the stage itself failed:
+        seen on the cluster, Ray Data's error came seconds after S3 stopped, before any probe."""
+        result: dict = {}
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                self.fs.cat_file(self.path)
+                result["ok"] = True
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=read, daemon=True, name="storage-recheck").start()
+        done.wait(within_s)
+        if "error" in result:
+            self.last_error = result["error"]
+        return not result.get("ok", False)
 
     def down_for(self) -> float:
         return time.monotonic() - self.last_ok
@@ -88,9 +107,11 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
             raise w.error() from None
         raise
     except Exception as exc:
-        w.stop.set()
-        if w.failing():  # the stage failed while its storage fails: say so first
+        with w.lock:
+            w.stop.set()
+        if w.tripped or w.failing():  # the stage failed while its storage fails: say so first
             raise w.error() from exc
         raise
     finally:
-        w.stop.set()
+        with w.lock:
+            w.stop.set()
