@@ -96,6 +96,13 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
     if timeout_s is None or not is_remote(sdir.uri):
         yield
         return
+    import signal
+
+    # interrupt_main() does nothing while SIGINT is ignored or at its default (some libraries set
+    # that): Python's own handler is put back for the stage's duration (main thread only)
+    restore = None
+    if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+        restore = signal.signal(signal.SIGINT, signal.default_int_handler)
     w = _Watch(sdir.fs, join(sdir.path, STARTED), sdir.uri, timeout_s)
     threads = [threading.Thread(target=f, daemon=True, name=f"storage-{f.__name__}") for f in (w.probe, w.check)]
     for t in threads:
@@ -115,3 +122,5 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
     finally:
         with w.lock:
             w.stop.set()
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)

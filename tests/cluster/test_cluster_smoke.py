@@ -23,9 +23,9 @@ def test_three_nodes_pinned_tasks_shared_s3_private_disks(ray_cluster):
     )
     seen = json.loads(p.stdout.strip().splitlines()[-1])
 
-    nodes = {n["name"]: n for n in seen["nodes"]}
+    # the alive ones: a node a fault test killed and rebooted stays listed, dead, beside its successor
+    nodes = {n["name"]: n for n in seen["nodes"] if n["alive"]}
     assert sorted(nodes) == ["tlmc-head", "tlmc-w1", "tlmc-w2"], seen["nodes"]
-    assert all(n["alive"] for n in nodes.values()), seen["nodes"]
     assert {name: (n["ip"], n["cpus"]) for name, n in nodes.items()} == {
         "tlmc-head": ("10.77.0.1", 0),
         "tlmc-w1": ("10.77.0.2", 1),

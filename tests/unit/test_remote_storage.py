@@ -84,8 +84,16 @@ def _started(storage: str) -> StageDir:
     return sdir
 
 
-def test_a_stage_fails_naming_the_storage_when_it_stops_answering(monkeypatch):
+@pytest.mark.parametrize("sigint", ["python", "ignored"])
+def test_a_stage_fails_naming_the_storage_when_it_stops_answering(monkeypatch, sigint):
+    """Also with SIGINT ignored (as an earlier test in the suite left it: interrupt_main then did
+    nothing and the stage ran on)."""
+    import signal
+
     monkeypatch.setattr(sw, "PROBE_EVERY_S", 0.1)
+    if sigint == "ignored":
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        monkeypatch.setattr(sw, "_restore_for_test", old, raising=False)
     sdir = _started(_store())
     threading.Timer(0.5, lambda: sdir.fs.rm(sdir.path + "/_STARTED.json")).start()  # the storage "stops"
     t0 = time.monotonic()
@@ -94,6 +102,9 @@ def test_a_stage_fails_naming_the_storage_when_it_stops_answering(monkeypatch):
             while time.monotonic() - t0 < 30:
                 time.sleep(0.05)
     assert time.monotonic() - t0 < 5
+    if sigint == "ignored":
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back as it was
+        signal.signal(signal.SIGINT, sw._restore_for_test)
 
 
 def test_a_stage_error_while_storage_fails_is_reported_as_storage(monkeypatch):
