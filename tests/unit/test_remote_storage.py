@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import tailorlm.storage_watch as sw
 from tailorlm.config import load_config
-from tailorlm.models import is_remote, local_model, resolve_base
-from tailorlm.runs import StageDir
+from tailorlm.models import local_model, resolve_base
+from tailorlm.runs import StageDir, is_remote
 
 
 def _store() -> str:
@@ -57,6 +57,7 @@ def test_a_copy_has_exactly_the_remote_files_and_is_never_stale(tmp_path_factory
     rerun must not be served from the copy of the old one."""
     import os
 
+    before = os.environ.get("TAILORLM_CACHE")  # the session's model cache (conftest): put back after
     os.environ["TAILORLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     fs, root = fsspec.filesystem("memory"), f"/m-{uuid.uuid4().hex[:8]}/model"
     for name, data in files.items():
@@ -70,7 +71,10 @@ def test_a_copy_has_exactly_the_remote_files_and_is_never_stale(tmp_path_factory
     fs.pipe(f"{root}/{changed}", new)
     second = local_model(uri)
     assert second != first and open(os.path.join(second, changed), "rb").read() == new
-    del os.environ["TAILORLM_CACHE"]
+    if before is None:
+        del os.environ["TAILORLM_CACHE"]
+    else:
+        os.environ["TAILORLM_CACHE"] = before
 
 
 def test_an_empty_remote_model_folder_is_an_error_naming_it():
