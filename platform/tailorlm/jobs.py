@@ -32,7 +32,7 @@ def warn_local_storage(config: str, overrides: list[str]) -> None:
     import os
 
     from tailorlm.config import load_config
-    from tailorlm.models import is_remote
+    from tailorlm.runs import is_remote
 
     try:
         storage = load_config(config, overrides).run.storage

@@ -147,6 +147,8 @@ def resolve_base(model: ModelConfig, storage: str | None = None) -> str:
     may run on other nodes, whose disks do not hold this one's cache."""
     base = model.base
     if isinstance(base, TinyModelSpec):
+        from tailorlm.runs import is_remote
+
         if storage is not None and is_remote(storage):
             return publish_model(base, storage)
         return str(ensure_tiny_model(base))
@@ -155,13 +157,6 @@ def resolve_base(model: ModelConfig, storage: str | None = None) -> str:
     if base.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.base: local folder {base} does not exist")
     return base  # a hub id: transformers resolves (and caches) it
-
-
-def is_remote(uri: str) -> bool:
-    """A URI of storage other than this machine's disk (s3://, gs://, memory://...)."""
-    from tailorlm.runs import local_path
-
-    return "://" in uri and local_path(uri) is None
 
 
 def publish_model(spec: TinyModelSpec, storage: str) -> str:
@@ -185,9 +180,9 @@ def local_model(uri: str) -> str:
     node's cache (transformers and vLLM load local folders). The copy is named by the remote
     files' sizes and ETags/mtimes, not just the URI: a rerun that overwrites `train/model/`
     must not be served from the copy of the old one."""
-    if not is_remote(uri):
-        from tailorlm.runs import local_path
+    from tailorlm.runs import is_remote, local_path
 
+    if not is_remote(uri):
         return local_path(uri) if "://" in uri else uri
     import shutil
 

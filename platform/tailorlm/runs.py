@@ -38,6 +38,11 @@ def local_path(uri: str) -> str | None:
     return path if "file" in protocols else None
 
 
+def is_remote(uri: str) -> bool:
+    """A URI of storage other than this machine's disk (s3://, gs://, memory://...)."""
+    return "://" in uri and local_path(uri) is None
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 

@@ -90,8 +90,7 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
     """Around a stage body (`StageDir.running` has written `_STARTED.json`); local storage is
     not watched (a failing local disk fails the stage's own writes at once), nor anything with
     timeout_s None."""
-    from tailorlm.models import is_remote
-    from tailorlm.runs import STARTED, join
+    from tailorlm.runs import STARTED, is_remote, join
 
     if timeout_s is None or not is_remote(sdir.uri):
         yield
