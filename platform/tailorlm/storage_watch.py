@@ -97,10 +97,11 @@ def watch_storage(sdir, timeout_s: float | None) -> Iterator[None]:
         return
     import signal
 
-    # interrupt_main() does nothing while SIGINT is ignored or at its default (some libraries set
-    # that): Python's own handler is put back for the stage's duration (main thread only)
+    # interrupt_main() runs whatever SIGINT handler is set: nothing while it is ignored, and a
+    # library's own handler may not raise (seen in the full suite). Python's own handler is put in
+    # place for the stage's duration (main thread only) and the old one put back after.
     restore = None
-    if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+    if threading.current_thread() is threading.main_thread():
         restore = signal.signal(signal.SIGINT, signal.default_int_handler)
     w = _Watch(sdir.fs, join(sdir.path, STARTED), sdir.uri, timeout_s)
     threads = [threading.Thread(target=f, daemon=True, name=f"storage-{f.__name__}") for f in (w.probe, w.check)]
