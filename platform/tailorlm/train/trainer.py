@@ -17,6 +17,10 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
 
     tc = cfg.train
     kept = ray.data.read_parquet(kept_uri, columns=["id", "split", "text", "messages"])
+    # Blocks leave the tokenizing actors in the order they finish unless told otherwise; the
+    # seeded shuffle below is then seeded over a different input, and a rerun trains on
+    # another order
+    kept.context.execution_options.preserve_order = True
     out = {}
     for split in ("train", "eval"):
         ds = kept.filter(expr=f"split == '{split}'")
@@ -34,8 +38,19 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
         )
         if split == "train":
             ds = ds.random_shuffle(seed=cfg.run.seed)
-        out[split] = held_by_driver(ds.materialize())  # before training: workers must not wait on CPU for tokenizing
+        out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
     return out
+
+
+def rank_shards(splits: dict, world: int) -> dict[str, list]:
+    """Each split cut into one fixed part per Train rank, held by the driver. Ray Train's default
+    streaming_split hands each block to whichever worker asks first, so a restarted worker group
+    (a lost node, a rerun) sees other rows per rank than the attempt it resumes, and the loop's
+    mid-epoch skip then skips rows it never trained on. equal=True as streaming_split's: every rank
+    runs the same number of batches (ZeRO-3's collective forward needs it), leaving out at most
+    world - 1 rows. Cut here, before the trainer holds the CPUs: the cut runs Ray tasks, and in
+    Train's controller they waited forever for a CPU the workers held."""
+    return {name: [held_by_driver(part) for part in ds.split(world, equal=True)] for name, ds in splits.items()}
 
 
 def held_by_driver(ds):
@@ -46,6 +61,24 @@ def held_by_driver(ds):
     import ray
 
     return ray.data.from_arrow_refs([ray.put(t) for t in ray.get(ds.to_arrow_refs())])
+
+
+def fixed_shards(shards: dict[str, list]):
+    """A DataConfig that gives rank i the i-th part of rank_shards, in every attempt."""
+    from ray.train import DataConfig
+
+    class FixedShards(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            out: list[dict] = [{} for _ in range(world_size)]
+            for name in datasets:
+                parts = shards[name]
+                if len(parts) != world_size:
+                    raise ValueError(f"{name}: cut for {len(parts)} ranks, the run has {world_size} workers")
+                for rank, part in enumerate(parts):
+                    out[rank][name] = part.iterator()
+            return out
+
+    return FixedShards()
 
 
 def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
@@ -60,7 +93,9 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     base_path = resolve_base(cfg.model, cfg.run.storage)
     tok = load_tokenizer(base_path, cfg.model.chat_template)
-    splits = tokenized_splits(cfg, kept_uri, base_path, cpus)
+    shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers)
+    # what Train is given by name; the rows each rank reads come from the shards (fixed_shards)
+    splits = {name: parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0] for name, parts in shards.items()}
     n_train = splits["train"].count()
     steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
     print(
@@ -69,7 +104,13 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     )
     if not tc.use_gpu:
         build_shm_comm_once()
-    return {"splits": splits, "base_path": base_path, "pad_id": tok.pad_token_id, "total_steps": total_steps}
+    return {
+        "splits": splits,
+        "shards": shards,
+        "base_path": base_path,
+        "pad_id": tok.pad_token_id,
+        "total_steps": total_steps,
+    }
 
 
 def make_trainer(
@@ -112,4 +153,5 @@ def make_trainer(
             ),
         ),
         datasets=prep["splits"],
+        dataset_config=fixed_shards(prep["shards"]),
     )
