@@ -46,7 +46,10 @@ class RunConfig(Strict):
 class TinyModelSpec(Strict):
     """A small causal LM built from a config with a locally trained BPE tokenizer."""
 
-    factory: Literal["llama", "qwen2"] = Field("llama", description="architecture of the tiny random-init model")
+    factory: Literal["llama", "qwen2", "deepseek_v3", "deepseek_v2", "qwen3_moe", "qwen2_moe", "mixtral"] = Field(
+        "llama",
+        description="architecture of the tiny random-init model (families.py); the last five are Mixture-of-Experts",
+    )
     hidden_size: int = Field(128, ge=32, description="model width")
     num_layers: int = Field(2, ge=1, description="transformer blocks")
     num_heads: int = Field(4, ge=1, description="attention heads; hidden_size / num_heads >= 32 for vLLM on CPU")
@@ -58,6 +61,46 @@ class TinyModelSpec(Strict):
         "demo", description="'demo' (the generated domain corpus) or a text/JSONL file to train BPE on"
     )
     seed: int = Field(0, description="seed of the random initialization")
+    # Mixture-of-Experts families only (refused on a dense factory)
+    num_experts: int | None = Field(None, ge=2, description="MoE: routed experts per layer (default 8)")
+    experts_per_token: int | None = Field(None, ge=1, description="MoE: experts each token is routed to (default 2)")
+    shared_experts: int | None = Field(
+        None, ge=0, description="MoE: always-on shared experts (DeepSeek, Qwen2-MoE; default 1)"
+    )
+    first_dense_layers: int | None = Field(
+        None, ge=0, description="MoE: leading layers with a dense MLP instead of experts (default 1 for DeepSeek)"
+    )
+    moe_intermediate_size: int | None = Field(None, ge=1, description="MoE: width of one expert (default hidden_size)")
+
+    @model_validator(mode="after")
+    def _check_moe(self) -> "TinyModelSpec":
+        from tailorlm.families import FAMILIES
+
+        moe_keys = ("num_experts", "experts_per_token", "shared_experts", "first_dense_layers", "moe_intermediate_size")
+        if not FAMILIES[self.factory].moe:
+            given = [k for k in moe_keys if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"model.base.{given[0]}: only for Mixture-of-Experts factories, not {self.factory}")
+            return self
+        no_shared = self.factory in ("qwen3_moe", "mixtral")
+        if no_shared and self.shared_experts:
+            raise ValueError(f"model.base.shared_experts: {self.factory} has no shared experts")
+        defaults = {"num_experts": 8, "experts_per_token": 2, "shared_experts": 0 if no_shared else 1}
+        defaults["first_dense_layers"] = 1 if self.factory.startswith("deepseek") and self.num_layers > 1 else 0
+        for k, v in defaults.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"model.base.experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}"
+            )
+        if self.first_dense_layers >= self.num_layers:
+            raise ValueError(
+                f"model.base.first_dense_layers={self.first_dense_layers} leaves no MoE layer of {self.num_layers}"
+            )
+        if self.factory == "mixtral" and self.first_dense_layers:
+            raise ValueError("model.base.first_dense_layers: mixtral has experts in every layer")
+        return self
 
     @model_validator(mode="after")
     def _check_heads(self) -> "TinyModelSpec":
@@ -227,9 +270,44 @@ class DataConfig(Strict):
 class LoraConfig(Strict):
     r: int = Field(16, ge=1, description="adapter rank")
     alpha: int = Field(32, ge=1, description="adapter scaling (alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="dropout on the adapter's input; null: 0.05, or 0 with target_experts (peft refuses it there)",
+    )
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="modules that get adapters"
+        "all-linear",
+        description="modules that get adapters; all-linear on a MoE: attention, dense and shared-expert MLPs, "
+        "no router",
+    )
+    target_experts: bool = Field(
+        False, description="MoE: adapt the routed experts' fused weights too (peft target_parameters)"
+    )
+
+    @model_validator(mode="after")
+    def _dropout_fits(self) -> "LoraConfig":
+        if self.target_experts and self.dropout:
+            raise ValueError(
+                f"train.lora.dropout={self.dropout}: peft's expert adapters (target_experts) take no dropout; "
+                "set 0 or leave it null"
+            )
+        return self
+
+
+def lora_dropout(lora: LoraConfig) -> float:
+    """The dropout peft gets: as set, else 0.05, or 0 where adapters wrap expert parameters."""
+    if lora.dropout is not None:
+        return lora.dropout
+    return 0.0 if lora.target_experts else 0.05
+
+
+class MoeTrainConfig(Strict):
+    aux_loss_coef: float = Field(
+        0.01,
+        ge=0,
+        description="weight of the load-balancing loss on Mixture-of-Experts models (the model's own on "
+        "Qwen-MoE/Mixtral, the Switch form from router logits on DeepSeek); 0: off",
     )
 
 
@@ -250,6 +328,7 @@ class DeepSpeedConfig(Strict):
 class TrainConfig(Strict):
     method: Literal["lora", "full"] = Field("lora", description="lora: train an adapter; full: every weight")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    moe: MoeTrainConfig = Field(default_factory=MoeTrainConfig)
     format: Literal["auto", "text", "sft"] = Field(
         "auto", description="text: learn every token; sft: only the answers; auto: from the rows"
     )

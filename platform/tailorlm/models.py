@@ -1,8 +1,8 @@
 """Tiny models from a config, and one loading path for hub ids, local folders and factory specs.
 
 No model can be downloaded on our machines, so the factory trains a byte-level BPE tokenizer on a
-local corpus, builds a small Llama or Qwen2 causal LM from a config, adds a ChatML chat template,
-and saves it in Hugging Face format with safetensors. `resolve_base` turns `model.base` into
+local corpus, builds a small causal LM of a families.py family (dense or MoE) from a config, adds
+a ChatML chat template, and saves it in Hugging Face format with safetensors. `resolve_base` turns `model.base` into
 something `from_pretrained` accepts, so the same code loads `Qwen/Qwen2.5-0.5B` on a cluster.
 """
 
@@ -91,7 +91,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
     """Train the tokenizer, build the model from the spec, save both in HF format (safetensors)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
+
+    from tailorlm.families import FAMILIES, patch_for_vllm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,6 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads or spec.num_heads,
@@ -112,12 +114,13 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
         pad_token_id=eot,
         dtype="bfloat16",
     )
-    cls_cfg, cls_model = (LlamaConfig, LlamaForCausalLM) if spec.factory == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    config = cls_cfg(**common)
+    family = FAMILIES[spec.factory]
+    config = getattr(transformers, family.config_class)(**{**common, **family.shape(spec)})
     torch.manual_seed(spec.seed)
-    model = cls_model(config).to(torch.bfloat16)
+    model = getattr(transformers, family.model_class)(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=[eos, eot], pad_token_id=eot, bos_token_id=eot)
     model.save_pretrained(out)
+    patch_for_vllm(out)
     tokenizer.save_pretrained(out)
     (out / "tailorlm_spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
     return out
@@ -229,3 +232,14 @@ def load_model(path: str, dtype: str = "auto"):
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(local_model(path), dtype=torch_dtype)
+
+
+def load_adapter(model, path: str):
+    """A LoRA adapter we saved, on its base model (local folder or storage URI), with the
+    targets it was trained with (train/moe.exact_targets)."""
+    from peft import PeftModel
+
+    from tailorlm.train.moe import exact_targets
+
+    with exact_targets():
+        return PeftModel.from_pretrained(model, local_model(path))

@@ -58,6 +58,7 @@ def quantize(
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
+    from tailorlm.families import patch_for_vllm
     from tailorlm.models import load_model, load_tokenizer
 
     if scheme not in PRESETS:
@@ -101,6 +102,7 @@ def quantize(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     compressor.update_config(out_dir)
+    patch_for_vllm(out_dir)
     load_tokenizer(model_dir).save_pretrained(out_dir)
     return out_dir
 

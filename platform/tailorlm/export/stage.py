@@ -26,16 +26,16 @@ def merged_bf16(cfg: PipelineConfig, model_dir: str, out_dir: str) -> str:
     """The finetuned model as one bf16 HF folder: LoRA adapters merged into the base (peft)."""
     import torch
 
-    from tailorlm.models import load_model, load_tokenizer, resolve_base
+    from tailorlm.families import patch_for_vllm
+    from tailorlm.models import load_adapter, load_model, load_tokenizer, resolve_base
 
     if os.path.exists(os.path.join(model_dir, "adapter_config.json")):
-        from peft import PeftModel
-
         base = load_model(resolve_base(cfg.model, cfg.run.storage), dtype="bfloat16")
-        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+        model = load_adapter(base, model_dir).merge_and_unload()
     else:
         model = load_model(model_dir, dtype="bfloat16")
     model.to(torch.bfloat16).save_pretrained(out_dir)
+    patch_for_vllm(out_dir)
     load_tokenizer(model_dir).save_pretrained(out_dir)
     return out_dir
 

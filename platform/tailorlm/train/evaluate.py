@@ -70,13 +70,11 @@ def answer_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 def load_for_eval(model_path: str, adapter_path: str | None = None):
     """A model folder, or a base plus a LoRA adapter folder."""
-    from tailorlm.models import load_model, local_model
+    from tailorlm.models import load_adapter, load_model
 
     model = load_model(model_path, dtype="float32")
     if adapter_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, local_model(adapter_path))
+        model = load_adapter(model, adapter_path)
     return model.eval()
 
 

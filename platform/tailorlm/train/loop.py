@@ -33,28 +33,70 @@ def build_shm_comm_once() -> None:
 def build_model(cfg: PipelineConfig, base_path: str):
     import torch
 
+    from tailorlm.families import is_moe_config
     from tailorlm.models import load_model
+    from tailorlm.train.moe import apply_lora
 
     tc = cfg.train
     torch.manual_seed(cfg.run.seed)  # identical LoRA init on every rank
     model = load_model(base_path, dtype="float32")  # DeepSpeed casts to bf16/fp16 and keeps fp32 masters
+    moe = is_moe_config(model.config)
+    if moe and hasattr(model.config, "router_aux_loss_coef"):
+        model.config.router_aux_loss_coef = tc.moe.aux_loss_coef  # the model adds its own aux loss
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if tc.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lc = tc.lora
-        target = "all-linear" if lc.target_modules == "all-linear" else list(lc.target_modules)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target, task_type="CAUSAL_LM"
-            ),
-        )
+        model = apply_lora(model, tc.lora, moe)
         if tc.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+class MoeStep:
+    """The training loss of a Mixture-of-Experts model: the LM loss plus `train.moe.aux_loss_coef`
+    times the load-balancing loss (the model's own where it computes one, else train/moe.py's
+    Switch form), and the experts' use counted from the same router logits."""
+
+    def __init__(self, top_k: int, coef: float, own_aux: bool):
+        from tailorlm.train.moe import ExpertUse
+
+        self.top_k, self.coef, self.own_aux = top_k, coef, own_aux
+        self.use, self.last_aux = ExpertUse(top_k), 0.0
+
+    @classmethod
+    def for_model(cls, model, coef: float) -> "MoeStep | None":
+        from tailorlm.families import is_moe_config
+
+        config = model.config
+        if not is_moe_config(config):
+            return None
+        return cls(int(config.num_experts_per_tok), coef, own_aux=hasattr(config, "router_aux_loss_coef"))
+
+    def loss(self, out):
+        """(loss to backpropagate, LM loss alone)."""
+        from tailorlm.train.moe import switch_aux_loss
+
+        self.use.add(out.router_logits)
+        if self.own_aux:  # transformers added router_aux_loss_coef (set to ours) * aux_loss
+            aux = out.aux_loss
+            lm = out.loss - self.coef * aux
+            total = out.loss
+        else:
+            aux = switch_aux_loss(out.router_logits, self.top_k)
+            lm, total = out.loss, out.loss + self.coef * aux
+        self.last_aux = float(aux)
+        return total, lm.detach()
+
+    def metrics(self) -> dict:
+        """Expert use summed over every rank since the last call."""
+        import torch.distributed as dist
+
+        if self.use.counts is not None and dist.is_initialized():
+            dist.all_reduce(self.use.counts)
+        metrics = self.use.metrics()
+        self.use.reset()
+        return metrics
 
 
 def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
@@ -103,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- model, DeepSpeed engine, schedule ------------------------------------------------------
     model = build_model(cfg, config["base_path"])
+    moe = MoeStep.for_model(model, tc.moe.aux_loss_coef)  # None on a dense model
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -140,6 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def eval_and_checkpoint(final: bool) -> None:
         metrics = evaluate(engine, eval_shard, pad_id, tc.micro_batch_size)
+        if moe:
+            metrics.update(moe.metrics())  # expert use over the steps since the last evaluation
         # loop_s: seconds in this loop (steps and evals) over all attempts; what a sweep would cost
         # with no start-up or scheduling overhead (the tune benchmark's "ideal")
         metrics.update(step=step, epoch=epoch, final=final, loop_s=loop_s0 + time.time() - t_loop)
@@ -154,6 +199,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(
                 f"[train] step {step}/{total_steps} eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+                + (
+                    f"; experts used {metrics['moe_experts_used']:.0%}, max/mean load "
+                    f"{metrics['moe_load_max_over_mean']:.2f}"
+                    if "moe_experts_used" in metrics
+                    else ""
+                )
             )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -173,7 +224,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < micro:  # resuming mid-epoch: skip what the checkpointed run already consumed
                 continue
             b = {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}
-            loss = engine(**b).loss
+            if moe:
+                loss, lm_loss = moe.loss(engine(**b, output_router_logits=True))
+            else:
+                loss = lm_loss = engine(**b).loss
             engine.backward(loss)
             engine.step()
             micro = i + 1
@@ -185,7 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 dt = max(time.time() - t_last, 1e-9)
                 record = {
                     "step": step,
-                    "train_loss": loss.item(),
+                    "train_loss": lm_loss.item(),
+                    **({"aux_loss": moe.last_aux} if moe else {}),
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens * world / dt,
                     # this worker's peak resident memory so far (Linux: ru_maxrss in KiB)

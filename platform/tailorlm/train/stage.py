@@ -28,12 +28,19 @@ def export_model(cfg: PipelineConfig, base_path: str, checkpoint, sdir: StageDir
     """Apply the checkpoint's weights to the base and write `model/` (and `merged/`) in HF format
     (safetensors) into the stage folder. Runs as a task on whichever node has a CPU free, so it
     fetches the checkpoint and writes the model through storage, never the driver's disk."""
+    import torch
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
-    from tailorlm.models import load_tokenizer
+    from tailorlm.families import patch_for_vllm
+    from tailorlm.models import load_tokenizer, local_model
     from tailorlm.train.loop import build_model
 
     model = build_model(cfg, base_path)
+    # trained in float32 (DeepSpeed's masters); saved as the base was: a float32 model/ was twice
+    # the size of the bf16 base, and vLLM serves it in the dtype it finds
+    base_dtype = AutoConfig.from_pretrained(local_model(base_path)).dtype or torch.float32
+    base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
     with checkpoint.as_directory() as ckpt_dir:
         weights = load_file(os.path.join(ckpt_dir, "model.safetensors"))
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
@@ -45,12 +52,16 @@ def export_model(cfg: PipelineConfig, base_path: str, checkpoint, sdir: StageDir
     tok = load_tokenizer(base_path, cfg.model.chat_template)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = os.path.join(tmp, "model")
+        if cfg.train.method == "full":
+            model.to(base_dtype)
         model.save_pretrained(out_dir)  # LoRA: adapter_model.safetensors + adapter_config.json only
+        patch_for_vllm(out_dir)  # no config.json in an adapter folder: nothing to do there
         tok.save_pretrained(out_dir)
         sdir.put(out_dir, "model")
         if cfg.train.merge_adapter and cfg.train.method == "lora":
             merged_dir = os.path.join(tmp, "merged")
-            model.merge_and_unload().save_pretrained(merged_dir)
+            model.merge_and_unload().to(base_dtype).save_pretrained(merged_dir)
+            patch_for_vllm(merged_dir)
             tok.save_pretrained(merged_dir)
             sdir.put(merged_dir, "merged")
 

@@ -1,0 +1,104 @@
+"""Mixture-of-Experts families from the factory: build, LoRA targets (experts too), aux loss,
+expert use. Walks every MoE family the factory table holds, not a hand list."""
+
+import json
+
+import pytest
+import torch
+
+from tailorlm.config import TinyModelSpec, load_config
+from tailorlm.families import FAMILIES, is_moe_config, vllm_config_keys
+from tailorlm.models import ensure_tiny_model, load_model
+from tailorlm.train.moe import ExpertUse, apply_lora, expert_parameters, peft_lora_kwargs, switch_aux_loss
+
+MOE = sorted(name for name, family in FAMILIES.items() if family.moe)
+
+
+@pytest.fixture(scope="module", params=MOE)
+def moe_folder(request, tmp_path_factory):
+    spec = TinyModelSpec(factory=request.param, hidden_size=128, num_heads=4, num_layers=2, vocab_size=512)
+    return request.param, ensure_tiny_model(spec, tmp_path_factory.mktemp("moe"))
+
+
+def test_saved_config_is_moe_and_loads_in_vllm_terms(moe_folder):
+    family, folder = moe_folder
+    config = json.loads((folder / "config.json").read_text())
+    assert is_moe_config(config) and config["model_type"] == family
+    assert vllm_config_keys(config) == {}  # the factory wrote what vLLM needs (E1, E2)
+    assert config["dtype"] == "bfloat16"
+
+
+def _lora(model, *overrides):
+    lora = load_config(None, ["train.lora.r=4", *overrides]).train.lora
+    return apply_lora(model, lora, moe=True), peft_lora_kwargs(model, lora, moe=True)
+
+
+def test_lora_on_experts_changes_the_output_and_leaves_the_router_frozen(moe_folder):
+    """An expert adapter that silently does nothing is this ecosystem's known failure: set the
+    expert adapters' weights and the logits must move; the router never gets an adapter."""
+    _, folder = moe_folder
+    torch.manual_seed(0)
+    model, kwargs = _lora(load_model(str(folder), dtype="float32"), "train.lora.target_experts=true")
+    assert kwargs["lora_dropout"] == 0.0 and kwargs["target_parameters"]
+    assert not any(t.split(".")[-1] in ("gate", "router") for t in kwargs["target_modules"])
+    expert_lora = [p for n, p in model.named_parameters() if "lora" in n and "experts" in n]
+    assert expert_lora and all(p.requires_grad for p in expert_lora)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".gate." in n or "router" in n)
+    x = torch.randint(0, 400, (2, 12))
+    model.eval()
+    before = model(x).logits
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora" in n and "experts" in n:
+                p.normal_(0, 0.5)
+    assert (model(x).logits - before).abs().max() > 1e-3
+
+
+def test_aux_loss_backpropagates_and_expert_use_is_counted(moe_folder):
+    from tailorlm.train.loop import MoeStep
+
+    _, folder = moe_folder
+    model, _ = _lora(load_model(str(folder), dtype="float32"))
+    step = MoeStep.for_model(model, coef=0.01)
+    x = torch.randint(0, 400, (2, 12))
+    total, lm = step.loss(model(input_ids=x, labels=x, output_router_logits=True))
+    assert total.requires_grad and step.last_aux > 0 and abs(float(total - lm) - 0.01 * step.last_aux) < 1e-4
+    total.backward()
+    m = step.metrics()
+    experts = (
+        model.config.to_dict().get("n_routed_experts")
+        or model.config.to_dict().get("num_experts")
+        or model.config.num_local_experts
+    )
+    assert len(m["moe_tokens_per_expert"][0]) == experts
+    assert sum(m["moe_tokens_per_expert"][0]) == 2 * 12 * model.config.num_experts_per_tok
+    assert 0 < m["moe_experts_used"] <= 1 and m["moe_load_max_over_mean"] >= 1
+
+
+def test_switch_loss_is_one_when_balanced_and_grows_when_collapsed():
+    balanced = torch.zeros(64, 4)  # equal logits: every expert as likely
+    balanced[torch.arange(64), torch.arange(64) % 4] = 1e-3  # ties broken evenly
+    collapsed = torch.zeros(64, 4)
+    collapsed[:, 0] = 10
+    assert abs(float(switch_aux_loss((balanced,), 1)) - 1) < 1e-2
+    assert float(switch_aux_loss((collapsed,), 1)) > 3
+    use = ExpertUse(1)
+    use.add((collapsed,))
+    assert use.metrics()["moe_experts_used"] == 0.25
+
+
+def test_dense_factories_refuse_moe_keys_and_lora_dropout_refused_on_experts():
+    with pytest.raises(ValueError, match="model.base.num_experts: only for Mixture-of-Experts"):
+        TinyModelSpec(factory="llama", num_experts=4)
+    with pytest.raises(ValueError, match="qwen3_moe has no shared experts"):
+        TinyModelSpec(factory="qwen3_moe", shared_experts=1)
+    with pytest.raises(ValueError, match="train.lora.dropout=0.1"):
+        load_config(None, ["train.lora.target_experts=true", "train.lora.dropout=0.1"])
+    with pytest.raises(ValueError, match="experts_per_token=9 exceeds num_experts=8"):
+        TinyModelSpec(factory="mixtral", experts_per_token=9)
+
+
+def test_expert_parameters_found_for_every_moe_family(moe_folder):
+    _, folder = moe_folder
+    names = expert_parameters(load_model(str(folder), dtype="float32"))
+    assert names == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
