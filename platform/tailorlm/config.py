@@ -674,6 +674,19 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @model_validator(mode="after")
+    def _moe_serving(self) -> "PipelineConfig":
+        from tailorlm.families import FAMILIES
+
+        base = self.model.base
+        if isinstance(base, TinyModelSpec) and FAMILIES[base.factory].moe:
+            if self.serve.lora_adapters and not self.serve.engine.use_gpu:
+                raise ValueError(
+                    f"serve.lora_adapters: vLLM's CPU build cannot serve LoRA on a Mixture-of-Experts base "
+                    f"({base.factory}); serve the merged model (train.merge_adapter: true) instead"
+                )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

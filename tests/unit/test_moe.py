@@ -102,3 +102,33 @@ def test_expert_parameters_found_for_every_moe_family(moe_folder):
     _, folder = moe_folder
     names = expert_parameters(load_model(str(folder), dtype="float32"))
     assert names == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+
+
+def test_preflight_fails_a_lora_config_the_model_refuses_before_any_worker(moe_folder):
+    """A deterministic model/config error fails in the driver, named, on the meta device (no
+    worker group to restart max_failures times); a fitting config passes."""
+    from tailorlm.train.trainer import preflight
+
+    _, folder = moe_folder
+    preflight(load_config(None, ["train.method=lora", "train.lora.target_experts=true"]), str(folder))
+    bad = load_config(None, ["train.method=lora", "train.lora.target_modules=[no_such_proj]"])
+    with pytest.raises(ValueError, match=r"train.lora does not fit .*no_such_proj"):
+        preflight(bad, str(folder))
+
+
+def test_lora_adapters_on_a_moe_base_are_refused_on_cpu_before_an_engine_starts(moe_folder, tmp_path):
+    """vLLM's CPU build kills the engine on its first request with LoRA on a MoE base (E4):
+    refused at config validation for a factory MoE, and at app build for any MoE folder."""
+    from tailorlm.serving.engine import resolve_adapters
+
+    family, folder = moe_folder
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="serve.lora_adapters: vLLM's CPU build cannot serve LoRA"):
+        load_config(None, {"model": {"base": {"factory": family}}, "serve": {"lora_adapters": {"a": str(adapter)}}})
+    sc = load_config(None, {"serve": {"lora_adapters": {"a": str(adapter)}}}).serve
+    with pytest.raises(ValueError, match="is a Mixture-of-Experts model"):
+        resolve_adapters(sc, {sc.model_id: str(folder)})
+    gpu = sc.model_copy(update={"engine": sc.engine.model_copy(update={"use_gpu": True})})
+    assert resolve_adapters(gpu, {sc.model_id: str(folder)}) == {"a": str(adapter.resolve())}

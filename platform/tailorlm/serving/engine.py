@@ -281,7 +281,7 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     from tailorlm.serving.security import GuardSettings
 
     sc = cfg.serve
-    adapters = resolve_adapters(sc)
+    adapters = resolve_adapters(sc, models)
     settings = GuardSettings.from_config(sc)  # read here: keys set in this process's environment count
     actor: dict[str, Any] = {"num_cpus": sc.replicas.cpus}
     if sc.engine.use_gpu:
@@ -322,11 +322,27 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
 
 
-def resolve_adapters(sc: ServeConfig) -> dict[str, str]:
+def resolve_adapters(sc: ServeConfig, models: dict[str, str] | None = None) -> dict[str, str]:
     """serve.lora_adapters as absolute local folders; a missing or non-peft folder fails here,
-    before any replica starts, naming the adapter."""
+    before any replica starts, naming the adapter. So does LoRA on a Mixture-of-Experts base
+    on CPU: vLLM's CPU build takes its Triton fused-MoE LoRA path, which has no CPU backend,
+    and the engine then fails every request, base-model ones included."""
+    import json
     from pathlib import Path
 
+    import fsspec
+
+    from tailorlm.families import is_moe_config
+
+    if sc.lora_adapters and models and not sc.engine.use_gpu:
+        base = models[sc.model_id] if sc.model_id in models else next(iter(models.values()))
+        with fsspec.open(base.rstrip("/") + "/config.json") as fh:
+            if is_moe_config(json.load(fh)):
+                raise ValueError(
+                    f"serve.lora_adapters: {base} is a Mixture-of-Experts model, and vLLM's CPU build cannot "
+                    "serve LoRA on one (its fused-MoE LoRA kernels need Triton); serve the merged model "
+                    "(train.merge_adapter: true, then export) or set serve.engine.use_gpu"
+                )
     out = {}
     for name, path in sc.lora_adapters.items():
         folder = Path(path).expanduser().resolve()

@@ -81,6 +81,29 @@ def fixed_shards(shards: dict[str, list]):
     return FixedShards()
 
 
+def preflight(cfg: PipelineConfig, base_path: str) -> None:
+    """Build the model as the workers will (train/loop.build_model's LoRA through the same
+    apply_lora), on the meta device: no weights, no memory, seconds even for a large model. A
+    config or model error (a target module the model lacks, an adapter peft refuses) then fails
+    the stage here with its message; inside the workers Ray Train would retry it max_failures
+    times, each attempt restarting the worker group to hit the same error."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tailorlm.families import is_moe_config
+    from tailorlm.models import local_model
+    from tailorlm.train.moe import apply_lora
+
+    config = AutoConfig.from_pretrained(local_model(base_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        if cfg.train.method == "lora":
+            try:
+                apply_lora(model, cfg.train.lora, is_moe_config(config))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"train.lora does not fit {config.model_type} ({base_path}): {e}") from None
+
+
 def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     """Everything a training run needs before the trainer starts: base model, tokenized splits, steps."""
     import ray
@@ -92,6 +115,7 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     tc = cfg.train
     cpus = int(ray.cluster_resources().get("CPU", 1))
     base_path = resolve_base(cfg.model, cfg.run.storage)
+    preflight(cfg, base_path)
     tok = load_tokenizer(base_path, cfg.model.chat_template)
     shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers)
     # what Train is given by name; the rows each rank reads come from the shards (fixed_shards)
