@@ -77,13 +77,15 @@ def test_lost_worker_during_training_resumes_from_checkpoint(pipeline_run):
     ref = s3_json(c, f"{BUCKET}/runs/spread/train/eval.json")
     got = s3_json(c, f"{BUCKET}/runs/{run}/train/eval.json")
     assert got["best_checkpoint_step"] == ref["best_checkpoint_step"]
-    assert abs(got["best_eval_loss"] - ref["best_eval_loss"]) / ref["best_eval_loss"] < 0.01, (got, ref)
     history = [
         json.loads(line) for line in s3(c, f"fs.cat('{BUCKET}/runs/{run}/train/metrics.jsonl').decode()").splitlines()
     ]
     reference = [
         json.loads(line) for line in s3(c, f"fs.cat('{BUCKET}/runs/spread/train/metrics.jsonl').decode()").splitlines()
     ]
+    losses = {h["step"]: h["train_loss"] for h in history if "train_loss" in h}
+    diverged = [h["step"] for h in reference if abs(h.get("train_loss", 0) - losses.get(h["step"], 0)) > 1e-3]
+    assert abs(got["best_eval_loss"] - ref["best_eval_loss"]) / ref["best_eval_loss"] < 0.01, (got, ref, diverged[:5])
     assert [h["step"] for h in history if "eval_loss" in h] == [h["step"] for h in reference if "eval_loss" in h]
     print(
         f"training with w2 lost: finished {took:.0f} s after the loss; best eval loss "

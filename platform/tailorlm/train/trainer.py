@@ -17,9 +17,8 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
 
     tc = cfg.train
     kept = ray.data.read_parquet(kept_uri, columns=["id", "split", "text", "messages"])
-    # Blocks leave the tokenizing actors in the order they finish unless told otherwise; the
-    # seeded shuffle below is then seeded over a different input, and a rerun trains on
-    # another order
+    # Rows leave the tokenizing actors in the order they finish unless told otherwise; then
+    # rank_shards' seeded permutation would permute a different input on every run
     kept.context.execution_options.preserve_order = True
     out = {}
     for split in ("train", "eval"):
@@ -36,21 +35,46 @@ def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cp
             concurrency=(1, max(1, cpus)),
             batch_format="pandas",
         )
-        if split == "train":
-            ds = ds.random_shuffle(seed=cfg.run.seed)
         out[split] = ds.materialize()  # before training: workers must not wait on CPU for tokenizing
     return out
 
 
-def rank_shards(splits: dict, world: int) -> dict[str, list]:
+BLOCK_ROWS = 1024  # rows per block of a rank's part: a fixed size, not whatever Ray Data made
+
+
+def rank_shards(splits: dict, world: int, seed: int) -> dict[str, list]:
     """Each split cut into one fixed part per Train rank, held by the driver. Ray Train's default
     streaming_split hands each block to whichever worker asks first, so a restarted worker group
     (a lost node, a rerun) sees other rows per rank than the attempt it resumes, and the loop's
-    mid-epoch skip then skips rows it never trained on. equal=True as streaming_split's: every rank
+    mid-epoch skip then skips rows it never trained on. Here the train rows are permuted by the
+    seed on the driver and cut into equal parts of fixed-size blocks, so the result depends on the
+    rows and their order only, not on the block sizes Ray Data chose (those differ with the
+    cluster's CPUs and the driver's DataContext: a pipeline job and a train job cut differently;
+    seen on the multi-node test cluster). Equal parts, as streaming_split's equal=True: every rank
     runs the same number of batches (ZeRO-3's collective forward needs it), leaving out at most
-    world - 1 rows. Cut here, before the trainer holds the CPUs: the cut runs Ray tasks, and in
-    Train's controller they waited forever for a CPU the workers held."""
-    return {name: [held_by_driver(part) for part in ds.split(world, equal=True)] for name, ds in splits.items()}
+    world - 1 rows. The driver holds the rows anyway (held_by_driver's reason)."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
+
+    out = {}
+    for name, ds in splits.items():
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        if not tables:
+            out[name] = [held_by_driver(part) for part in ds.split(world, equal=True)]
+            continue
+        table = pa.concat_tables(tables)
+        if name == "train":
+            table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+        per = table.num_rows // world
+        out[name] = [
+            ray.data.from_arrow_refs(
+                [ray.put(table.slice(r * per + i, min(BLOCK_ROWS, per - i))) for i in range(0, per, BLOCK_ROWS)]
+                or [ray.put(table.slice(0, 0))]
+            )
+            for r in range(world)
+        ]
+    return out
 
 
 def held_by_driver(ds):
@@ -117,7 +141,7 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     base_path = resolve_base(cfg.model, cfg.run.storage)
     preflight(cfg, base_path)
     tok = load_tokenizer(base_path, cfg.model.chat_template)
-    shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers)
+    shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers, cfg.run.seed)
     # what Train is given by name; the rows each rank reads come from the shards (fixed_shards)
     splits = {name: parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0] for name, parts in shards.items()}
     n_train = splits["train"].count()
