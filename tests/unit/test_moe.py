@@ -102,6 +102,9 @@ def test_expert_parameters_found_for_every_moe_family(moe_folder):
     _, folder = moe_folder
     names = expert_parameters(load_model(str(folder), dtype="float32"))
     assert names == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    from tailorlm.train.moe import moe_block_classes
+
+    assert len(moe_block_classes(load_model(str(folder)))) == 1  # what ZeRO-3 marks as leaf
 
 
 def test_preflight_fails_a_lora_config_the_model_refuses_before_any_worker(moe_folder):

@@ -107,3 +107,35 @@ def test_token_loss_is_the_mean_over_learned_tokens():
             losses += F.cross_entropy(logits[keep], target[keep], reduction="none").tolist()
     assert n == 5 == len(losses)
     assert abs(loss - sum(losses) / len(losses)) < 1e-5 and abs(perplexity(loss) - torch.tensor(loss).exp()) < 1e-3
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_a_restored_schedule_steps_at_the_uninterrupted_lr(scheduler):
+    """The first optimizer step after a resume must use the lr the uninterrupted run used there
+    (load_state_dict alone left step 0's warmup lr in the optimizer)."""
+    import torch
+
+    from tailorlm.train.checkpoint import restore_scheduler
+
+    tc = load_config(None, [f"train.scheduler={scheduler}", "train.warmup_steps=3"]).train
+
+    def fresh():
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, 20))
+
+    opt, sched = fresh()
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if len(lrs) == 7:
+            saved = sched.state_dict()
+    opt2, sched2 = fresh()
+    restore_scheduler(sched2, saved)
+    resumed = []
+    for _ in range(5):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx(lrs[7:])

@@ -96,3 +96,13 @@ def load(engine, path: str, rank: int, world: int, stage: int) -> dict[str, Any]
             if st:
                 base.state[p] = st
     return state
+
+
+def restore_scheduler(scheduler, saved: dict) -> None:
+    """The lr schedule where the checkpoint left it. `load_state_dict` restores the step count
+    but leaves the optimizer's lr at its value from construction (step 0's warmup), so the first
+    step after a resume ran at the wrong lr and the run drifted from the uninterrupted one (1.7%
+    in eval loss on the multi-node fault test). The lr is set from the restored schedule."""
+    scheduler.load_state_dict(saved)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr

@@ -146,6 +146,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # -- model, DeepSpeed engine, schedule ------------------------------------------------------
     model = build_model(cfg, config["base_path"])
     moe = MoeStep.for_model(model, tc.moe.aux_loss_coef)  # None on a dense model
+    if moe and tc.deepspeed.stage == 3:
+        from tailorlm.train.moe import set_zero3_leaves
+
+        leaves = set_zero3_leaves(model)
+        if rank == 0:
+            print(f"[train] ZeRO-3 leaf modules: {', '.join(leaves)}")
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -160,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if restored:
         with restored.as_directory() as d:
             state = ckpt_io.load(engine, d, rank, world, tc.deepspeed.stage)
-        scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.restore_scheduler(scheduler, state["scheduler"])
         engine.global_steps = state["step"]
         engine.micro_steps = state["step"] * tc.grad_accum
         if rank == 0:

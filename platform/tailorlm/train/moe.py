@@ -84,6 +84,27 @@ def apply_lora(model, lora, moe: bool):
         return get_peft_model(model, LoraConfig(**peft_lora_kwargs(model, lora, moe), task_type="CAUSAL_LM"))
 
 
+def moe_block_classes(model) -> list[type]:
+    """The classes of the sparse MoE blocks (a module holding both `experts` and its router
+    `gate`): DeepseekV3MoE, Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock..."""
+    return sorted(
+        {type(m) for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")}, key=lambda t: t.__name__
+    )
+
+
+def set_zero3_leaves(model) -> list[str]:
+    """Under ZeRO-3, DeepSpeed gathers each submodule's parameters as it runs; tokens routed
+    differently on each rank make ranks enter different experts and wait on each other's
+    gathers. Marking the whole MoE block as a leaf gathers its parameters at once on every rank
+    (DeepSpeed's documented remedy for MoE models). Returns the class names marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = moe_block_classes(model)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
+
+
 def switch_aux_loss(router_logits: tuple, top_k: int):
     """Switch-Transformer load-balancing loss over the layers' router logits, the form the
     Qwen-MoE and Mixtral classes use: E * sum_e f_e * P_e, with f_e the share of routed slots

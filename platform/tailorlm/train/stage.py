@@ -67,12 +67,16 @@ def export_model(cfg: PipelineConfig, base_path: str, checkpoint, sdir: StageDir
 
 
 def loss_plot(history: list[dict], path: str) -> None:
+    """Train and eval loss over steps; on a Mixture-of-Experts model a second panel shows the
+    experts' use at each evaluation (share used, busiest over mean load)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    moe = [h for h in history if "moe_experts_used" in h]
+    fig, axes = plt.subplots(1, 2 if moe else 1, figsize=(12 if moe else 7, 4), squeeze=False)
+    ax = axes[0][0]
     tr = [h for h in history if "train_loss" in h]
     ev = [h for h in history if "eval_loss" in h]
     ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], label="train loss", alpha=0.7)
@@ -81,6 +85,19 @@ def loss_plot(history: list[dict], path: str) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    if moe:
+        use = axes[0][1]
+        steps = [h["step"] for h in moe]
+        use.plot(steps, [h["moe_experts_used"] for h in moe], "o-", label="share of experts used")
+        use.plot(steps, [h["moe_router_entropy"] for h in moe], "s-", label="router load entropy / max")
+        use.set_ylim(0, 1.05)
+        use.set_xlabel("optimizer step")
+        twin = use.twinx()
+        twin.plot(steps, [h["moe_load_max_over_mean"] for h in moe], "^--", color="tab:red", label="max/mean load")
+        twin.set_ylabel("max/mean load")
+        use.legend(loc="lower left")
+        twin.legend(loc="lower right")
+        use.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
