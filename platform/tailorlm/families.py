@@ -34,7 +34,7 @@ def _expert_width(spec) -> int:
 
 
 def _deepseek(spec, v3: bool) -> dict:
-    head = spec.hidden_size // spec.num_heads
+    head = max(32, spec.hidden_size // spec.num_heads)  # >= 32: vLLM's CPU attention rejects 16
     keys = {
         "intermediate_size": spec.intermediate_size or 4 * spec.hidden_size,  # the dense first layers
         "moe_intermediate_size": _expert_width(spec),
@@ -48,6 +48,9 @@ def _deepseek(spec, v3: bool) -> dict:
         "v_head_dim": head,
         "q_lora_rank": None,  # DeepSeek-V2-Lite's choice: q projected directly
         "num_key_value_heads": spec.num_heads,  # MLA has no GQA
+        # vLLM's DeepSeek loads lm_head from its own tensor and ignores tying: a tied model
+        # served an all-zero head (every answer token 0); real DeepSeek models are untied too
+        "tie_word_embeddings": False,
         # one expert group: the group-limited routing of the 256-expert models needs groups of
         # at least experts_per_token experts (transformers' topk within a group fails otherwise)
         "n_group": 1,

@@ -101,7 +101,7 @@ def test_moe_lora_on_experts_under_zero3_trains_balances_and_saves_expert_adapte
     _write_data_stage(tmp_path)
     cfg = _cfg(
         tmp_path,
-        "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_heads: 4, num_experts: 4}",
+        "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_experts: 4}",
         "train.method=lora",
         "train.lora.target_experts=true",
         "train.deepspeed.stage=3",

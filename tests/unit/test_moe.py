@@ -16,7 +16,7 @@ MOE = sorted(name for name, family in FAMILIES.items() if family.moe)
 
 @pytest.fixture(scope="module", params=MOE)
 def moe_folder(request, tmp_path_factory):
-    spec = TinyModelSpec(factory=request.param, hidden_size=128, num_heads=4, num_layers=2, vocab_size=512)
+    spec = TinyModelSpec(factory=request.param, hidden_size=128, num_layers=2, vocab_size=512)
     return request.param, ensure_tiny_model(spec, tmp_path_factory.mktemp("moe"))
 
 
@@ -94,6 +94,9 @@ def test_dense_factories_refuse_moe_keys_and_lora_dropout_refused_on_experts():
         TinyModelSpec(factory="qwen3_moe", shared_experts=1)
     with pytest.raises(ValueError, match="train.lora.dropout=0.1"):
         load_config(None, ["train.lora.target_experts=true", "train.lora.dropout=0.1"])
+    with pytest.raises(ValueError, match=r"num_heads=4: deepseek_v3 \(MLA\) needs a multiple of 16"):
+        TinyModelSpec(factory="deepseek_v3", num_heads=4)
+    assert TinyModelSpec(factory="deepseek_v2").num_heads == 16
     with pytest.raises(ValueError, match="experts_per_token=9 exceeds num_experts=8"):
         TinyModelSpec(factory="mixtral", experts_per_token=9)
 
