@@ -138,3 +138,25 @@ def test_lora_adapters_on_a_moe_base_are_refused_on_cpu_before_an_engine_starts(
         resolve_adapters(sc, {sc.model_id: str(folder)})
     gpu = sc.model_copy(update={"engine": sc.engine.model_copy(update={"use_gpu": True})})
     assert resolve_adapters(gpu, {sc.model_id: str(folder)}) == {"a": str(adapter.resolve())}
+
+
+def test_expert_adapters_merge_into_the_base_with_the_same_output(moe_folder, tmp_path):
+    """Export merges LoRA (export/stage.merged_bf16): the merged model must answer as the adapter
+    did, experts included, after a save and load through models.load_adapter."""
+    from tailorlm.models import load_adapter
+
+    _, folder = moe_folder
+    torch.manual_seed(0)
+    model, _ = _lora(load_model(str(folder), dtype="float32"), "train.lora.target_experts=true")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, 400, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        want = model(x).logits
+        merged = load_adapter(load_model(str(folder), dtype="float32"), str(tmp_path / "adapter")).merge_and_unload()
+        got = merged.eval()(x).logits
+    assert (got - want).abs().max() < 1e-3
