@@ -98,6 +98,13 @@ class TinyModelSpec(Strict):
             raise ValueError(
                 f"model.base.first_dense_layers={self.first_dense_layers} leaves no MoE layer of {self.num_layers}"
             )
+        if self.factory == "qwen2_moe" and self.shared_experts != 1:
+            raise ValueError(
+                f"model.base.shared_experts={self.shared_experts}: qwen2_moe has exactly one (gated) shared expert; "
+                "set its width with moe_intermediate_size"
+            )
+        if self.factory == "mixtral" and self.intermediate_size is not None:
+            raise ValueError("model.base.intermediate_size: mixtral has no dense MLP; use moe_intermediate_size")
         if self.factory == "mixtral" and self.first_dense_layers:
             raise ValueError("model.base.first_dense_layers: mixtral has experts in every layer")
         return self

@@ -71,7 +71,7 @@ def _qwen_moe(spec, shared: bool) -> dict:
         "norm_topk_prob": True,
     }
     if shared:
-        keys["shared_expert_intermediate_size"] = _expert_width(spec) * max(1, spec.shared_experts)
+        keys["shared_expert_intermediate_size"] = _expert_width(spec)  # one shared expert (validated)
     else:
         keys["head_dim"] = spec.hidden_size // spec.num_heads
     return keys

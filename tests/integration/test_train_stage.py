@@ -92,27 +92,31 @@ def test_lora_zero2_trains_and_saves_adapter_only(ray_local, tmp_path):
     assert marker["summary"]["steps"] == 6
 
 
-def test_moe_lora_on_experts_under_zero3_trains_balances_and_saves_expert_adapters(ray_local, tmp_path):
+def test_moe_lora_on_experts_under_zero3_trains_balances_and_matches_zero2(ray_local, tmp_path):
     """A DeepSeek-V3-style MoE through the real stage: LoRA with the routed experts targeted,
     ZeRO-3 with the MoE block as leaf, the Switch aux loss logged apart from the LM loss, expert
-    use at each evaluation; the saved adapter holds expert weights, and the model learned."""
+    use at each evaluation; the saved adapter holds expert weights, the model learned, and the
+    same run under ZeRO-2 (no sharding, no leaves) gives the same losses."""
     from safetensors import safe_open
 
-    _write_data_stage(tmp_path)
-    cfg = _cfg(
-        tmp_path,
-        "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_experts: 4}",
-        "train.method=lora",
-        "train.lora.target_experts=true",
-        "train.deepspeed.stage=3",
-        "train.max_steps=6",
-        "train.eval_every=3",
-        "train.keep_checkpoints=1",
-        "train.tensorboard=false",
-    )
-    run_stage(cfg, "train", echo=lambda s: None)
-    t = tmp_path / "demo" / "train"
-    history = [json.loads(line) for line in (t / "metrics.jsonl").read_text().splitlines()]
+    def run(stage: int, root: Path) -> list[dict]:
+        _write_data_stage(root)
+        cfg = _cfg(
+            root,
+            "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_experts: 4}",
+            "train.method=lora",
+            "train.lora.target_experts=true",
+            f"train.deepspeed.stage={stage}",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            "train.keep_checkpoints=1",
+            "train.tensorboard=false",
+        )
+        run_stage(cfg, "train", echo=lambda s: None)
+        return [json.loads(line) for line in (root / "demo" / "train" / "metrics.jsonl").read_text().splitlines()]
+
+    history = run(3, tmp_path / "zero3")
+    t = tmp_path / "zero3" / "demo" / "train"
     steps = [h for h in history if "train_loss" in h]
     assert all(h["aux_loss"] > 0 for h in steps)
     evals = [h for h in history if "eval_loss" in h]
@@ -122,6 +126,10 @@ def test_moe_lora_on_experts_under_zero3_trains_balances_and_saves_expert_adapte
         assert any("experts" in k for k in fh.keys())
     report = json.loads((t / "eval.json").read_text())
     assert report["finetuned"]["perplexity"] < report["base"]["perplexity"]
+
+    plain = [h["eval_loss"] for h in run(2, tmp_path / "zero2") if "eval_loss" in h]
+    print(f"MoE eval loss, ZeRO-3 with leaf modules vs ZeRO-2: {[h['eval_loss'] for h in evals]} vs {plain}")
+    assert [h["eval_loss"] for h in evals] == pytest.approx(plain, rel=0.01)
 
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tmp_path):
@@ -195,3 +203,19 @@ def test_fixed_shards_give_each_rank_the_same_rows_every_attempt(ray_local, rows
     assert [len(s) for s in first] == [rows // world] * world
     ids = [i for s in first for i in s]
     assert len(ids) == len(set(ids)) and set(ids) <= set(range(rows))
+
+
+def test_rank_shards_take_blocks_of_fixed_and_variable_length_rows(ray_local):
+    """A block whose rows all have one length holds a fixed-shape tensor column, others a
+    variable-shaped one; cutting them together must not fail (pa.concat_tables refused it)."""
+    import numpy as np
+    import ray
+
+    from tailorlm.train.trainer import rank_shards
+
+    same = ray.data.from_items([{"input_ids": np.array([1, 2, 3])}, {"input_ids": np.array([4, 5, 6])}])
+    mixed = ray.data.from_items([{"input_ids": np.array([7, 8])}, {"input_ids": np.array([9, 10, 11, 12])}])
+    ds = same.union(mixed).materialize()
+    parts = rank_shards({"train": ds}, 2, seed=0)["train"]
+    rows = sorted(tuple(r["input_ids"]) for p in parts for r in p.iter_rows())
+    assert rows == [(1, 2, 3), (4, 5, 6), (7, 8), (9, 10, 11, 12)]

@@ -58,9 +58,18 @@ def test_aux_loss_backpropagates_and_expert_use_is_counted(moe_folder):
     from tailorlm.train.loop import MoeStep
 
     _, folder = moe_folder
-    model, _ = _lora(load_model(str(folder), dtype="float32"))
-    step = MoeStep.for_model(model, coef=0.01)
+    from tailorlm.train.moe import set_router_aux_coef
+
+    base = load_model(str(folder), dtype="float32")
     x = torch.randint(0, 400, (2, 12))
+    if hasattr(base.config, "router_aux_loss_coef"):  # the model's own aux loss follows our coef
+        set_router_aux_coef(base, 0.0)
+        assert float(base(input_ids=x, labels=x, output_router_logits=True).loss) == float(
+            base(input_ids=x, labels=x).loss
+        )
+        set_router_aux_coef(base, 0.01)
+    model, _ = _lora(base)
+    step = MoeStep.for_model(model, coef=0.01)
     total, lm = step.loss(model(input_ids=x, labels=x, output_router_logits=True))
     assert total.requires_grad and step.last_aux > 0 and abs(float(total - lm) - 0.01 * step.last_aux) < 1e-4
     total.backward()
@@ -160,3 +169,10 @@ def test_expert_adapters_merge_into_the_base_with_the_same_output(moe_folder, tm
         merged = load_adapter(load_model(str(folder), dtype="float32"), str(tmp_path / "adapter")).merge_and_unload()
         got = merged.eval()(x).logits
     assert (got - want).abs().max() < 1e-3
+
+
+def test_factory_settings_a_family_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="qwen2_moe has exactly one"):
+        TinyModelSpec(factory="qwen2_moe", shared_experts=2)
+    with pytest.raises(ValueError, match="mixtral has no dense MLP"):
+        TinyModelSpec(factory="mixtral", intermediate_size=256)

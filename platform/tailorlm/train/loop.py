@@ -42,7 +42,9 @@ def build_model(cfg: PipelineConfig, base_path: str):
     model = load_model(base_path, dtype="float32")  # DeepSpeed casts to bf16/fp16 and keeps fp32 masters
     moe = is_moe_config(model.config)
     if moe and hasattr(model.config, "router_aux_loss_coef"):
-        model.config.router_aux_loss_coef = tc.moe.aux_loss_coef  # the model adds its own aux loss
+        from tailorlm.train.moe import set_router_aux_coef
+
+        set_router_aux_coef(model, tc.moe.aux_loss_coef)  # the model adds its own aux loss
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

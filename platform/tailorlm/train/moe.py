@@ -84,6 +84,16 @@ def apply_lora(model, lora, moe: bool):
         return get_peft_model(model, LoraConfig(**peft_lora_kwargs(model, lora, moe), task_type="CAUSAL_LM"))
 
 
+def set_router_aux_coef(model, coef: float) -> None:
+    """The weight the Qwen-MoE and Mixtral classes give their own aux loss. They copy
+    `router_aux_loss_coef` from the config when built, so setting the config after loading
+    changed nothing (0 did not turn it off): set it on the model and the config."""
+    model.config.router_aux_loss_coef = coef
+    for module in model.modules():
+        if hasattr(module, "router_aux_loss_coef"):
+            module.router_aux_loss_coef = coef
+
+
 def moe_block_classes(model) -> list[type]:
     """The classes of the sparse MoE blocks (a module holding both `experts` and its router
     `gate`): DeepseekV3MoE, Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock..."""

@@ -52,10 +52,11 @@ def rank_shards(splits: dict, world: int, seed: int) -> dict[str, list]:
     cluster's CPUs and the driver's DataContext: a pipeline job and a train job cut differently;
     seen on the multi-node test cluster). Equal parts, as streaming_split's equal=True: every rank
     runs the same number of batches (ZeRO-3's collective forward needs it), leaving out at most
-    world - 1 rows. The driver holds the rows anyway (held_by_driver's reason)."""
+    world - 1 rows. The driver holds the rows anyway (held_by_driver's reason). Not yet with
+    train.packing: Tokenize packs within a batch, so packed rows still follow Ray Data's blocks."""
     import numpy as np
-    import pyarrow as pa
     import ray
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
 
     out = {}
     for name, ds in splits.items():
@@ -63,7 +64,9 @@ def rank_shards(splits: dict, world: int, seed: int) -> dict[str, list]:
         if not tables:
             out[name] = [held_by_driver(part) for part in ds.split(world, equal=True)]
             continue
-        table = pa.concat_tables(tables)
+        # Ray's concat, not pyarrow's: a block whose rows all have one length holds a fixed-shape
+        # tensor column, others a variable-shaped one, and pa.concat_tables refuses the mix
+        table = concat(tables)
         if name == "train":
             table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
         per = table.num_rows // world
