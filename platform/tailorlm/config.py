@@ -330,6 +330,12 @@ class MoeTrainConfig(Strict):
         description="weight of the load-balancing loss on Mixture-of-Experts models (the model's own on "
         "Qwen-MoE/Mixtral, the Switch form from router logits on DeepSeek); 0: off",
     )
+    expert_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks each MoE layer's routed experts are sharded over (DeepSpeed AutoEP; "
+        "DeepSeek-V2/V3, Qwen3-MoE, Mixtral); 1: every rank holds every expert",
+    )
 
 
 class DeepSpeedConfig(Strict):
@@ -391,6 +397,20 @@ class TrainConfig(Strict):
     def global_batch_size(self) -> int:
         """The one derived batch size: micro batch x gradient accumulation x workers."""
         return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    @model_validator(mode="after")
+    def _expert_parallel_fits(self) -> "TrainConfig":
+        ep = self.moe.expert_parallel
+        if ep > 1 and self.num_workers % ep:
+            raise ValueError(f"train.moe.expert_parallel={ep} must divide train.num_workers={self.num_workers}")
+        if ep > 1 and self.deepspeed.stage == 3:
+            raise ValueError("train.moe.expert_parallel needs train.deepspeed.stage 0-2 (ZeRO-3 shards experts itself)")
+        if ep > 1 and self.method == "lora" and self.lora.target_experts:
+            raise ValueError(
+                "train.lora.target_experts: AutoEP replaces the expert weights peft adapts; "
+                "use train.moe.expert_parallel=1 or adapt attention and shared experts only"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- tune

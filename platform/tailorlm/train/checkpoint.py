@@ -27,11 +27,22 @@ def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
 
+def _ep_size(engine) -> int:
+    from tailorlm.train.expert_parallel import ep_layers
+
+    return next((layer.ep_size for layer in ep_layers(engine.module).values()), 1)
+
+
 def gathered_trainable(engine, stage: int) -> dict[str, torch.Tensor]:
-    """Full trainable weights on every rank (ZeRO-3 shards them; everyone must call this)."""
+    """Full trainable weights on every rank, under the transformers model's names (ZeRO-3 shards
+    them, expert parallelism splits the experts; everyone must call this)."""
     import deepspeed
 
+    from tailorlm.train import expert_parallel
+
     named = _trainable(engine)
+    if expert_parallel.ep_layers(engine.module):
+        return expert_parallel.full_state(engine.module, engine.module.config.model_type, named)
     if stage == 3:
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
             return {n: p.detach().clone().cpu().contiguous() for n, p in named}
@@ -43,7 +54,7 @@ def save(engine, path: str, rank: int, world: int, stage: int, state: dict[str, 
     weights = gathered_trainable(engine, stage)
     if rank == 0:
         save_file(weights, os.path.join(path, "model.safetensors"))
-        meta = {**state, "world_size": world, "zero_stage": stage}
+        meta = {**state, "world_size": world, "zero_stage": stage, "expert_parallel": _ep_size(engine)}
         with open(os.path.join(path, "state.json"), "w") as fh:
             json.dump(meta, fh)
     base = _base_optimizer(engine)
@@ -67,13 +78,18 @@ def load(engine, path: str, rank: int, world: int, stage: int) -> dict[str, Any]
 
     with open(os.path.join(path, "state.json")) as fh:
         state = json.load(fh)
-    if (state["world_size"], state["zero_stage"]) != (world, stage):
+    saved = (state["world_size"], state["zero_stage"], state.get("expert_parallel", 1))
+    if saved != (world, stage, _ep_size(engine)):
         raise ValueError(
-            f"checkpoint {path} was written by {state['world_size']} workers with ZeRO stage "
-            f"{state['zero_stage']}; this run has {world} workers and stage {stage}"
+            f"checkpoint {path} was written by {saved[0]} workers with ZeRO stage {saved[1]} and expert "
+            f"parallel {saved[2]}; this run has {world} workers, stage {stage}, expert parallel {_ep_size(engine)}"
         )
+    from tailorlm.train import expert_parallel
+
     weights = load_file(os.path.join(path, "model.safetensors"))
     named = _trainable(engine)
+    if expert_parallel.ep_layers(engine.module):  # this rank's experts, under AutoEP's names
+        weights = expert_parallel.local_state(engine.module, engine.module.config.model_type, weights)
     if stage == 3:
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0):
             if rank == 0:

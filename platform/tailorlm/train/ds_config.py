@@ -12,7 +12,7 @@ from typing import Any
 from tailorlm.config import TrainConfig
 
 
-def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(tc: TrainConfig, world_size: int, model_type: str | None = None) -> dict[str, Any]:
     ds = tc.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer:
@@ -28,7 +28,13 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict[str, Any]:
         opt_params["eps"] = 1e-8
         if not tc.use_gpu and not ds.offload_optimizer:
             opt_params["torch_adam"] = True  # FusedAdam is CUDA-only; plain torch AdamW on CPU
+    extra: dict[str, Any] = {}
+    if tc.moe.expert_parallel > 1:
+        from tailorlm.train.expert_parallel import ds_section
+
+        extra["expert_parallel"] = ds_section(model_type or "", tc.moe.expert_parallel)
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.micro_batch_size * tc.grad_accum * world_size,

@@ -65,6 +65,7 @@ class MoeStep:
 
         self.top_k, self.coef, self.own_aux = top_k, coef, own_aux
         self.use, self.last_aux = ExpertUse(top_k), 0.0
+        self.tap = None  # expert_parallel.RouterTap under expert parallelism
 
     @classmethod
     def for_model(cls, model, coef: float) -> "MoeStep | None":
@@ -79,13 +80,16 @@ class MoeStep:
         """(loss to backpropagate, LM loss alone)."""
         from tailorlm.train.moe import switch_aux_loss
 
-        self.use.add(out.router_logits)
+        router_logits = tuple(r for r in (out.router_logits or ()) if r is not None)
+        if not router_logits and self.tap:  # AutoEP's DeepSeek layer returns none: its hooks kept them
+            router_logits = self.tap.take()
+        self.use.add(router_logits)
         if self.own_aux:  # transformers added router_aux_loss_coef (set to ours) * aux_loss
             aux = out.aux_loss
             lm = out.loss - self.coef * aux
             total = out.loss
         else:
-            aux = switch_aux_loss(out.router_logits, self.top_k)
+            aux = switch_aux_loss(router_logits, self.top_k)
             lm, total = out.loss, out.loss + self.coef * aux
         self.last_aux = float(aux)
         return total, lm.detach()
@@ -157,9 +161,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(tc, world),
+        config=deepspeed_config(tc, world, model.config.model_type),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total_steps)),
     )
+    if moe and tc.moe.expert_parallel > 1:  # AutoEP has replaced the MoE blocks
+        from tailorlm.train.expert_parallel import RouterTap, ep_layers
+
+        moe.tap = RouterTap(engine.module)
+        if rank == 0:
+            print(f"[train] expert parallel over {tc.moe.expert_parallel} ranks: {len(ep_layers(engine.module))} MoE layers")
     torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, reproducibly
 
     # -- resume ---------------------------------------------------------------------------------

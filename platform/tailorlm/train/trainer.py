@@ -122,6 +122,17 @@ def preflight(cfg: PipelineConfig, base_path: str) -> None:
     from tailorlm.train.moe import apply_lora
 
     config = AutoConfig.from_pretrained(local_model(base_path))
+    ep = cfg.train.moe.expert_parallel
+    if ep > 1:
+        from tailorlm.train.expert_parallel import ds_section
+
+        experts = next((getattr(config, k, None) for k in ("n_routed_experts", "num_experts", "num_local_experts")
+                        if getattr(config, k, None)), None)
+        if not experts:
+            raise ValueError(f"train.moe.expert_parallel={ep}: {config.model_type} ({base_path}) has no experts")
+        if experts % ep:
+            raise ValueError(f"train.moe.expert_parallel={ep} must divide the model's {experts} experts")
+        ds_section(config.model_type, ep)  # a family without an AutoEP preset fails here, by name
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         if cfg.train.method == "lora":
