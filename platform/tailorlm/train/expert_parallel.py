@@ -39,9 +39,9 @@ def _preset(model_type: str):
 def _hf_name(prefix: str, rest: str, preset) -> str | None:
     """transformers name of an AutoEP layer's non-expert parameter (router, shared experts)."""
     if rest.startswith("router."):
-        return f"{prefix}.{preset.router_pattern}.{rest[len('router.'):].split('.', 1)[1]}"
+        return f"{prefix}.{preset.router_pattern}.{rest[len('router.') :].split('.', 1)[1]}"
     if rest.startswith("shared_experts."):
-        return f"{prefix}.{preset.shared_experts_pattern}.{rest[len('shared_experts.'):]}"
+        return f"{prefix}.{preset.shared_experts_pattern}.{rest[len('shared_experts.') :]}"
     return None
 
 
@@ -81,7 +81,9 @@ def full_state(module, model_type: str, named: list) -> dict:
         if any(v is None for v in w.values()):
             continue  # frozen experts (LoRA): not in a checkpoint
         full = {k: _gather_experts(layer, v.detach()).cpu() for k, v in w.items()}
-        out[f"{prefix}.{preset.experts_pattern}.{preset.expert_w1}"] = torch.cat([full["w1"], full["w3"]], 1).contiguous()
+        out[f"{prefix}.{preset.experts_pattern}.{preset.expert_w1}"] = torch.cat(
+            [full["w1"], full["w3"]], 1
+        ).contiguous()
         out[f"{prefix}.{preset.experts_pattern}.{preset.expert_w2}"] = full["w2"].contiguous()
     return out
 

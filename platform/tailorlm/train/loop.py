@@ -169,7 +169,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         moe.tap = RouterTap(engine.module)
         if rank == 0:
-            print(f"[train] expert parallel over {tc.moe.expert_parallel} ranks: {len(ep_layers(engine.module))} MoE layers")
+            layers = len(ep_layers(engine.module))
+            print(f"[train] expert parallel over {tc.moe.expert_parallel} ranks: {layers} MoE layers")
     torch.manual_seed(cfg.run.seed + rank)  # dropout differs per rank, reproducibly
 
     # -- resume ---------------------------------------------------------------------------------

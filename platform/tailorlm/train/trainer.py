@@ -126,8 +126,14 @@ def preflight(cfg: PipelineConfig, base_path: str) -> None:
     if ep > 1:
         from tailorlm.train.expert_parallel import ds_section
 
-        experts = next((getattr(config, k, None) for k in ("n_routed_experts", "num_experts", "num_local_experts")
-                        if getattr(config, k, None)), None)
+        experts = next(
+            (
+                getattr(config, k, None)
+                for k in ("n_routed_experts", "num_experts", "num_local_experts")
+                if getattr(config, k, None)
+            ),
+            None,
+        )
         if not experts:
             raise ValueError(f"train.moe.expert_parallel={ep}: {config.model_type} ({base_path}) has no experts")
         if experts % ep:
