@@ -404,11 +404,14 @@ class TrainConfig(Strict):
         if ep > 1 and self.num_workers % ep:
             raise ValueError(f"train.moe.expert_parallel={ep} must divide train.num_workers={self.num_workers}")
         if ep > 1 and self.deepspeed.stage == 3:
-            raise ValueError("train.moe.expert_parallel needs train.deepspeed.stage 0-2 (ZeRO-3 shards experts itself)")
-        if ep > 1 and self.method == "lora" and self.lora.target_experts:
             raise ValueError(
-                "train.lora.target_experts: AutoEP replaces the expert weights peft adapts; "
-                "use train.moe.expert_parallel=1 or adapt attention and shared experts only"
+                "train.moe.expert_parallel needs train.deepspeed.stage 0-2: our checkpoints gather "
+                "AutoEP's experts, not ZeRO-3's partitions of them"
+            )
+        if ep > 1 and self.method == "lora":
+            raise ValueError(
+                "train.moe.expert_parallel needs train.method=full: AutoEP finds MoE blocks by their "
+                "transformers names, which peft's wrapper changes (use ZeRO-3 with LoRA instead)"
             )
         return self
 

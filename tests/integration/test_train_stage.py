@@ -136,13 +136,15 @@ def test_expert_parallel_run_matches_the_plain_run_and_saves_the_transformers_mo
     """train.moe.expert_parallel=2: DeepSpeed AutoEP shards the routed experts over both
     workers; the losses match the run without it, and model/ is the transformers model (experts
     gathered from both ranks), loadable as any other."""
-    from tailorlm.models import load_model
+    from tailorlm.models import load_model, resolve_base
+
+    moe = "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_experts: 4}"
 
     def run(ep: int, root: Path) -> list[float]:
         _write_data_stage(root)
         cfg = _cfg(
             root,
-            "model.base={factory: deepseek_v3, hidden_size: 128, num_layers: 2, num_experts: 4}",
+            moe,
             "train.method=full",
             f"train.moe.expert_parallel={ep}",
             "train.max_steps=4",
@@ -159,9 +161,17 @@ def test_expert_parallel_run_matches_the_plain_run_and_saves_the_transformers_mo
     plain = run(1, tmp_path / "plain")
     print(f"MoE eval loss, expert parallel 2 vs 1: {ep} vs {plain}")
     assert ep == pytest.approx(plain, rel=0.01)
-    model = load_model(str(tmp_path / "ep" / "demo" / "train" / "model"), dtype="float32")
-    experts = model.model.layers[1].mlp.experts.down_proj
-    assert experts.shape[0] == 4 and experts.abs().sum(dim=(1, 2)).min() > 0  # all four experts, from both ranks
+    trained = {
+        name: load_model(str(tmp_path / name / "demo" / "train" / "model"), dtype="float32").model.layers[1].mlp.experts
+        for name in ("ep", "plain")
+    }
+    base = load_model(resolve_base(_cfg(tmp_path / "ep", moe).model), dtype="float32")
+    base = base.model.layers[1].mlp.experts
+    for w in ("gate_up_proj", "down_proj"):  # every expert, from both ranks, trained as without EP
+        ep_w, plain_w, base_w = (getattr(m, w) for m in (trained["ep"], trained["plain"], base))
+        moved = (plain_w - base_w).abs().amax(dim=(1, 2))
+        assert (moved > 0).all()
+        assert ((ep_w - plain_w).abs().amax(dim=(1, 2)) < 0.05 * moved).all(), w
 
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tmp_path):

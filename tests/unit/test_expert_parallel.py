@@ -99,8 +99,8 @@ def test_expert_parallel_settings_that_cannot_work_are_refused():
         load_config(None, ["train.moe.expert_parallel=3"])
     with pytest.raises(ValueError, match="needs train.deepspeed.stage 0-2"):
         load_config(None, ["train.moe.expert_parallel=2", "train.deepspeed.stage=3"])
-    with pytest.raises(ValueError, match="train.lora.target_experts: AutoEP"):
-        load_config(None, ["train.moe.expert_parallel=2", "train.lora.target_experts=true"])
+    with pytest.raises(ValueError, match="needs train.method=full"):  # peft renames the blocks AutoEP looks for
+        load_config(None, ["train.moe.expert_parallel=2", "train.method=lora"])
     from tailorlm.train.expert_parallel import ds_section
 
     with pytest.raises(ValueError, match="no preset for 'qwen2_moe'"):

@@ -227,6 +227,26 @@ def test_quantized_deepseek_variants_are_refused_for_cpu_serving():
     load_config(None, {"model": {"base": {"factory": "deepseek_v2"}}, "serve": gpu})
 
 
+def test_quantized_deepseek_folders_are_refused_at_app_build_on_cpu(tmp_path):
+    """The same refusal for any folder (a hub or local DeepSeek base skips the factory check)."""
+    from tailorlm.serving.engine import refuse_cpu_quantized_deepseek
+
+    for name, config in {
+        "ds-w8a8": {"model_type": "deepseek_v3", "quantization_config": {}},
+        "ds-bf16": {"model_type": "deepseek_v3"},
+        "mixtral-w8a8": {"model_type": "mixtral", "quantization_config": {}},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    sc = load_config(None).serve
+    ok = {n: str(tmp_path / n) for n in ("ds-bf16", "mixtral-w8a8")}
+    refuse_cpu_quantized_deepseek(sc, ok)
+    with pytest.raises(ValueError, match=r"serve.variants: demo-w8a8 .* DeepSeek model with quantized experts"):
+        refuse_cpu_quantized_deepseek(sc, {**ok, "demo-w8a8": str(tmp_path / "ds-w8a8")})
+    gpu = sc.model_copy(update={"engine": sc.engine.model_copy(update={"use_gpu": True})})
+    refuse_cpu_quantized_deepseek(gpu, {"demo-w8a8": str(tmp_path / "ds-w8a8")})
+
+
 def _synthetic_checkpoint(folder, tmp, layers: int, experts: int, width: int, seed: int):
     """A MoE checkpoint nobody trained: random per-expert projections, routers, norms and
     biases of the sizes drawn, beside a real tokenizer and config (the quantizer reads both)."""

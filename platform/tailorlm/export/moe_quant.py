@@ -45,6 +45,12 @@ def linear_tree(tensors: dict, dtype=None):
 
     root, rest = torch.nn.Module(), {}
     for key, t in tensors.items():
+        if t.dim() > 2 and "layers" in key.split("."):
+            # vLLM would expect them quantized (the "Linear" target reaches its fused MoE layer)
+            raise ValueError(
+                f"export.quantize: {key} is a fused {t.dim()}-D expert tensor in the checkpoint; this "
+                "quantizer needs experts saved one 2-D projection each (as transformers saves them)"
+            )
         if not is_quantizable(key, t):
             rest[key] = t
             continue
@@ -62,7 +68,7 @@ def linear_tree(tensors: dict, dtype=None):
 
 def ignored_modules(rest: dict) -> list[str]:
     """Modules vLLM must not expect quantized weights for: every 2-D weight left unquantized
-    (routers, the head) but the embedding, which is not a Linear layer in vLLM."""
+    (routers, the head; the embedding too, which vLLM's "Linear" target never reaches anyway)."""
     return sorted(k[: -len(".weight")] for k, t in rest.items() if k.endswith(".weight") and t.dim() == 2)
 
 

@@ -79,6 +79,8 @@ def quantize(
 
         hessians = collect_hessians(model, calibration_batches(load_tokenizer(model_dir), calib_texts or [], calib_len))
     if moe:  # experts are fused 3-D weights in the model: quantize the checkpoint's tensors (moe_quant)
+        if gptq:  # the Hessians come from nn.Linear hooks, which the fused experts have none of
+            print(f"[export] {scheme} gptq: attention and dense/shared MLPs by GPTQ, routed experts by RTN")
         model, rest = moe_quant.linear_tree(moe_quant.read_tensors(model_dir), torch.float32 if gptq else None)
     qscheme = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
     qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head"])

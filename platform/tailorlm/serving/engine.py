@@ -282,6 +282,7 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
 
     sc = cfg.serve
     adapters = resolve_adapters(sc, models)
+    refuse_cpu_quantized_deepseek(sc, models)
     settings = GuardSettings.from_config(sc)  # read here: keys set in this process's environment count
     actor: dict[str, Any] = {"num_cpus": sc.replicas.cpus}
     if sc.engine.use_gpu:
@@ -320,6 +321,27 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
         graceful_shutdown_timeout_s=30,
     )
     return deployment.bind(sc.model_dump(mode="json"), settings, models, adapters)
+
+
+def refuse_cpu_quantized_deepseek(sc: ServeConfig, models: dict[str, str]) -> None:
+    """vLLM's CPU int8/int4 MoE kernels route only softmax top-k: a DeepSeek model with
+    quantized experts fails at engine start ("No Int8 MoE backend supports the deployment
+    configuration"). Any folder, hub or factory, is refused here, naming it."""
+    import json
+
+    import fsspec
+
+    if sc.engine.use_gpu:
+        return
+    for name, folder in models.items():
+        with fsspec.open(folder.rstrip("/") + "/config.json") as fh:
+            config = json.load(fh)
+        if str(config.get("model_type", "")).startswith("deepseek") and "quantization_config" in config:
+            raise ValueError(
+                f"serve.variants: {name} ({folder}) is a DeepSeek model with quantized experts, which vLLM's "
+                "CPU build cannot serve (its int8/int4 MoE kernels route only softmax top-k); serve bf16 on "
+                "CPU, or set serve.engine.use_gpu"
+            )
 
 
 def resolve_adapters(sc: ServeConfig, models: dict[str, str] | None = None) -> dict[str, str]:

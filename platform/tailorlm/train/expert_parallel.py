@@ -54,9 +54,11 @@ def _gather_experts(layer, local):
     size = dist.get_world_size(group=layer.ep_group)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=layer.ep_group)
-    full = torch.empty((layer.num_experts, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    full = torch.full((layer.num_experts, *local.shape[1:]), float("nan"), dtype=local.dtype, device=local.device)
     for r, part in enumerate(parts):
         full[list(autoep_experts_for_rank(layer.expert_placement_descriptor, r))] = part
+    if full.isnan().any():
+        raise RuntimeError(f"expert parallel: the EP ranks' experts do not cover all {layer.num_experts}")
     return full
 
 
@@ -79,7 +81,7 @@ def full_state(module, model_type: str, named: list) -> dict:
     for prefix, layer in layers.items():
         w = {k: params.get(f"{prefix}.experts.{k}") for k in ("w1", "w2", "w3")}
         if any(v is None for v in w.values()):
-            continue  # frozen experts (LoRA): not in a checkpoint
+            continue  # frozen experts: not trainable, so not in a checkpoint
         full = {k: _gather_experts(layer, v.detach()).cpu() for k, v in w.items()}
         out[f"{prefix}.{preset.experts_pattern}.{preset.expert_w1}"] = torch.cat(
             [full["w1"], full["w3"]], 1
@@ -132,6 +134,6 @@ class RouterTap:
         return fn
 
     def take(self) -> tuple:
-        out = tuple(self.logits[k] for k in sorted(self.logits))
+        out = tuple(self.logits.values())  # model order: the layers' hooks fire in it
         self.logits = {}
         return out
