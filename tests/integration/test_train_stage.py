@@ -169,9 +169,10 @@ def test_expert_parallel_run_matches_the_plain_run_and_saves_the_transformers_mo
     base = base.model.layers[1].mlp.experts
     for w in ("gate_up_proj", "down_proj"):  # every expert, from both ranks, trained as without EP
         ep_w, plain_w, base_w = (getattr(m, w) for m in (trained["ep"], trained["plain"], base))
-        moved = (plain_w - base_w).abs().amax(dim=(1, 2))
-        assert (moved > 0).all()
-        assert ((ep_w - plain_w).abs().amax(dim=(1, 2)) < 0.05 * moved).all(), w
+        moved = (plain_w - base_w).norm(dim=(1, 2))  # each expert's update without EP
+        apart = (ep_w - plain_w).norm(dim=(1, 2))  # a misplaced or stale expert would be ~moved or more
+        print(f"{w}: EP vs plain difference / plain update per expert: {(apart / moved).tolist()}")
+        assert (moved > 0).all() and (apart < 0.25 * moved).all(), w  # measured: 2-9%
 
 
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, tmp_path):
