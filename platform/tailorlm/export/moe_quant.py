@@ -39,6 +39,27 @@ def is_quantizable(key: str, tensor) -> bool:
     return tensor.dim() == 2 and parts[-1] == "weight" and "layers" in parts and parts[-2] not in ROUTERS
 
 
+def _place(root, dotted: str, module) -> None:
+    """Put `module` at `dotted` in the tree, creating the empty parents on the way."""
+    import torch
+
+    *path, leaf = dotted.split(".")
+    parent = root
+    for part in path:
+        if not hasattr(parent, part):
+            parent.add_module(part, torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
+
+
+def _copy_side_files(src: str, out_dir: str, skip: tuple[str, ...]) -> None:
+    """Tokenizer, generation config and the like: every file but the weights and `skip`."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in skip:
+            shutil.copy(f, out_dir)
+
+
 def linear_tree(tensors: dict, dtype=None):
     """(module tree of nn.Linear at the checkpoint's names, the tensors left as they are)."""
     import torch
@@ -54,15 +75,9 @@ def linear_tree(tensors: dict, dtype=None):
         if not is_quantizable(key, t):
             rest[key] = t
             continue
-        *path, name, _ = key.split(".")
-        parent = root
-        for part in path:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
         linear = torch.nn.Linear(t.shape[1], t.shape[0], bias=False, dtype=dtype or t.dtype)
         linear.weight.data = t.to(dtype or t.dtype)
-        parent.add_module(name, linear)
+        _place(root, key[: -len(".weight")], linear)
     return root, rest
 
 
@@ -77,10 +92,7 @@ def save_tree(root, rest: dict, src: str, out_dir: str, compressor) -> None:
     other files (tokenizer, generation config) beside it, the quantization config in config.json."""
     from safetensors.torch import save_file
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for f in Path(src).iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, out_dir)
+    _copy_side_files(src, out_dir, skip=("model.safetensors.index.json",))
     tensors = {k: v.contiguous() for k, v in root.state_dict().items()}
     save_file({**tensors, **rest}, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
     compressor.update_config(out_dir)
@@ -116,13 +128,7 @@ def dequantized_folder(qdir: str, out_dir: str) -> str:
     root = torch.nn.Module()
     for name, parts in modules.items():
         out_f, in_f = parts["weight_shape"].tolist() if "weight_shape" in parts else parts["weight"].shape
-        *path, leaf = name.split(".")
-        parent = root
-        for p in path:
-            if not hasattr(parent, p):
-                parent.add_module(p, torch.nn.Module())
-            parent = getattr(parent, p)
-        parent.add_module(leaf, torch.nn.Linear(int(in_f), int(out_f), bias=False, dtype=torch.bfloat16))
+        _place(root, name, torch.nn.Linear(int(in_f), int(out_f), bias=False, dtype=torch.bfloat16))
     scheme_keys = {k: v for k, v in qconfig.items() if k in QuantizationConfig.model_fields}
     quantization = QuantizationConfig.model_validate(scheme_keys)
     apply_quantization_config(root, quantization)
@@ -136,10 +142,7 @@ def dequantized_folder(qdir: str, out_dir: str) -> str:
     compressor = ModelCompressor(quantization_config=quantization)
     compressor.decompress_model(root)
     dense = {f"{name}.weight": root.get_submodule(name).weight.data.to(torch.bfloat16).contiguous() for name in modules}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for f in Path(qdir).iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out_dir)
+    _copy_side_files(qdir, out_dir, skip=("config.json", "model.safetensors.index.json"))
     save_file({**dense, **rest}, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
