@@ -110,64 +110,101 @@ def _adhoc_data_config(args):
     return load_config(args.config, overrides)
 
 
+def _logging_only(verbose: bool) -> None:
+    """`report` and `config`: no Ray and nothing from workers, so plain logging to stderr."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config and not os.path.exists(args.config):
         # `tailorlm data --input X --output Y key=value`: no config, the first override took its slot
         args.overrides.insert(0, args.config)
         args.config = None
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
     from tailorlm.config import ConfigError, dump_yaml
-    from tailorlm.pipeline import StageUnavailable, recap, run_pipeline, run_stage
-    from tailorlm.tune.stage import SweepInterrupted
 
-    try:
-        if args.command == "report":
-            from tailorlm.report import write_report
+    if args.command == "report":
+        _logging_only(args.verbose)
+        from tailorlm.report import write_report
 
+        try:
             print(f"report: {write_report(args.run_dir)}")
-            return 0
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    try:
         if args.command == "data" and (args.input or args.output):
             cfg = _adhoc_data_config(args)
         else:
             from tailorlm.config import load_config
 
             cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
-            print(dump_yaml(cfg), end="")
-            return 0
-        from tailorlm.cluster import init_ray, loopback_only
-        from tailorlm.pipeline import check_output
-        from tailorlm.serving.keys import take_from_env
-
-        if args.command == "data" and args.output:
-            check_output(args.output)  # before Ray starts: a refused run should cost nothing
-
-        take_from_env(cfg.serve.guard.api_keys_env)  # before Ray starts: its workers would inherit the keys
-        if args.address:
-            os.environ["RAY_ADDRESS"] = args.address  # where init_ray connects, now or in a stage
-        if args.command == "data":
-            # the data stage starts Ray when its input needs Ray Data (a small one runs here)
-            if not os.environ.get("RAY_ADDRESS"):
-                loopback_only()  # in case a library imports ray first
-        else:
-            init_ray()
-        if args.command == "run":
-            results = run_pipeline(cfg, force=tuple(args.force))
-            print(recap(results))
-        else:
-            out = args.output if args.command == "data" else None
-            run_stage(cfg, args.command, force=args.force, stage_uri=out)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StageUnavailable, SweepInterrupted, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "config":
+        _logging_only(args.verbose)
+        print(dump_yaml(cfg), end="")
+        return 0
+    return _run(args, cfg)
+
+
+def _run(args, cfg) -> int:
+    """A stage or the pipeline, under the console (console.py): the stages' messages here, the
+    output of Ray, its workers and the libraries in <run>/logs/<stage>.log."""
+    from tailorlm.config import ConfigError
+    from tailorlm.console import LogFiles, session
+    from tailorlm.pipeline import StageUnavailable, recap, run_pipeline, run_stage
+    from tailorlm.runs import RunDir
+
+    adhoc = args.command == "data" and bool(args.output)
+    logs = LogFiles(None if adhoc else RunDir.from_config(cfg).uri, cfg.run.name)
+    with session(logs, verbose=args.verbose) as con:
+        upload = f", uploaded to {logs.remote}/ as each stage ends" if logs.remote else ""
+        con.show(f"logs: {logs.dir}/<stage>.log{upload}" + ("" if args.verbose else " (-v: shown here too)"))
+        try:
+            from tailorlm.cluster import init_ray, loopback_only
+            from tailorlm.pipeline import check_output
+            from tailorlm.serving.keys import take_from_env
+
+            if adhoc:
+                check_output(args.output)  # before Ray starts: a refused run should cost nothing
+
+            take_from_env(cfg.serve.guard.api_keys_env)  # before Ray starts: its workers would inherit the keys
+            if args.address:
+                os.environ["RAY_ADDRESS"] = args.address  # where init_ray connects, now or in a stage
+            if args.command == "data":
+                # the data stage starts Ray when its input needs Ray Data (a small one runs here)
+                if not os.environ.get("RAY_ADDRESS"):
+                    loopback_only()  # in case a library imports ray first
+            else:
+                init_ray()
+            if args.command == "run":
+                results = run_pipeline(cfg, force=tuple(args.force))
+                con.show(recap(results))
+                con.show(f"  {'logs':7s} {logs.remote or logs.dir}/<stage>.log")
+            else:
+                out = args.output if args.command == "data" else None
+                run_stage(cfg, args.command, force=args.force, stage_uri=out)
+        except ConfigError as exc:
+            con.report_failure(exc, expected=True)
+            return 2
+        except KeyboardInterrupt:
+            stage, path = con.failure or ("", con.path)
+            con.show(f"[{stage}] interrupted; log: {path}" if stage else "interrupted")
+            return 130
+        except Exception as exc:  # noqa: BLE001 - one paragraph here, the traceback in the log
+            from tailorlm.tune.stage import SweepInterrupted
+
+            # errors whose message says what to do are told without their type's name
+            told = (StageUnavailable, SweepInterrupted, FileNotFoundError, ValueError)
+            con.report_failure(exc, expected=isinstance(exc, told))
+            return 1
     return 0
 
 

@@ -46,7 +46,8 @@ def runtime_env(ship_package: bool) -> dict[str, Any]:
     env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
     if ship_package:
         env["py_modules"] = [str(PACKAGE_DIR)]
-    for key in ("TAILORLM_CACHE", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE"):
+    # RAY_DATA_DISABLE_PROGRESS_BARS: the console's (console.session), for Ray Data in Train workers
+    for key in ("TAILORLM_CACHE", "HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "RAY_DATA_DISABLE_PROGRESS_BARS"):
         if key in os.environ:
             env["env_vars"][key] = os.environ[key]
     return env
@@ -96,13 +97,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
         # under `ray job submit --runtime-env ...` the job's runtime_env and ours both set env vars;
         # Ray refuses to merge them unless told to (ours adds py_modules and a few variables)
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, **kwargs)
+        ctx = ray.init(address=address, **kwargs)
     else:
         # The dashboard is not optional: besides being where users watch runs, it serves the State
         # API that Ray Train's PlacementGroupCleaner needs to free the resources of a trial that Tune
         # stopped early (without it the next trial waits forever for CPUs).
         private_auth_token()
-        ray.init(
+        ctx = ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=True,
@@ -112,6 +113,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, ship_packa
         )
     res = ray.cluster_resources()
     log.info("ray: %s CPUs, %s GPUs", res.get("CPU", 0), res.get("GPU", 0))
+    from tailorlm.console import attach_ray
+
+    attach_ray(getattr(ctx, "dashboard_url", None), res)  # worker output to the log files (no console: as Ray prints)
     return res
 
 

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from tailorlm.config import PipelineConfig
+from tailorlm.console import stage_log
 from tailorlm.runs import RunDir, StageDir
 from tailorlm.stages import BY_NAME, STAGES, Stage
 from tailorlm.storage_watch import watch_storage
@@ -108,7 +109,8 @@ def run_stage(
     # an endpoint kept serving needs its storage only to start: a storage outage must not stop it
     watched = not (stage == "serve" and cfg.serve.keep_serving)
     timeout_s = cfg.run.storage_timeout_s if watched else None
-    with sdir.running(info), watch_storage(sdir, timeout_s):  # info: read for the marker
+    # stage_log: under the CLI's console, what the stage and its workers print goes to logs/<stage>.log
+    with stage_log(stage), sdir.running(info), watch_storage(sdir, timeout_s):  # info: read for the marker
         info["summary"] = fn(cfg, run_dir, sdir) or {}
     marker = sdir.marker()
     echo(f"[{stage}] done in {time.time() - t0:.1f}s; outputs: {sdir.uri}")

@@ -182,8 +182,15 @@ def test_killed_data_stage_reruns_to_complete_outputs(tmp_path, corpus, drivers)
     # a forced rerun killed early (its body started reading, so the folder was cleared, before it
     # wrote anything): the old marker went with the old outputs, so nothing there says complete
     d = drivers([*args, "--force"], tmp_path / "early.log")
-    # "Starting execution": Ray Data's log line as the stage body runs its first dataset
-    d.wait_until(lambda: "[data] starting" in d.output() and "Starting execution" in d.output())
+    # "Starting execution": Ray Data's log line as the stage body runs its first dataset, in this
+    # run's stage log (console.py: the file starts with the driver's pid, library output goes there)
+    data_log = tmp_path / "runs" / "demo" / "logs" / "data.log"
+
+    def body_started() -> bool:
+        text = data_log.read_text(errors="replace") if data_log.exists() else ""
+        return f"(pid {d.proc.pid})" in text and "Starting execution" in text
+
+    d.wait_until(lambda: "[data] starting" in d.output() and body_started())
     d.kill()
     assert not (sdir / COMPLETE).exists() and not stage.is_complete() and stage.marker() is None
     assert not parquet_files(sdir / "kept") and not (sdir / FAILED).exists()
