@@ -150,3 +150,68 @@ def test_leaked_placement_group_is_released_and_used_ones_kept(ray_local):
     ray.kill(w)
     ray.util.remove_placement_group(used)
     ray.util.remove_placement_group(tune_own)
+
+
+def _sweep(tmp_path, name: str, fast: bool, *extra):
+    from tailorlm.runs import StageDir
+    from tailorlm.tune.stage import run_sweep
+
+    cfg = load_config(
+        None,
+        [
+            f"run.storage={tmp_path}",
+            "train.max_seq_len=64",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.warmup_steps=1",
+            "train.method=full",
+            "train.micro_batch_size=4",
+            "tune.enabled=true",
+            "tune.searcher=grid",
+            *extra,
+        ],
+    )
+    stats: dict = {}
+    results = run_sweep(
+        cfg, str(tmp_path / "demo" / "data" / "kept"), StageDir(str(tmp_path / name), "tune"), fast, stats
+    )
+    assert stats["fast"] is fast
+    return results
+
+
+def test_fast_path_trains_what_the_plain_path_trains(ray_local, tmp_path):
+    """One local-mode process standing in for 2 Train workers (their rank shards interleaved into one
+    optimizer step) gives the data-parallel run's eval losses, up to float summation order."""
+    _write_data_stage(tmp_path)
+    space = ["tune.scheduler=none", "tune.search_space={train.lr: {grid: [0.003]}}"]
+    losses = {}
+    for fast in (False, True):
+        (r,) = _sweep(tmp_path, f"tune-{fast}", fast, *space)
+        df = r.metrics_dataframe.sort_values("step")
+        assert list(df["step"]) == [2, 4] and bool(df["final"].iloc[-1])
+        assert df["loop_s"].iloc[-1] > 0 and "phase_ds_init_s" in df
+        losses[fast] = list(df["eval_loss"])
+    plain, fast = losses[False], losses[True]
+    assert plain[1] < plain[0]  # it learned something, so equal losses say something
+    for p, f in zip(plain, fast):
+        assert abs(p - f) <= 0.02 * p, (plain, fast)
+
+
+def test_fast_path_asha_stops_trials_and_the_reused_process_runs_the_next(ray_local, tmp_path):
+    """ASHA stops the fast path's trials at a report (Tune's own session, not Ray Train's), and the trial
+    after a stopped one runs in the same reused process (torch.distributed was taken down)."""
+    _write_data_stage(tmp_path)
+    results = _sweep(
+        tmp_path,
+        "tune-asha",
+        True,
+        "train.max_steps=6",
+        "tune.scheduler=asha",
+        "tune.search_space={train.lr: {grid: [0.003, 0.000001, 0.002]}}",
+    )
+    assert all(r.error is None for r in results), [r.error for r in results]
+    steps = {r.config["train.lr"]: int(r.metrics_dataframe["step"].max()) for r in results}
+    assert steps[0.003] == 6 and steps[0.000001] < 6, steps  # the hopeless lr stopped at the first rung
+    assert 0.002 in steps and steps[0.002] >= 2
+    pids = {int(r.metrics_dataframe["pid"].iloc[0]) for r in results}
+    assert len(pids) == 1, pids  # one Tune process ran all three trials (reuse_actors)

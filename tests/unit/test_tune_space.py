@@ -41,3 +41,22 @@ def test_space_maps_to_tune_domains():
     space = search_space(cfg)
     assert space["train.lr"].lower == 1e-5 and space["train.epochs"].upper == 4
     assert trial_config(cfg.to_dict(), {"train.lr": 3e-4}).train.lr == 3e-4
+
+
+def test_trials_are_labelled_by_their_sampled_values():
+    from types import SimpleNamespace
+
+    from tailorlm.tune.stage import compact, trial_label, trial_labels
+
+    keys = ["train.lr", "train.warmup_steps"]
+    assert trial_label({"train.lr": 0.00032, "train.warmup_steps": 4}, keys) == "lr=3.2e-04 warmup_steps=4"
+    assert compact(0.1) == "0.1" and compact(3.0) == "3" and compact(1.5e5) == "1.5e+05" and compact(12345) == "12345"
+    assert compact(True) == "True" and compact("cosine") == "cosine" and compact(0.0) == "0"
+    # a last component two keys share keeps its full key
+    assert trial_label({"train.lora.r": 8, "x.r": 2}, ["train.lora.r", "x.r"]) == "train.lora.r=8 x.r=2"
+    same = [SimpleNamespace(config={"train.lr": 0.001}) for _ in range(2)]
+    assert trial_labels(same + [SimpleNamespace(config={"train.lr": 0.002})], ["train.lr"]) == [
+        "lr=1.0e-03 #1",
+        "lr=1.0e-03 #2",
+        "lr=2.0e-03",
+    ]

@@ -3,6 +3,13 @@
 Runs inside each Ray Train worker (TorchTrainer has already set up torch.distributed: gloo on
 CPU, NCCL on GPU). Every evaluation reports metrics and a safetensors checkpoint to Ray Train,
 which keeps the best k by eval loss and hands the latest back after a failure or a rerun.
+
+A Tune trial on the fast path (tune/stage.py) runs this same loop in Ray Train's local mode
+(ScalingConfig(num_workers=0): the train function runs in the Tune trial's own process, a world of
+one). There `ranks` > 1 stands in for that many Train workers: the loop reads every rank's fixed
+shard, interleaved, and accumulates them into one optimizer step (grad_accum x ranks micro-batches),
+which is the step the data-parallel run takes; metrics go straight to Tune (`report: tune`), as
+local mode's ray.train.report only keeps the last one.
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class MoeStep:
 
 
 def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
-    """Token-weighted eval loss over this worker's eval shard, summed across workers."""
+    """Token-weighted eval loss over this worker's eval shard (or list of shards), summed across workers."""
     import torch
     import torch.distributed as dist
 
@@ -115,8 +122,9 @@ def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
 
     engine.eval()
     sums = torch.zeros(2, dtype=torch.float64)
+    shards = shard if isinstance(shard, list) else [shard]
     with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for batch in (b for s in shards for b in s.iter_batches(batch_size=batch_size, batch_format="numpy")):
             b = {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}
             n = (b["labels"][:, 1:] != IGNORE).sum()
             loss = engine(**b).loss
@@ -130,7 +138,21 @@ def evaluate(engine, shard, pad_id: int, batch_size: int) -> dict[str, float]:
     return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": int(sums[1].item())}
 
 
+def interleaved(shards: list, **kwargs):
+    """Batch i of every shard in turn (rank 0's, rank 1's, ...): the micro-batches that ranks 0..n-1
+    of a data-parallel run would train on at their i-th micro-step."""
+    if len(shards) == 1:
+        yield from shards[0].iter_batches(**kwargs)
+        return
+    for batches in zip(*(s.iter_batches(**kwargs) for s in shards)):
+        yield from batches
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    t_fn = time.time()  # start-up breakdown: where a run's seconds go before its first step
+    phases = dict(config.get("phases") or {})
+    if config.get("t_fit"):
+        phases["start_s"] = t_fn - config["t_fit"]  # Train controller and worker group start, dataset set-up
     import deepspeed
     import psutil
     import ray.train
@@ -143,14 +165,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = PipelineConfig.model_validate(config["cfg"])
     tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     total_steps, pad_id = config["total_steps"], config["pad_id"]
+    ranks = config.get("ranks", 1)  # data-parallel ranks this one process stands in for (local mode)
+    to_tune = config.get("report") == "tune"
+    if to_tune:  # local mode inside a Tune trial: ray.train's context calls refuse to run in Tune's session
+        rank, world, restored = 0, 1, None  # (and nothing to resume: the fast path keeps no checkpoints)
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        restored = ray.train.get_checkpoint()
+    checkpoints = config.get("checkpoints", True)
+    t = time.time()
+    phases["import_s"] = t - t_fn
     if not tc.use_gpu:
         build_shm_comm_once()
 
     # -- model, DeepSpeed engine, schedule ------------------------------------------------------
     model = build_model(cfg, config["base_path"])
+    t, phases["model_s"] = time.time(), time.time() - t
     moe = MoeStep.for_model(model, tc.moe.aux_loss_coef)  # None on a dense model
     if moe and tc.deepspeed.stage == 3:
         from tailorlm.train.moe import set_zero3_leaves
@@ -164,6 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=deepspeed_config(tc, world, model.config.model_type),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc, total_steps)),
     )
+    t, phases["ds_init_s"] = time.time(), time.time() - t
     if moe and tc.moe.expert_parallel > 1:  # AutoEP has replaced the MoE blocks
         from tailorlm.train.expert_parallel import RouterTap, ep_layers
 
@@ -175,7 +208,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # -- resume ---------------------------------------------------------------------------------
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": []}
-    restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
             state = ckpt_io.load(engine, d, rank, world, tc.deepspeed.stage)
@@ -196,22 +228,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         writer = SummaryWriter(config["tensorboard_dir"])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval")
+    if ranks > 1:
+        train_shard = [ray.train.get_dataset_shard(f"train_{r}") for r in range(ranks)]
+        eval_shard = [ray.train.get_dataset_shard(f"eval_{r}") for r in range(ranks)]
+    else:
+        train_shard = [ray.train.get_dataset_shard("train")]
+        eval_shard = ray.train.get_dataset_shard("eval")
     proc = psutil.Process()
+    phases.update(eval_s=0.0, ckpt_s=0.0)
 
     def eval_and_checkpoint(final: bool) -> None:
+        t_eval = time.time()
         metrics = evaluate(engine, eval_shard, pad_id, tc.micro_batch_size)
         if moe:
             metrics.update(moe.metrics())  # expert use over the steps since the last evaluation
-        # loop_s: seconds in this loop (steps and evals) over all attempts; what a sweep would cost
-        # with no start-up or scheduling overhead (the tune benchmark's "ideal")
-        metrics.update(step=step, epoch=epoch, final=final, loop_s=loop_s0 + time.time() - t_loop)
+        phases["eval_s"] += time.time() - t_eval
+        # loop_s: seconds in this loop (steps and evals, not checkpoint writes) over all attempts;
+        # what a sweep would cost with no start-up or scheduling overhead (the tune benchmark's "ideal")
+        loop_s = loop_s0 + time.time() - t_loop - phases["ckpt_s"]
+        metrics.update(step=step, epoch=epoch, final=final, loop_s=loop_s)
         history.append({k: v for k, v in metrics.items() if k != "final"})
+        metrics.update({f"phase_{k}": v for k, v in phases.items()})  # (not in the history)
         state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history, scheduler=scheduler.state_dict())
-        with tempfile.TemporaryDirectory() as d:
-            ckpt_io.save(engine, d, rank, world, tc.deepspeed.stage, state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        t_ckpt = time.time()
+        if not checkpoints:  # a Tune trial on the fast path: nothing resumes it (see tune/stage.py)
+            report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt_io.save(engine, d, rank, world, tc.deepspeed.stage, state)
+                report(metrics, checkpoint=Checkpoint.from_directory(d))
+        phases["ckpt_s"] += time.time() - t_ckpt
         if writer:
             for k in ("eval_loss", "eval_ppl"):
                 writer.add_scalar(k, metrics[k], step)
@@ -226,13 +272,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             )
 
+    def report(metrics, checkpoint=None):
+        if to_tune:
+            from ray import tune
+
+            tune.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics, checkpoint=checkpoint)
+
     # -- the loop ---------------------------------------------------------------------------------
     micro = state["micro_in_epoch"]
     loop_s0 = max((h.get("loop_s", 0.0) for h in history), default=0.0)
     tokens, t_last = 0, time.time()
     t_loop = t_last
     while step < total_steps:
-        batches = train_shard.iter_batches(
+        batches = interleaved(
+            train_shard,
             batch_size=tc.micro_batch_size,
             batch_format="numpy",
             drop_last=True,
@@ -242,6 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if i < micro:  # resuming mid-epoch: skip what the checkpointed run already consumed
                 continue
+            if "first_batch_s" not in phases:
+                phases["first_batch_s"] = time.time() - t_loop
             b = {k: v.to(engine.device) for k, v in collate(batch, pad_id).items()}
             if moe:
                 loss, lm_loss = moe.loss(engine(**b, output_router_logits=True))

@@ -178,6 +178,7 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
         "base_path": base_path,
         "pad_id": tok.pad_token_id,
         "total_steps": total_steps,
+        "n_train": n_train,
     }
 
 
@@ -188,23 +189,49 @@ def make_trainer(
     name: str,
     tensorboard_dir: str | None = None,
     callbacks: list | None = None,
+    local_ranks: int = 0,
+    checkpoints: bool = True,
+    phases: dict | None = None,
 ):
-    """The TorchTrainer for one training run (the train stage, or one Tune trial)."""
+    """The TorchTrainer for one training run (the train stage, or one Tune trial).
+
+    local_ranks > 0: Ray Train's local mode (num_workers=0), the loop in this process reporting
+    to Tune, standing in for that many workers over prep's rank shards (a fast-path Tune trial;
+    cfg then has num_workers 1 and grad_accum x local_ranks, see tune/stage.py)."""
+    import time
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tailorlm.train.loop import train_loop_per_worker
 
     tc = cfg.train
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "base_path": prep["base_path"],
+        "total_steps": prep["total_steps"],
+        "pad_id": prep["pad_id"],
+        "tensorboard_dir": tensorboard_dir,
+        "checkpoints": checkpoints,
+        "t_fit": time.time(),  # the loop's start-up breakdown counts from here
+        "phases": phases or {},  # seconds the caller spent before (the tune benchmark's breakdown)
+    }
+    if local_ranks:
+        # Ray Train's base trainer, not TorchTrainer: TorchTrainer's local mode destroys the
+        # torch.distributed world at the end of every fit, which a reused Tune process needs kept
+        # (tune/stage.world_of_one makes it once)
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer(
+            train_loop_per_worker,
+            train_loop_config={**loop_config, "ranks": local_ranks, "report": "tune"},
+            scaling_config=ScalingConfig(num_workers=0),
+            run_config=RunConfig(name=name, storage_path=storage_uri),
+            datasets={f"{n}_{r}": part for n, parts in prep["shards"].items() for r, part in enumerate(parts)},
+        )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "base_path": prep["base_path"],
-            "total_steps": prep["total_steps"],
-            "pad_id": prep["pad_id"],
-            "tensorboard_dir": tensorboard_dir,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
         ),

@@ -4,10 +4,24 @@
 
 The search space lives in the YAML as dotted keys over the pipeline config
 (`train.lr: {loguniform: [1.0e-5, 5.0e-4]}`); a sampled point is applied with the same override
-mechanism as the CLI, then validated, so there is one way to change a setting. Each trial runs a
-driver that builds a TorchTrainer (Ray Train V2) whose reports reach Tune through
-TuneReportCallback, so ASHA can stop it. Outputs: leaderboard.csv/.json, trials.png and
-best.yaml, which the train stage applies when tune is enabled.
+mechanism as the CLI, then validated, so there is one way to change a setting. Outputs:
+leaderboard.csv/.json, trials.png and best.yaml, which the train stage applies when tune is enabled.
+
+Two ways to run a trial, both a TorchTrainer (Ray Train V2) running train/loop.py with DeepSpeed:
+
+- fast (the default where it applies, see fast_path_reason): the data is prepared (tokenized with
+  Ray Data, cut into rank shards) once per sweep, not once per trial; each trial runs its trainer
+  in Ray Train's local mode (ScalingConfig(num_workers=0)) inside the Tune trial's own process,
+  which Tune reuses between trials (reuse_actors), so process start, torch/DeepSpeed imports and
+  the Train worker group are paid once per sweep slot, not per trial. The one process stands in
+  for train.num_workers ranks: it reads every rank's shard and accumulates them into one optimizer
+  step (the same global batch and rows per step; eval over every rank's eval shard), so a trial
+  computes what the data-parallel run computes, up to float summation order. The loop reports to
+  Tune itself (ray.tune.report), so ASHA stops it at a report, and it writes no checkpoints: the
+  train stage never resumes a trial, and a sweep restored after an interrupt (Tuner.restore)
+  reruns its unfinished trials from step 0 (finished ones are kept).
+- plain: a driver per trial that prepares the data and runs a TorchTrainer with num_workers
+  workers, whose reports (with checkpoints) reach Tune through TuneReportCallback.
 """
 
 from __future__ import annotations
@@ -23,6 +37,33 @@ from tailorlm.runs import RunDir, StageDir
 from tailorlm.tune.placement import cleanup_callback
 
 SWEEP = "sweep"
+
+# sampled keys that change what prepare() makes (tokens, rank shards): then every trial prepares its own
+DATA_KEYS = ("model.", "data.", "run.seed", "train.format", "train.max_seq_len", "train.packing", "train.num_workers")
+
+
+def fast_path_reason(cfg: PipelineConfig) -> str | None:
+    """Why this sweep's trials cannot take the fast path (see the module docstring), or None."""
+    tc = cfg.train
+    if tc.moe.expert_parallel > 1:
+        return "train.moe.expert_parallel > 1 needs real ranks"
+    if tc.use_gpu and tc.num_workers > 1:
+        return "one process on one GPU would hold what ZeRO spreads over train.num_workers GPUs"
+    return None
+
+
+def shares_prepare(cfg: PipelineConfig) -> bool:
+    """Whether one prepare() serves every trial: no sampled key changes the data."""
+    return not any(k.startswith(DATA_KEYS) for k in cfg.tune.search_space)
+
+
+def trial_cpus(cfg: PipelineConfig, cluster_cpus: int) -> int:
+    """CPUs one fast-path trial reserves (and torch threads it runs): its plain trial's workers',
+    or a 1/max_concurrent_trials share of the cluster when several trials run at once."""
+    cpus = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
+    if cfg.tune.max_concurrent_trials > 1:
+        cpus = max(1, min(cpus, cluster_cpus // cfg.tune.max_concurrent_trials))
+    return cpus
 
 
 def search_space(cfg: PipelineConfig) -> dict[str, Any]:
@@ -60,18 +101,91 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any]) -> PipelineConfi
 
 
 def trial_driver(sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, trials_uri: str) -> None:
-    """One Tune trial: apply the sampled overrides, then run a whole Ray Train job."""
+    """One Tune trial (plain path): apply the sampled overrides, then run a whole Ray Train job."""
+    import time
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tailorlm.train.trainer import make_trainer, prepare
 
+    t0 = time.time()
     cfg = trial_config(base, sampled)
     prep = prepare(cfg, kept_uri)
     name = tune.get_context().get_trial_id()
-    result = make_trainer(cfg, prep, storage_uri=trials_uri, name=name, callbacks=[TuneReportCallback()]).fit()
+    phases = {"prepare_s": time.time() - t0}
+    trainer = make_trainer(
+        cfg, prep, storage_uri=trials_uri, name=name, callbacks=[TuneReportCallback()], phases=phases
+    )
+    result = trainer.fit()
     if result.error:
         raise result.error
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fast_trial(
+    sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, trials_uri: str, prep=None, cpus: int = 1
+) -> None:
+    """One Tune trial (fast path): the trainer in Ray Train's local mode, in this (reused) process,
+    on the sweep's prepared shards (prep; None when sampled keys change the data)."""
+    import os
+    import time
+
+    import torch
+    from ray import tune
+
+    from tailorlm.train.ds_config import steps_for
+    from tailorlm.train.trainer import make_trainer, preflight, prepare
+
+    t0 = time.time()
+    try:  # Ray starts workers at niceness 15; this one trains (the plain path's workers get 0 too)
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
+    torch.set_num_threads(cpus)
+    cfg = trial_config(base, sampled)
+    world = cfg.train.num_workers
+    if prep is None:
+        prep = prepare(cfg, kept_uri)
+    else:
+        preflight(cfg, prep["base_path"])  # what prepare checks per config (seconds, on the meta device)
+        prep = {**prep, "total_steps": steps_for(cfg.train, prep["n_train"], world)[1]}
+    # one process standing in for `world` ranks: each optimizer step takes every rank's micro-batches
+    local = validate(
+        apply_overrides(cfg.to_dict(), {"train.num_workers": 1, "train.grad_accum": cfg.train.grad_accum * world})
+    )
+    world_of_one(cfg.train.use_gpu)
+    name = tune.get_context().get_trial_id()
+    phases = {"trial_setup_s": time.time() - t0}
+    trainer = make_trainer(
+        local, prep, storage_uri=trials_uri, name=name, local_ranks=world, checkpoints=False, phases=phases
+    )
+    trainer.fit()
+
+
+def world_of_one(use_gpu: bool) -> None:
+    """A torch.distributed world of one in this process, made once and kept for every trial it runs:
+    deepspeed.initialize needs one, and DeepSpeed caches its process groups (deepspeed.utils.groups),
+    so a world taken down and made again between two trials fails the second ("Group ... is not
+    registered"). Made here, not by TorchTrainer's local mode, which inits (given all six torchrun
+    variables) and destroys it around every fit: the fast path runs Ray Train's base
+    DataParallelTrainer, which leaves it alone (train/trainer.make_trainer)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    port = _free_port()
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def make_scheduler(cfg: PipelineConfig):
@@ -104,15 +218,48 @@ def make_searcher(cfg: PipelineConfig):
     return OptunaSearch(seed=cfg.run.seed)
 
 
-def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
+def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | None = None, stats: dict | None = None):
+    """fast: None takes the fast path where fast_path_reason allows it. stats, when given, is
+    filled with what the benchmark reports (path, sweep-level prepare seconds, trial CPUs)."""
+    import time
+
+    import ray
     from ray import tune
 
     t = cfg.tune
     check_space(cfg)
-    trainable = tune.with_resources(  # the trial driver only waits on its trainer: it needs no CPU
-        tune.with_parameters(trial_driver, base=cfg.to_dict(), kept_uri=kept_uri, trials_uri=sdir.sub("trials")),
-        {"cpu": 0, "memory": 64 * 2**20},
-    )  # a zero bundle is rejected; memory makes it non-empty
+    reason = fast_path_reason(cfg)
+    if fast and reason:
+        raise ValueError(f"tune: the fast path does not apply: {reason}")
+    fast = not reason if fast is None else fast
+    stats = {} if stats is None else stats
+    stats.update(fast=fast, prepare_s=0.0)
+    base = cfg.to_dict()
+    if fast:
+        prep = None
+        if shares_prepare(cfg):  # once for the sweep; every trial reads the same shards
+            from tailorlm.train.trainer import prepare
+
+            t0 = time.time()
+            prep = prepare(trial_config(base, {}), kept_uri)
+            stats["prepare_s"] = time.time() - t0
+        cpus = trial_cpus(cfg, int(ray.cluster_resources().get("CPU", 1)))
+        stats["trial_cpus"] = cpus
+        res = {"cpu": cpus, "gpu": 1 if cfg.train.use_gpu else 0}
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                fast_trial, base=base, kept_uri=kept_uri, trials_uri=sdir.sub("trials"), prep=prep, cpus=cpus
+            ),
+            res,
+        )
+        callbacks = []
+    else:
+        print(f"[tune] plain trials (a TorchTrainer with workers each): {reason or 'asked for'}")
+        trainable = tune.with_resources(  # the trial driver only waits on its trainer: it needs no CPU
+            tune.with_parameters(trial_driver, base=base, kept_uri=kept_uri, trials_uri=sdir.sub("trials")),
+            {"cpu": 0, "memory": 64 * 2**20},
+        )  # a zero bundle is rejected; memory makes it non-empty
+        callbacks = [cleanup_callback()]
     sweep_uri = sdir.sub(SWEEP)
     if tune.Tuner.can_restore(sweep_uri):
         print(f"[tune] resuming the interrupted sweep at {sweep_uri}")
@@ -129,8 +276,9 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir):
                 scheduler=make_scheduler(cfg),
                 search_alg=make_searcher(cfg),
                 max_concurrent_trials=t.max_concurrent_trials,
+                reuse_actors=fast,  # fast: the next trial runs in the process (imports, gloo) the last one left
             ),
-            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1, callbacks=[cleanup_callback()]),
+            run_config=tune.RunConfig(name=SWEEP, storage_path=sdir.uri, verbose=1, callbacks=callbacks),
         )
     # On SIGINT Tune saves its state and returns normally, so a sweep stopped that way must not
     # pass for a finished one. Tune's handler, when it fires, puts back the handler it found: we
@@ -182,12 +330,44 @@ def error_reason(err: BaseException | None) -> str:
     return (lines[-1] if lines else repr(err))[:300]
 
 
+def compact(v: Any) -> str:
+    """A sampled value, short: 3.2e-04 for small or large floats, else 3 significant digits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, float) and not v.is_integer() and (abs(v) < 1e-2 or abs(v) >= 1e4):
+        return f"{v:.1e}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def trial_label(config: dict[str, Any], keys) -> str:
+    """A trial named by its sampled values: 'lr=3.2e-04 warmup_steps=4' (a key by its last dotted
+    component, or in full where two keys share it)."""
+    keys = list(keys)
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return " ".join(
+        f"{short if last.count(short) == 1 else k}={compact(config.get(k))}" for k, short in zip(keys, last)
+    )
+
+
+def trial_labels(results, keys) -> list[str]:
+    """trial_label of each result; a label that repeats (the same point sampled twice) gets #2, #3..."""
+    labels = [trial_label(r.config or {}, keys) for r in results]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if labels.count(label) == 1 else f"{label} #{seen[label]}")
+    return out
+
+
 def leaderboard(results, cfg: PipelineConfig):
     import pandas as pd
 
     t = cfg.tune
     rows = []
-    for r in results:
+    for r, label in zip(results, trial_labels(results, t.search_space)):
         df = r.metrics_dataframe
         has = df is not None and t.metric in df
         best = (df[t.metric].min() if t.mode == "min" else df[t.metric].max()) if has else math.nan
@@ -197,6 +377,7 @@ def leaderboard(results, cfg: PipelineConfig):
         rows.append(
             {
                 "trial": os.path.basename(r.path),
+                "label": label,
                 "status": status,
                 t.metric: best,
                 "steps": last_step,
@@ -208,17 +389,17 @@ def leaderboard(results, cfg: PipelineConfig):
     return board.reset_index(drop=True)
 
 
-def plot_trials(results, metric: str, path: str) -> None:
+def plot_trials(results, metric: str, path: str, keys=()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
+    for r, label in zip(results, trial_labels(results, keys)):
         df = r.metrics_dataframe
         if df is not None and metric in df and "step" in df:
-            ax.plot(df["step"], df[metric], "o-", ms=3, label=os.path.basename(r.path)[-12:])
+            ax.plot(df["step"], df[metric], "o-", ms=3, label=label or os.path.basename(r.path))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -254,9 +435,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         board.to_csv(fh, index=False)
     sdir.write_json("leaderboard.json", board.to_dict("records"))
     with tempfile.TemporaryDirectory() as tmp:
-        plot_trials(results, cfg.tune.metric, os.path.join(tmp, "trials.png"))
+        plot_trials(results, cfg.tune.metric, os.path.join(tmp, "trials.png"), cfg.tune.search_space)
         sdir.put(os.path.join(tmp, "trials.png"), "trials.png")
-    print(board.drop(columns=["error"]).to_string(index=False))
+    print(board.drop(columns=["error", "trial"]).to_string(index=False))
     print(f"best: {overrides} ({cfg.tune.metric} {best[cfg.tune.metric]:.4f})")
     print(f"leaderboard: {sdir.sub('leaderboard.csv')}\nbest:        {sdir.sub('best.yaml')}")
     return {
