@@ -163,7 +163,7 @@ def _run(args, cfg) -> int:
     from tailorlm.runs import RunDir
 
     adhoc = args.command == "data" and bool(args.output)
-    logs = LogFiles(None if adhoc else RunDir.from_config(cfg).uri, cfg.run.name)
+    logs = LogFiles(None, "adhoc") if adhoc else LogFiles(RunDir.from_config(cfg).uri, cfg.run.name)
     with session(logs, verbose=args.verbose) as con:
         upload = f", uploaded to {logs.remote}/ as each stage ends" if logs.remote else ""
         con.show(f"logs: {logs.dir}/<stage>.log{upload}" + ("" if args.verbose else " (-v: shown here too)"))

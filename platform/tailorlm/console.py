@@ -22,48 +22,16 @@ import contextlib
 import io
 import logging
 import os
-import re
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from typing import Any, Iterator, TextIO
 
+from tailorlm.console_files import LogFiles
 from tailorlm.console_text import autoscaler_events, from_tailorlm, one_paragraph, worker_lines
 
 _active: "Console | None" = None
-
-
-class LogFiles:
-    """The folder a run's log files go to, and their upload when the run storage is remote."""
-
-    def __init__(self, run_uri: str | None, name: str = "adhoc"):
-        from tailorlm.runs import join, local_path
-
-        local = local_path(run_uri) if run_uri else None
-        self.remote = join(run_uri, "logs") if run_uri and not local else None
-        if local:
-            self.dir = os.path.join(local, "logs")
-        else:  # per user: /tmp is shared, and a log may hold what a stage read
-            user = f"tailorlm-{os.getuid()}" if hasattr(os, "getuid") else "tailorlm"
-            self.dir = os.path.join(tempfile.gettempdir(), user, re.sub(r"[^\w.-]", "_", name), "logs")
-        os.makedirs(self.dir, exist_ok=True)
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, f"{name}.log")
-
-    def upload(self, name: str) -> str | None:
-        if not self.remote:
-            return None
-        import fsspec
-
-        from tailorlm.runs import join
-
-        target = join(self.remote, f"{name}.log")
-        fs, path = fsspec.core.url_to_fs(target)
-        fs.put_file(self.path(name), path)
-        return target
 
 
 class Console:
@@ -78,6 +46,7 @@ class Console:
         self.opened: set[str] = set()
         self.failure: tuple[str, str] | None = None  # (stage, log path) of the stage that raised
         self.last_shown: tuple[Any, float] = (None, 0.0)
+        self.live: Any = None  # console_live.LiveLine on a terminal (session)
         self.switch("driver")
 
     # -- files ----------------------------------------------------------------------------------
@@ -113,8 +82,11 @@ class Console:
 
     def show(self, line: str, file: bool = True) -> None:
         with self.lock:
-            self.term.write(line.rstrip("\n") + "\n")
-            self.term.flush()
+            if self.live is not None:
+                self.live.print(line.rstrip("\n"))
+            else:
+                self.term.write(line.rstrip("\n") + "\n")
+                self.term.flush()
             if file:
                 self.file(line.rstrip("\n") + "\n")
 
@@ -137,6 +109,8 @@ class Console:
         """Log to <name>.log while a stage runs; a failure leaves its traceback there."""
         back = self.name
         self.switch(name)
+        if self.live is not None:
+            self.live.stage(name)
         try:
             yield
         except BaseException:
@@ -144,6 +118,8 @@ class Console:
             self.failure = (name, self.path)
             raise
         finally:
+            if self.live is not None:
+                self.live.stage(None)
             self.switch(back)
 
     def report_failure(self, exc: BaseException, expected: bool = False) -> None:
@@ -157,6 +133,9 @@ class Console:
         if not expected or stage:
             lines.append(f"{' ' * (len(stage) + 3) if stage else '  '}traceback and worker output: {path}")
         with self.lock:
+            if self.live is not None:
+                self.live.stop()
+                self.live = None
             self.term.flush()
             for line in lines:
                 self.err.write(line + "\n")
@@ -164,10 +143,12 @@ class Console:
 
 
 class _Router(io.TextIOBase):
-    """sys.stdout / sys.stderr: a write from tailorlm code to stdout is shown, the rest filed."""
+    """sys.stdout / sys.stderr: a write from tailorlm code to stdout is shown, the rest filed.
+    Shown text goes out by whole lines (print() writes its pieces one call each)."""
 
     def __init__(self, console: Console, fd: int, shows: bool, verbose_to: TextIO | None):
         self.console, self.fd, self.shows, self.verbose_to = console, fd, shows, verbose_to
+        self.pending = ""
 
     def write(self, s: str) -> int:
         self.console.file(s)
@@ -175,11 +156,18 @@ class _Router(io.TextIOBase):
             self.verbose_to.write(s)
         elif self.shows and from_tailorlm(sys._getframe(1)):
             with self.console.lock:
-                self.console.term.write(s)
+                *lines, self.pending = (self.pending + s).split("\n")
+                for line in lines:
+                    self.console.show(line, file=False)
         return len(s)
 
     def flush(self) -> None:
         (self.verbose_to or self.console.term).flush()
+
+    def close_pending(self) -> None:
+        if self.pending:
+            self.console.show(self.pending, file=False)
+            self.pending = ""
 
     def fileno(self) -> int:
         return self.fd
@@ -202,6 +190,15 @@ def _drain(fd: int, console: Console) -> None:
     os.close(fd)
 
 
+class _ShowHandler(logging.Handler):
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.console.show(self.format(record), file=False)
+
+
 def _logging(console: Console, verbose: bool) -> list[logging.Handler]:
     """Every record to the log file (through sys.stderr, now the console's); tailorlm's own
     warnings on the console as well."""
@@ -213,7 +210,7 @@ def _logging(console: Console, verbose: bool) -> list[logging.Handler]:
     root.addHandler(to_file)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
-        shown = logging.StreamHandler(console.term)
+        shown = _ShowHandler(console)
         shown.setLevel(logging.WARNING)
         shown.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.getLogger("tailorlm").addHandler(shown)
@@ -247,8 +244,15 @@ def session(logs: LogFiles, verbose: bool = False) -> Iterator[Console]:
         os.close(w)
         drain = threading.Thread(target=_drain, args=(r, console), name="tailorlm-console-fds", daemon=True)
         drain.start()
-    sys.stdout = _Router(console, 1, True, old[0] if verbose else None)
-    sys.stderr = _Router(console, 2, False, old[1] if verbose else None)
+    if not verbose:
+        from tailorlm.console_live import live_line
+
+        console.live = live_line(term)
+    routed = (
+        _Router(console, 1, True, old[0] if verbose else None),
+        _Router(console, 2, False, old[1] if verbose else None),
+    )
+    sys.stdout, sys.stderr = routed
     handlers = _logging(console, verbose)
     _active = console
     try:
@@ -256,6 +260,10 @@ def session(logs: LogFiles, verbose: bool = False) -> Iterator[Console]:
     finally:
         _active = None
         _detach_ray(console)
+        routed[0].close_pending()
+        if console.live is not None:
+            console.live.stop()
+            console.live = None
         for h in handlers:
             logging.getLogger().removeHandler(h)
             logging.getLogger("tailorlm").removeHandler(h)

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tailorlm import console as C
+from tailorlm import console_files
 from tailorlm import console_text as T
 
 
@@ -81,19 +82,19 @@ def test_one_paragraph_takes_what_a_worker_raised_out_of_rays_wrapping():
 def test_remote_run_storage_logs_locally_then_uploads(tmp_path, monkeypatch):
     import fsspec
 
-    monkeypatch.setattr(C.tempfile, "gettempdir", lambda: str(tmp_path))
-    logs = C.LogFiles("memory://bucket/runs/r1", "r1")
+    monkeypatch.setattr(console_files.tempfile, "gettempdir", lambda: str(tmp_path))
+    logs = console_files.LogFiles("memory://bucket/runs/r1", "r1")
     assert logs.dir.startswith(str(tmp_path)) and logs.remote == "memory://bucket/runs/r1/logs"
     con = C.Console(logs, open(os.devnull, "w"))
     with con.stage("data"):
         con.file("hello from data\n")
     assert "hello from data" in fsspec.open("memory://bucket/runs/r1/logs/data.log", "r").open().read()
-    local = C.LogFiles(str(tmp_path / "runs" / "r2"))
+    local = console_files.LogFiles(str(tmp_path / "runs" / "r2"))
     assert local.remote is None and local.dir == str(tmp_path / "runs" / "r2" / "logs")
 
 
 def test_session_shows_stage_lines_and_files_library_output(tmp_path, capfd):
-    logs = C.LogFiles(str(tmp_path / "run"))
+    logs = console_files.LogFiles(str(tmp_path / "run"))
     with C.session(logs) as con:
         exec("print('[data] kept 10 rows')", {"__name__": "tailorlm.data.stage"})
         print("a library's chatter")  # called from this test module: not tailorlm's
@@ -136,7 +137,7 @@ def test_a_failing_stage_names_its_log_file_which_holds_the_traceback(tmp_path, 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_unexpected_errors_keep_their_type_and_expected_ones_read_as_before(tmp_path, capfd, verbose):
-    logs = C.LogFiles(str(tmp_path / "run"))
+    logs = console_files.LogFiles(str(tmp_path / "run"))
     with C.session(logs, verbose=verbose) as con:
         con.report_failure(ValueError("--output d: name a new or empty folder"), expected=True)
         try:
@@ -148,3 +149,24 @@ def test_unexpected_errors_keep_their_type_and_expected_ones_read_as_before(tmp_
     assert err[0] == "error: --output d: name a new or empty folder"
     assert err[1] == "[export] failed: KeyError: 'variant'"
     assert err[2].strip() == f"traceback and worker output: {tmp_path / 'run' / 'logs' / 'export.log'}"
+
+
+def test_a_terminal_gets_a_live_line_for_the_running_stage_and_a_pipe_plain_lines():
+    import io
+
+    from tailorlm.console_live import live_line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert live_line(io.StringIO()) is None  # CI, `ray job submit`: plain lines
+    term = Terminal()
+    live = live_line(term)
+    live.stage("train")
+    live.print("[train] step 10/60 eval_loss 3.1")
+    assert live.progress.tasks[0].description == "[train] step 10/60 eval_loss 3.1"
+    live.stage(None)
+    assert not live.progress.tasks
+    live.stop()
+    assert "[train] step 10/60 eval_loss 3.1\n" in term.getvalue()
