@@ -253,6 +253,7 @@ def session(logs: LogFiles, verbose: bool = False) -> Iterator[Console]:
         _Router(console, 2, False, old[1] if verbose else None),
     )
     sys.stdout, sys.stderr = routed
+    level = logging.getLogger().level
     handlers = _logging(console, verbose)
     _active = console
     try:
@@ -267,6 +268,7 @@ def session(logs: LogFiles, verbose: bool = False) -> Iterator[Console]:
         for h in handlers:
             logging.getLogger().removeHandler(h)
             logging.getLogger("tailorlm").removeHandler(h)
+        logging.getLogger().setLevel(level)
         sys.stdout, sys.stderr = old
         for fd, copy in saved.items():
             os.dup2(copy, fd)  # the pipe's last writer here is gone: the drain thread ends
