@@ -2,9 +2,12 @@
 
     tailorlm report runs/demo              # writes runs/demo/report.html
 
-Sections appear for the stages that finished: the data funnel (rows kept and dropped by reason)
-and dedup cluster sizes, training and eval curves with the before/after table, the tune
-leaderboard and trial curves, export variants with quality and size, and the serving check.
+The page opens with the run's headline: fact exact match and perplexity, base -> finetuned, on the
+held-out questions (train/eval.json). Sections appear for the stages that finished: the data funnel
+(rows kept and dropped by reason) and dedup cluster sizes, training and eval curves with the
+before/after table and base vs finetuned answers marked right or wrong, the tune leaderboard (trials
+labelled by their sampled values) and trial curves, export variants with quality and size, and the
+serving check. All text from the run, model answers included, is escaped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import json
 from typing import Any
 
 from tailorlm.runs import RunDir
+
+RIGHT = '<span class="mark ok" title="{}">&#10003;</span>'
+WRONG = '<span class="mark bad" title="{}">&#10007;</span>'
 
 
 def _read_json(run: RunDir, rel: str) -> Any | None:
@@ -45,7 +51,7 @@ def _img_from_figure(fig) -> str:
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+        return f"{v:.4g}" if isinstance(v, float) else "" if v is None else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in columns) + "</tr>" for r in rows)
@@ -93,20 +99,107 @@ def data_section(run: RunDir) -> str:
     return "\n".join(parts)
 
 
+def _em(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _ppl(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.0f}" if 100 <= v < 1e5 else f"{v:.3g}"
+
+
+def headline(run: RunDir) -> str:
+    """What the finetuning did, in one line: fact exact match and perplexity, base -> finetuned."""
+    report = _read_json(run, "train/eval.json")
+    if not report:
+        return ""
+    b, a = report.get("base") or {}, report.get("finetuned") or {}
+    summary = (run.stage("train").marker() or {}).get("summary") or {}
+    if a.get("fact_exact_match") is not None:
+        em = ("fact exact match", b.get("fact_exact_match"), a["fact_exact_match"])
+    elif summary.get("fact_em") is not None:  # an eval.json without it, a marker with it
+        em = ("fact exact match", summary.get("base_fact_em"), summary["fact_em"])
+    elif a.get("exact_match") is not None:  # an older eval.json: exact match of the whole reply
+        em = ("exact match", b.get("exact_match"), a["exact_match"])
+    else:
+        em = None
+    ppl = f"perplexity {_ppl(b.get('perplexity'))} \u2192 {_ppl(a.get('perplexity'))}"
+    if em is None:  # no answers scored (text rows): perplexity alone
+        lower = None not in (b.get("perplexity"), a.get("perplexity")) and a["perplexity"] < b["perplexity"]
+        claim, text = f"Finetuning {'lowered' if lower else 'did not lower'} eval perplexity", ppl
+    else:
+        name, before, after = em
+        on = f" on {a['answered']} held-out questions" if a.get("answered") else ""
+        taught = "After finetuning" if before is None else "Finetuning taught the model the domain"
+        claim = taught if before is None or after > before else "Finetuning did not teach the model the domain"
+        text = f"{name} {_em(before)} \u2192 {_em(after)}{on}; {ppl}"
+    return f'<p class="headline"><b>{html.escape(claim)}:</b> {html.escape(text)}</p>'
+
+
+def _answer_rows(report: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, str]]:
+    """(rows of question, reference, fact, base, finetuned, base_correct, finetuned_correct; what a
+    right and a wrong mark mean). An older eval.json has no "answers": its samples, marked by exact match."""
+    if report.get("answers"):
+        return report["answers"], ("states the reference fact", "misses the reference fact")
+    from tailorlm.train.evaluate import normalize_answer
+
+    base = {s.get("prompt"): s.get("answer") for s in report["base"].get("samples") or []}
+
+    def same(x: Any, ref: Any) -> bool | None:
+        return None if x is None else normalize_answer(str(x)) == normalize_answer(str(ref))
+
+    rows = [
+        {"question": s.get("prompt"), "reference": s.get("reference", ""), "finetuned": s.get("answer")}
+        | {"base": base.get(s.get("prompt"))}
+        for s in report["finetuned"].get("samples") or []
+    ]
+    for r in rows:
+        r.update(base_correct=same(r["base"], r["reference"]), finetuned_correct=same(r["finetuned"], r["reference"]))
+    return rows, ("matches the reference", "differs from the reference")
+
+
+def answer_table(report: dict[str, Any]) -> str:
+    """Question, reference (its fact in bold), base and finetuned answers, each marked right or wrong."""
+    rows, meaning = _answer_rows(report)
+    if not rows:
+        return ""
+
+    def reference(r: dict[str, Any]) -> str:
+        ref, fact = str(r.get("reference") or ""), str(r.get("fact") or "")
+        head, found, tail = ref.partition(fact) if fact else (ref, "", "")
+        return html.escape(head) + (f"<b>{html.escape(found)}</b>" if found else "") + html.escape(tail)
+
+    def answer(text: Any, correct: bool | None) -> str:
+        if text is None:
+            return "<td></td>"
+        if correct is None:
+            return f"<td>{html.escape(str(text))}</td>"
+        mark = RIGHT.format(meaning[0]) if correct else WRONG.format(meaning[1])
+        return f'<td class="{"right" if correct else "wrong"}">{mark} {html.escape(str(text))}</td>'
+
+    head = "".join(f"<th>{c}</th>" for c in ("question", "reference", "base answer", "finetuned answer"))
+    body = "".join(
+        f"<tr><td>{html.escape(str(r.get('question') or ''))}</td><td>{reference(r)}</td>"
+        f"{answer(r.get('base'), r.get('base_correct'))}{answer(r.get('finetuned'), r.get('finetuned_correct'))}</tr>"
+        for r in rows
+    )
+    legend = f"<p>Answers to held-out questions: &#10003; {meaning[0]}, &#10007; {meaning[1]}.</p>"
+    return f'{legend}<table class="answers"><tr>{head}</tr>{body}</table>'
+
+
 def train_section(run: RunDir) -> str:
     report = _read_json(run, "train/eval.json")
     if not report:
         return ""
-    keys = [k for k in ("perplexity", "exact_match", "f1", "rouge_l") if k in report["finetuned"]]
+    metrics = ("perplexity", "fact_exact_match", "exact_match", "f1", "rouge_l")
+    keys = [k for k in metrics if k in report["finetuned"]]
     rows = [{"metric": k, "base": report["base"].get(k, ""), "finetuned": report["finetuned"][k]} for k in keys]
-    samples = report["finetuned"].get("samples", [])
     return "\n".join(
         [
             f"<h2>Training</h2><p>best checkpoint at step {report['best_checkpoint_step']} of "
             f"{report['total_steps']}, eval loss {report['best_eval_loss']:.4f}.</p>",
             _img_from_file(run, "train/loss.png"),
             _table(rows, ["metric", "base", "finetuned"]),
-            _table(samples, ["prompt", "reference", "answer"]) if samples else "",
+            answer_table(report),
         ]
     )
 
@@ -115,8 +208,10 @@ def tune_section(run: RunDir) -> str:
     board = _read_json(run, "tune/leaderboard.json")
     if not board:
         return ""
-    cols = [c for c in board[0] if c != "trial"]
-    return "\n".join(["<h2>Tune</h2>", _table(board, ["trial", *cols]), _img_from_file(run, "tune/trials.png")])
+    # "label" names a trial by its sampled values (lr=3.2e-04 warmup_steps=4); older leaderboards lack it
+    first = ["trial", "label"] if "label" in board[0] else ["trial"]
+    cols = [c for c in board[0] if c not in first]
+    return "\n".join(["<h2>Tune</h2>", _table(board, [*first, *cols]), _img_from_file(run, "tune/trials.png")])
 
 
 def export_section(run: RunDir) -> str:
@@ -186,11 +281,14 @@ def render(run_uri: str) -> str:
     if not fs.exists(path):
         raise FileNotFoundError(f"report: run folder {run_uri} does not exist")
     sections = [data_section(run), tune_section(run), train_section(run), export_section(run), serve_section(run)]
-    body = "\n".join(s for s in sections if s) or "<p>No finished stage in this run yet.</p>"
+    body = "\n".join(s for s in [headline(run), *sections] if s) or "<p>No finished stage in this run yet.</p>"
     style = (
         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "font-size:13px;text-align:left}img{max-width:100%;display:block;margin:1em 0}"
+        "font-size:13px;text-align:left;vertical-align:top}img{max-width:100%;display:block;margin:1em 0}"
+        ".headline{font-size:1.15em;padding:.6em 1em;background:#eef5ff;border-left:4px solid #0969da}"
+        ".mark{font-weight:bold;margin-right:.3em}.ok{color:#1a7f37}.bad{color:#c62828}"
+        "td.right{background:#effaf0}td.wrong{background:#fdf0f0}"
     )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>tailorlm run {html.escape(name)}</title>"

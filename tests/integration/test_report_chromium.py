@@ -1,5 +1,6 @@
 """The run report displays in a real browser: headless Chromium (Debian's `chromium` package) loads
-it, every plot decodes as an image, no script error fires, and a screenshot has content."""
+it, every plot decodes as an image, the headline and the answer table's marks are there, no
+script (a model answer's included) runs or errors, and a screenshot has content."""
 
 import os
 import shutil
@@ -34,6 +35,10 @@ FLAGS = [
     "--virtual-time-budget=5000",
 ]
 
+# Put first in a copy of the page: a script smuggled in by a model answer that calls alert() says so
+# (the real alert would block headless Chromium)
+TRAP = "<script>window.alert = function () { window.alerted = true; };</script>"
+
 # Appended to a copy of the page: after load, record image decoding and script errors in the DOM
 PROBE = """<script>
 var errors = [];
@@ -43,8 +48,11 @@ window.addEventListener("load", function () {
   var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).length;
   var out = document.createElement("pre");
   out.id = "probe";
+  var headline = document.querySelector("p.headline");
   out.textContent = "images=" + imgs.length + " broken=" + bad + " sections=" +
-    document.querySelectorAll("h2").length + " errors=" + errors.length + " " + errors.join("|");
+    document.querySelectorAll("h2").length + " marks=" + document.querySelectorAll("table.answers .mark").length +
+    " scripts=" + document.scripts.length + " alerted=" + (window.alerted ? 1 : 0) +
+    " errors=" + errors.length + " " + errors.join("|") + " | headline: " + (headline ? headline.textContent : "");
   document.body.appendChild(out);
 });
 </script>"""
@@ -63,14 +71,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     run = _fake_run(tmp_path)
     page = write_report(str(run))
     probed = tmp_path / "probed.html"
-    probed.write_text(open(page).read().replace("</body>", PROBE + "</body>"))
+    probed.write_text(open(page).read().replace("<head>", "<head>" + TRAP).replace("</body>", PROBE + "</body>"))
 
     dom = _chromium(tmp_path, "--dump-dom", probed.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     probe = dom.stdout.split('<pre id="probe">')[1].split("</pre>")[0]
-    fields = dict(kv.split("=", 1) for kv in probe.split()[:4])
+    fields = dict(kv.split("=", 1) for kv in probe.split()[:7])
     assert int(fields["images"]) >= 2 and fields["broken"] == "0", probe
     assert fields["sections"] == "4" and fields["errors"] == "0", probe
+    assert fields["marks"] == "4", probe  # two answer rows, a base and a finetuned mark each
+    assert fields["scripts"] == "2" and fields["alerted"] == "0", probe  # only the probe's own scripts
+    assert "fact exact match 0.00 \u2192 0.92 on 40 held-out questions" in probe.split("headline: ")[1], probe
 
     shot = tmp_path / "report.png"
     res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", f"file://{page}")
