@@ -164,6 +164,7 @@ def _run(args, cfg) -> int:
 
     adhoc = args.command == "data" and bool(args.output)
     logs = LogFiles(None, "adhoc") if adhoc else LogFiles(RunDir.from_config(cfg).uri, cfg.run.name)
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a test's Ray: left running
     with session(logs, verbose=args.verbose) as con:
         upload = f", uploaded to {logs.remote}/ as each stage ends" if logs.remote else ""
         con.show(f"logs: {logs.dir}/<stage>.log{upload}" + ("" if args.verbose else " (-v: shown here too)"))
@@ -205,6 +206,12 @@ def _run(args, cfg) -> int:
             told = (StageUnavailable, SweepInterrupted, FileNotFoundError, ValueError)
             con.report_failure(exc, expected=isinstance(exc, told))
             return 1
+        finally:
+            if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+                # inside the session: what Ray says as it stops (errors of refs nobody read) is filed
+                from tailorlm.cluster import shutdown_ray
+
+                shutdown_ray()
     return 0
 
 

@@ -149,8 +149,11 @@ class _Router(io.TextIOBase):
     def __init__(self, console: Console, fd: int, shows: bool, verbose_to: TextIO | None):
         self.console, self.fd, self.shows, self.verbose_to = console, fd, shows, verbose_to
         self.pending = ""
+        self.after: TextIO | None = None  # once the session ended: the stream it replaced
 
     def write(self, s: str) -> int:
+        if self.after is not None:  # a logging handler made during the session still holds this
+            return self.after.write(s)
         self.console.file(s)
         if self.verbose_to is not None:
             self.verbose_to.write(s)
@@ -162,7 +165,7 @@ class _Router(io.TextIOBase):
         return len(s)
 
     def flush(self) -> None:
-        (self.verbose_to or self.console.term).flush()
+        (self.after or self.verbose_to or self.console.term).flush()
 
     def close_pending(self) -> None:
         if self.pending:
@@ -270,6 +273,7 @@ def session(logs: LogFiles, verbose: bool = False) -> Iterator[Console]:
             logging.getLogger("tailorlm").removeHandler(h)
         logging.getLogger().setLevel(level)
         sys.stdout, sys.stderr = old
+        routed[0].after, routed[1].after = old
         for fd, copy in saved.items():
             os.dup2(copy, fd)  # the pipe's last writer here is gone: the drain thread ends
             os.close(copy)

@@ -172,3 +172,14 @@ def test_a_terminal_gets_a_live_line_for_the_running_stage_and_a_pipe_plain_line
     assert not live.progress.tasks
     live.stop()
     assert "[train] step 10/60 eval_loss 3.1\n" in term.getvalue()
+
+
+def test_a_stream_handed_out_during_a_session_writes_where_it_used_to_after_it(tmp_path, capfd):
+    """Ray's logger keeps the sys.stderr it found at import (the console's): its messages after
+    the command ended go to the real stderr, not to a closed file ("--- Logging error ---")."""
+    import logging
+
+    with C.session(console_files.LogFiles(str(tmp_path / "run"))):
+        handler = logging.StreamHandler(sys.stderr)
+    handler.emit(logging.LogRecord("ray", logging.ERROR, __file__, 1, "late message", None, None))
+    assert capfd.readouterr().err == "late message\n"
