@@ -84,7 +84,7 @@ class Console:
         with self.lock:
             if self.live is not None:
                 self.live.print(line.rstrip("\n"))
-            else:
+            elif not self.term.closed:  # Ray's log thread may hand over a last batch as the session ends
                 self.term.write(line.rstrip("\n") + "\n")
                 self.term.flush()
             if file:
