@@ -55,7 +55,9 @@ def _finished_trials(sweep) -> list:
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path, capsys):
     """Ctrl+C (SIGINT) a `tailorlm tune` driver after its first trial: the stage is marked failed, not
-    complete; the same command again restores the sweep (Tuner.restore) and runs only what is left."""
+    complete; the same command again restores the sweep (Tuner.restore) and runs only what is left.
+    (The second trial is the long one: fast-path trials of 4 steps take about a second, so a second
+    short one would finish before the interrupt lands.)"""
     import signal
     import subprocess
     import sys
@@ -65,7 +67,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     overrides = [
         f"run.storage={tmp_path}",
         "train.max_seq_len=64",
-        "train.max_steps=4",
         "train.eval_every=2",
         "train.warmup_steps=1",
         "train.method=full",
@@ -73,7 +74,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
         "tune.enabled=true",
         "tune.searcher=grid",
         "tune.scheduler=none",
-        "tune.search_space={train.lr: {grid: [0.001, 0.003]}}",
+        "tune.search_space={train.max_steps: {grid: [4, 300]}}",
     ]
     (tmp_path / "cfg.yaml").write_text("run: {name: demo}\n")
     address = ray_local.get_runtime_context().gcs_address
@@ -114,8 +115,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     run_stage(cfg, "tune", echo=lambda s: None)
     assert "resuming the interrupted sweep" in capsys.readouterr().out
     board = pd.read_csv(tune_dir / "leaderboard.csv")
-    assert sorted(board["train.lr"]) == [0.001, 0.003]
-    assert (board["status"] == "finished").all() and (board["steps"] == 4).all()
+    assert sorted(board["train.max_steps"]) == [4, 300]
+    assert (board["status"] == "finished").all() and (board["steps"] == board["train.max_steps"]).all()
     assert first[0].read_text() == first_reports  # the finished trial was not run again
     assert (tune_dir / COMPLETE).exists()
 

@@ -36,7 +36,9 @@ def sweep_cfg(root: Path, scheduler: str, args):
     from tailorlm.config import load_config
 
     if args.config:  # the config's own sweep (its data stage ran into root), under this scheduler
-        return load_config(args.config, [f"run.storage={root}", "run.name=bench", f"tune.scheduler={scheduler}"])
+        return load_config(
+            args.config, [f"run.storage={root}", "run.name=bench", f"tune.scheduler={scheduler}", *args.set]
+        )
     return load_config(
         None,
         [
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
     ap.add_argument("--paths", default="plain,fast", help="trial paths to run: plain (the baseline), fast")
     ap.add_argument("--schedulers", default="none,asha", help="none (random search alone), asha")
     ap.add_argument("--config", help="a pipeline config: run its data stage, then its own sweep")
+    ap.add_argument("--set", action="append", default=[], help="with --config: a dotted override (repeatable)")
     args = ap.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     schedulers = [s for s in args.schedulers.split(",") if s]

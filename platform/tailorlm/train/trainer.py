@@ -9,14 +9,71 @@ from typing import Any
 
 from tailorlm.config import PipelineConfig
 
+KEPT_COLUMNS = ["id", "split", "text", "messages"]
+BATCH_ROWS = 1024  # Ray Data's default map_batches batch size (ray.data.context.LEGACY_DEFAULT_BATCH_SIZE)
+
+
+def kept_files(kept_uri: str):
+    """(filesystem, parquet files) of the kept rows, in the order Ray Data's read_parquet reads them
+    (sorted; names starting with . or _ left out)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(kept_uri)
+    root = root.rstrip("/")
+    files = [f for f in fs.find(root) if not any(part.startswith((".", "_")) for part in f[len(root) :].split("/"))]
+    return fs, sorted(files)
+
+
+def tokenized_here(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str):
+    """tokenized_splits without Ray Data, for a small input: the same Tokenize over the same rows in
+    the same order, in batches of Ray Data's default 1024 rows (packing packs within a batch; Ray
+    Data's batches can also end at a block boundary, so with packing the two may pack a few rows
+    differently: same on the test data), held as Ray Datasets. Ray Data's start-up (tokenizing
+    actors, their imports) took ~15 s of a prepare on the demo's rows or the tune benchmark's 1024,
+    paid by every training run and, before, every Tune trial."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from tailorlm.train.formats import Tokenize
+
+    tc = cfg.train
+    fs, files = kept_files(kept_uri)
+    tables = [pq.read_table(f, filesystem=fs, columns=KEPT_COLUMNS) for f in files]
+    df = pa.concat_tables(tables).to_pandas() if tables else None
+    tok = Tokenize(tokenizer_path, tc.format, tc.max_seq_len, tc.packing, cfg.model.chat_template)
+    out = {}
+    for split in ("train", "eval"):
+        rows = df[df["split"] == split].reset_index(drop=True) if df is not None else None
+        parts = (
+            [tok(rows.iloc[i : i + BATCH_ROWS]) for i in range(0, len(rows), BATCH_ROWS)] if rows is not None else []
+        )
+        parts = [p for p in parts if len(p)]
+        out[split] = ray.data.from_pandas(parts) if parts else ray.data.from_items([])
+    return out
+
+
+def small_input(cfg: PipelineConfig, kept_uri: str) -> bool:
+    """Tokenize in the driver (tokenized_here): kept rows within data.in_process_max_mb."""
+    limit = cfg.data.in_process_max_mb
+    if limit <= 0:
+        return False
+    try:
+        fs, files = kept_files(kept_uri)
+        return sum(fs.size(f) for f in files) <= limit * 1e6
+    except (OSError, ValueError):
+        return False
+
 
 def tokenized_splits(cfg: PipelineConfig, kept_uri: str, tokenizer_path: str, cpus: int):
     import ray
 
     from tailorlm.train.formats import Tokenize
 
+    if small_input(cfg, kept_uri):
+        return tokenized_here(cfg, kept_uri, tokenizer_path)
     tc = cfg.train
-    kept = ray.data.read_parquet(kept_uri, columns=["id", "split", "text", "messages"])
+    kept = ray.data.read_parquet(kept_uri, columns=KEPT_COLUMNS)
     # Rows leave the tokenizing actors in the order they finish unless told otherwise; then
     # rank_shards' seeded permutation would permute a different input on every run
     kept.context.execution_options.preserve_order = True
@@ -148,8 +205,10 @@ def preflight(cfg: PipelineConfig, base_path: str) -> None:
                 raise ValueError(f"train.lora does not fit {config.model_type} ({base_path}): {e}") from None
 
 
-def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
-    """Everything a training run needs before the trainer starts: base model, tokenized splits, steps."""
+def prepare(cfg: PipelineConfig, kept_uri: str, build_comm: bool = True) -> dict[str, Any]:
+    """Everything a training run needs before the trainer starts: base model, tokenized splits, steps.
+    build_comm False leaves DeepSpeed's CPU comm op (and its import) to the process that trains
+    (a fast-path Tune trial builds it there)."""
     import ray
 
     from tailorlm.models import load_tokenizer, resolve_base
@@ -164,13 +223,14 @@ def prepare(cfg: PipelineConfig, kept_uri: str) -> dict[str, Any]:
     shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers, cfg.run.seed)
     # what Train is given by name; the rows each rank reads come from the shards (fixed_shards)
     splits = {name: parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0] for name, parts in shards.items()}
-    n_train = splits["train"].count()
+    n_train = sum(p.count() for p in shards["train"])  # from the parts' block metadata: no Ray Data run
     steps_per_epoch, total_steps = steps_for(tc, n_train, tc.num_workers)
+    n_eval = sum(p.count() for p in shards["eval"])
     print(
-        f"[train] {n_train} train / {splits['eval'].count()} eval sequences; {steps_per_epoch} steps per "
+        f"[train] {n_train} train / {n_eval} eval sequences; {steps_per_epoch} steps per "
         f"epoch, {total_steps} steps; global batch {tc.global_batch_size}"
     )
-    if not tc.use_gpu:
+    if build_comm and not tc.use_gpu:
         build_shm_comm_once()
     return {
         "splits": splits,

@@ -41,6 +41,9 @@ SWEEP = "sweep"
 # sampled keys that change what prepare() makes (tokens, rank shards): then every trial prepares its own
 DATA_KEYS = ("model.", "data.", "run.seed", "train.format", "train.max_seq_len", "train.packing", "train.num_workers")
 
+# sampled keys that change the model built (prepare's preflight checks it once per config)
+MODEL_KEYS = ("model.", "train.method", "train.lora", "train.moe", "train.deepspeed")
+
 
 def fast_path_reason(cfg: PipelineConfig) -> str | None:
     """Why this sweep's trials cannot take the fast path (see the module docstring), or None."""
@@ -155,7 +158,8 @@ def fast_trial(
     if prep is None:
         prep = prepare(cfg, kept_uri)
     else:
-        preflight(cfg, prep["base_path"])  # what prepare checks per config (seconds, on the meta device)
+        if any(k.startswith(MODEL_KEYS) for k in sampled):  # else the sweep's prepare checked this model
+            preflight(cfg, prep["base_path"])  # what prepare checks per config (on the meta device)
         prep = {**prep, "total_steps": steps_for(cfg.train, prep["n_train"], world)[1]}
     # one process standing in for `world` ranks: each optimizer step takes every rank's micro-batches
     local = validate(
@@ -241,7 +245,7 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
             from tailorlm.train.trainer import prepare
 
             t0 = time.time()
-            prep = prepare(trial_config(base, {}), kept_uri)
+            prep = prepare(trial_config(base, {}), kept_uri, build_comm=False)
             stats["prepare_s"] = time.time() - t0
         cpus = trial_cpus(cfg, int(ray.cluster_resources().get("CPU", 1)))
         stats["trial_cpus"] = cpus
