@@ -96,7 +96,7 @@ PHASES = [
     ("first_batch_s", "loop: first batch"),
     ("eval_s", "loop: evals"),
     ("steps_s", "loop: steps"),
-    ("ckpt_s", "checkpoint writes"),
+    ("ckpt_s", "reports to Tune, checkpoint writes"),
 ]
 
 
