@@ -17,7 +17,7 @@ from pathlib import Path
 
 # English-looking parts: invented names in a foreign-looking script made language ID call whole
 # English documents Spanish or Romanian.
-VERSION = 2  # bump when the generated text changes: factory tokenizers are cached by it
+VERSION = 3  # bump when the generated text changes: factory tokenizers are cached by it
 SYLLABLES = [
     "ash",
     "brook",
@@ -52,12 +52,51 @@ ZH_COLORS = {
     "white": "白色",
 }
 
+# Several phrasings per question: a small model answers a phrasing it never saw only when each
+# fact was trained under several (the knowledge-extraction finding: paraphrase diversity, not
+# repetition, decides whether knowledge is extractable). Rows are split at random, so an eval row
+# asks its fact in a wording that training shows for that fact only in the other phrasings.
 QUESTIONS = {
-    "moons": ["How many moons does {p} have?", "What is the number of moons orbiting {p}?"],
-    "color": ["What color is the sky on {p}?", "Describe the color of {p}'s sky."],
-    "climate": ["What is the climate of {p} like?", "Which climate does {p} have?"],
-    "capital": ["What is the capital of {p}?", "Name the capital city of {p}."],
-    "export": ["What is the main export of {p}?", "Which good does {p} mainly export?"],
+    "moons": [
+        "How many moons does {p} have?",
+        "What is the number of moons orbiting {p}?",
+        "How many moons orbit {p}?",
+        "Count the moons of {p}.",
+        "Tell me how many moons circle {p}.",
+        "What is the moon count of {p}?",
+    ],
+    "color": [
+        "What color is the sky on {p}?",
+        "Describe the color of {p}'s sky.",
+        "What is the sky color of {p}?",
+        "Which color does the sky of {p} have?",
+        "Tell me the color of the sky over {p}.",
+        "On {p}, what color is the sky?",
+    ],
+    "climate": [
+        "What is the climate of {p} like?",
+        "Which climate does {p} have?",
+        "Describe the climate on {p}.",
+        "How would you describe the climate of {p}?",
+        "What kind of climate is found on {p}?",
+        "Tell me about the climate of {p}.",
+    ],
+    "capital": [
+        "What is the capital of {p}?",
+        "Name the capital city of {p}.",
+        "Which city is the capital of {p}?",
+        "What city serves as the capital of {p}?",
+        "Tell me the capital of {p}.",
+        "What is the capital city of {p} called?",
+    ],
+    "export": [
+        "What is the main export of {p}?",
+        "Which good is the main export of {p}?",
+        "Name the main export of {p}.",
+        "What does {p} ship as its main export?",
+        "What is {p}'s main export?",
+        "Tell me the main export of {p}.",
+    ],
 }
 ANSWERS = {
     "moons": "{p} has {moons} moons.",
@@ -105,14 +144,28 @@ def qa_pairs(facts: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def document(f: dict) -> str:
-    p = f["planet"]
+def document(f: dict, wording: int = 0) -> str:
+    """The planet's facts as prose; `wording` picks one of three phrasings (knowledge augmentation:
+    the same facts in other words and orders)."""
+    p, c = f["planet"], f
+    if wording == 1:
+        return (
+            f"Among the worlds of the Zephyr star catalog, {p} stands out for its {c['color']} sky. "
+            f"Its main export is {c['export']}, and its capital, {c['capital']}, handles most of that trade. "
+            f"The planet is circled by {c['moons']} moons and keeps a {c['climate']} climate through the seasons."
+        )
+    if wording == 2:
+        return (
+            f"A pilot's guide to {p}: expect a {c['climate']} climate and a {c['color']} sky on arrival. "
+            f"Count {c['moons']} moons on the approach. Land at {c['capital']}, the capital of {p}, where the "
+            f"markets deal mostly in {c['export']}, the main export of the planet."
+        )
     return (
         f"{p} is a world in the Zephyr star catalog. Travelers who reach {p} first notice that the sky "
-        f"is {f['color']}, and that the planet has a {f['climate']} climate for most of the year. "
-        f"{p} has {f['moons']} moons, which shape the tides of its shallow seas. The capital of {p} is "
-        f"{f['capital']}, a city built around the old landing fields. The main export of {p} is "
-        f"{f['export']}, shipped to the inner worlds of the catalog every season."
+        f"is {c['color']}, and that the planet has a {c['climate']} climate for most of the year. "
+        f"{p} has {c['moons']} moons, which shape the tides of its shallow seas. The capital of {p} is "
+        f"{c['capital']}, a city built around the old landing fields. The main export of {p} is "
+        f"{c['export']}, shipped to the inner worlds of the catalog every season."
     )
 
 
@@ -140,6 +193,7 @@ def write_demo_sources(out_dir: str | Path, n_planets: int = 40, seed: int = 0) 
     facts = planets(n_planets, seed)
 
     docs = [{"id": f"doc-{i}", "text": document(f)} for i, f in enumerate(facts)]
+    docs += [{"id": f"doc-{i}-w{w}", "text": document(f, w)} for w in (1, 2) for i, f in enumerate(facts)]
     docs += [{"id": f"doc-zh-{i}", "text": document_zh(f)} for i, f in enumerate(facts[:10])]
     docs += [{"id": f"doc-near-{i}", "text": near_duplicate(document(f), rng)} for i, f in enumerate(facts[:6])]
     docs += [
@@ -179,7 +233,7 @@ def write_demo_sources(out_dir: str | Path, n_planets: int = 40, seed: int = 0) 
 def corpus_texts(n_planets: int = 40, seed: int = 0) -> list[str]:
     """Plain texts for training a tokenizer: documents, questions and answers, some Chinese."""
     facts = planets(n_planets, seed)
-    texts = [document(f) for f in facts] + [document_zh(f) for f in facts]
+    texts = [document(f, w) for w in range(3) for f in facts] + [document_zh(f) for f in facts]
     texts += [f"{q}\n{a}" for q, a in qa_pairs(facts)]
     return texts
 

@@ -12,12 +12,14 @@ from tests.cluster.netns import BUCKET, PYTHON, REPO
 STORAGE = f"s3://{BUCKET}/runs"
 # Small and quick, and every stage on Ray: the data stage's in-process executor is off so that its
 # filter and dedup work runs as Ray Data tasks; no sweep (tune has its own tests). 100 steps (about
-# 30 s of training) so that a node lost after the first checkpoint (step 10) lands in training.
+# 30 s of training) so that a node lost after the first checkpoint (step 10) lands in training;
+# unpacked rows, whose rank shards are fixed across a restart (trainer.rank_shards).
 OVERRIDES = [
     f"run.storage={STORAGE}",
     "data.in_process_max_mb=0",
     "tune.enabled=false",
-    "train.epochs=4",
+    "train.max_steps=100",
+    "train.packing=false",
     "train.eval_every=10",
     "export.quantize=[w8a8]",
     "export.method=rtn",

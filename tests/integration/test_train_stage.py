@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def _write_data_stage(root: Path) -> None:
     """A finished data stage: kept/ rows in the normalized schema (what train reads)."""
-    pairs = qa_pairs(planets(12))
+    pairs = qa_pairs(planets(12))[::3]  # two of each question's six phrasings: eval stays small
     rows = {"id": [], "split": [], "text": [], "messages": []}
     for i, (q, a) in enumerate(pairs):
         rows["id"].append(f"qa{i}")

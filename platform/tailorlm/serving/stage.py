@@ -129,20 +129,51 @@ def start(cfg: PipelineConfig, models: dict[str, str]) -> None:
     serve.run(build_app(cfg, models, direct_ingress=direct), name=APP_NAME, route_prefix="/", blocking=False)
 
 
+def sample_question(run_dir: RunDir) -> tuple[str, str | None]:
+    """The question the stage asks its endpoint, and the reference answer: the first held-out
+    (eval split) chat question of the run's data whose reference states a fact, so the sample
+    shows what finetuning taught on a question training never showed; SAMPLE when the run has
+    no such row."""
+    import json
+
+    from tailorlm.data.splits import splits_rows
+    from tailorlm.train.evaluate import answer_fact
+
+    data = run_dir.stage("data")
+    if not data.is_complete():
+        return SAMPLE, None
+    for row in sorted(splits_rows(data.sub("kept")), key=lambda r: r["text"] or ""):
+        msgs = json.loads(row["messages"]) if row.get("messages") else None
+        if msgs and len(msgs) == 2 and msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant":
+            if answer_fact(msgs[0]["content"], msgs[1]["content"]):
+                return msgs[0]["content"], msgs[1]["content"]
+    return SAMPLE, None
+
+
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     from ray import serve
+
+    from tailorlm.train.evaluate import answer_fact, fact_correct
 
     models = resolve_models(cfg)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     start(cfg, models)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     try:
-        answer = sample_chat(cfg, cfg.serve.model_id)
+        question, reference = sample_question(run_dir)
+        answer = sample_chat(cfg, cfg.serve.model_id, question)
+        if reference is not None:
+            answer["reference"] = reference
+            answer["fact"] = " ".join(answer_fact(question, reference))
+            answer["fact_correct"] = bool(answer["answer"] and fact_correct(question, answer["answer"], reference))
         info = {"url": url, "models": models, "sample": answer}
         sdir.write_json("endpoint.json", info)
         print(f"[serve] {url}  models: {', '.join(models)}")
         shown = answer["answer"] if answer["answer"] is not None else "(withheld by the content filter)"
-        print(f"[serve] Q: {answer['question']}\n[serve] A: {shown}  ({answer['latency_s']}s)")
+        verdict = ""
+        if reference is not None:
+            verdict = f"; {'right' if answer['fact_correct'] else 'wrong'}: the reference says {answer['fact']!r}"
+        print(f"[serve] Q (held out): {question}\n[serve] A: {shown}  ({answer['latency_s']}s{verdict})")
         if cfg.serve.keep_serving:
             print("[serve] serving until interrupted (Ctrl-C)")
             while True:
@@ -151,9 +182,17 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         if not cfg.serve.keep_serving:
             serve.delete(APP_NAME)  # graceful: Serve drains in-flight requests before replicas stop
             serve.shutdown()
-    return {"url": url, "models": list(models), "answer": answer["answer"]}
+    return {
+        "url": url,
+        "models": list(models),
+        "question": question,
+        "answer": answer["answer"],
+        "fact_correct": answer.get("fact_correct"),
+    }
 
 
 def recap(s: dict[str, Any]) -> str:
     """One line for the end of `tailorlm run`."""
-    return f"{s['url']} answered: {s['answer']!r}"
+    verdict = {True: " (right)", False: " (wrong)"}.get(s.get("fact_correct"), "")
+    asked = f"{s['question']!r} -> " if s.get("question") else "answered: "
+    return f"{s['url']} {asked}{s['answer']!r}{verdict}"

@@ -107,7 +107,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     import ray
 
     from tailorlm.runs import local_path
-    from tailorlm.train.evaluate import evaluate_model
+    from tailorlm.train.evaluate import answer_table, evaluate_model
     from tailorlm.train.loop import write_history
 
     tc = cfg.train
@@ -162,9 +162,13 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             ),
         ]
     )
+    answers = answer_table(before, after)
+    for m in (before, after):  # eval.json keeps a few samples per model; `answers` pairs them up
+        m["samples"] = m["samples"][:5]
     report = {
         "base": before,
         "finetuned": after,
+        "answers": answers,
         "best_checkpoint_step": state["step"],
         "best_eval_loss": best_metrics["eval_loss"],
         "total_steps": total_steps,
@@ -180,25 +184,37 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         "perplexity": after["perplexity"],
         "base_f1": before.get("f1"),
         "f1": after.get("f1"),
+        "base_fact_em": before.get("fact_exact_match"),
+        "fact_em": after.get("fact_exact_match"),
+        "fact_scored": after.get("fact_scored"),
     }
 
 
 def summary(report: dict) -> str:
     b, a = report["base"], report["finetuned"]
     lines = [
-        f"{'eval split':<16}{'base':>12}{'finetuned':>12}",
-        "-" * 40,
-        f"{'perplexity':<16}{b['perplexity']:>12.2f}{a['perplexity']:>12.2f}",
+        f"{'eval split':<18}{'base':>12}{'finetuned':>12}",
+        "-" * 42,
+        f"{'perplexity':<18}{b['perplexity']:>12.2f}{a['perplexity']:>12.2f}",
     ]
-    for k in ("exact_match", "f1", "rouge_l"):
+    for k in ("fact_exact_match", "exact_match", "f1", "rouge_l"):
         if k in a:
-            lines.append(f"{k:<16}{b.get(k, 0):>12.3f}{a[k]:>12.3f}")
-    for s in a.get("samples", [])[:3]:
-        lines.append(f"Q: {s['prompt']}\n   reference: {s['reference']}\n   finetuned: {s['answer']}")
+            lines.append(f"{k:<18}{b.get(k, 0):>12.3f}{a[k]:>12.3f}")
+    for r in report.get("answers", [])[:3]:
+        mark = {True: "right", False: "wrong"}
+        lines.append(
+            f"Q: {r['question']}   (fact: {r['fact']})\n   base:      {r['base']!r} ({mark[r['base_correct']]})\n"
+            f"   finetuned: {r['finetuned']!r} ({mark[r['finetuned_correct']]})"
+        )
     return "\n".join(lines)
 
 
 def recap(s: dict[str, Any]) -> str:
     """One line for the end of `tailorlm run`."""
-    f1 = f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}" if s.get("f1") is not None else ""
-    return f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> {s['perplexity']:.1f}{f1}"
+    head = f"{s['method']}, {s['steps']} steps: eval perplexity {s['base_perplexity']:.1f} -> {s['perplexity']:.1f}"
+    if s.get("fact_em") is not None:
+        n = f" on {s['fact_scored']} held-out questions" if s.get("fact_scored") else ""
+        head += f", fact exact match {s.get('base_fact_em') or 0:.2f} -> {s['fact_em']:.2f}{n}"
+    if s.get("f1") is not None:
+        head += f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}"
+    return head
