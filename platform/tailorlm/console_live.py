@@ -44,6 +44,7 @@ class LiveLine:
         if name:
             self.name = name
             self.task = self.progress.add_task(f"[{name}] running", total=None)
+        self.progress.refresh()  # now: a line printed next must not redraw the stage that ended
 
     def stop(self) -> None:
         self.stage(None)
