@@ -128,7 +128,9 @@ def headline(run: RunDir) -> str:
         claim, text = f"Finetuning {'lowered' if lower else 'did not lower'} eval perplexity", ppl
     else:
         name, before, after = em
-        on = f" on {a['answered']} held-out questions" if a.get("answered") else ""
+        n = a.get("fact_scored") if name.startswith("fact") else None  # the fact score's own denominator
+        n = n or a.get("answered")
+        on = f" on {n} held-out questions" if n else ""
         taught = "After finetuning" if before is None else "Finetuning taught the model the domain"
         claim = taught if before is None or after > before else "Finetuning did not teach the model the domain"
         text = f"{name} {_em(before)} \u2192 {_em(after)}{on}; {ppl}"
