@@ -91,3 +91,10 @@ def test_demo_eval_questions_are_held_out_phrasings(tmp_path):
         planet = next(p["planet"] for p in planets(40) if p["planet"] in q)
         rows = [t for t in kept[kept["split"] == "train"]["text"] if planet in t]
         assert any(fact in t.lower() for t in rows), (q, fact)
+    # the serve stage's sample question is one of them: held out, with its reference
+    from tailorlm.runs import RunDir
+    from tailorlm.serving.stage import SAMPLE, sample_question
+
+    asked, ref = sample_question(RunDir(str(tmp_path), "d"))
+    assert (asked, ref) in scored
+    assert sample_question(RunDir(str(tmp_path), "no-such-run")) == (SAMPLE, None)

@@ -136,13 +136,21 @@ def sample_question(run_dir: RunDir) -> tuple[str, str | None]:
     no such row."""
     import json
 
-    from tailorlm.data.splits import splits_rows
+    import pyarrow.dataset as pads
+    from fsspec.core import url_to_fs
+
     from tailorlm.train.evaluate import answer_fact
 
     data = run_dir.stage("data")
     if not data.is_complete():
         return SAMPLE, None
-    for row in sorted(splits_rows(data.sub("kept")), key=lambda r: r["text"] or ""):
+    fs, path = url_to_fs(data.sub("kept"))
+    # the first eval rows in file order (a scan's order is the files', so it is deterministic);
+    # never the whole split, which may be large
+    head = pads.dataset(path, filesystem=fs, format="parquet").head(
+        1000, columns=["text", "messages"], filter=pads.field("split") == "eval"
+    )
+    for row in sorted(head.to_pylist(), key=lambda r: r["text"] or ""):
         msgs = json.loads(row["messages"]) if row.get("messages") else None
         if msgs and len(msgs) == 2 and msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant":
             if answer_fact(msgs[0]["content"], msgs[1]["content"]):
