@@ -60,3 +60,30 @@ def test_trials_are_labelled_by_their_sampled_values():
         "lr=1.0e-03 #2",
         "lr=2.0e-03",
     ]
+
+
+def test_light_tokenizer_encodes_what_load_tokenizer_encodes(tiny_model_path):
+    """A sweep's prepare loads the factory model's tokenizer without AutoTokenizer (formats.py): the
+    same class, special tokens, template, and the same SFT and text token ids and labels."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from tailorlm.models import load_tokenizer
+    from tailorlm.train.formats import Tokenize, load_tokenizer_light
+
+    light, ref = load_tokenizer_light(tiny_model_path), load_tokenizer(tiny_model_path)
+    assert type(light) is type(ref) and light.chat_template == ref.chat_template
+    assert (light.pad_token_id, light.eos_token_id, len(light)) == (ref.pad_token_id, ref.eos_token_id, len(ref))
+    chat = [{"role": "user", "content": "How many moons has Brookwood?"}, {"role": "assistant", "content": "Six."}]
+    rows = pd.DataFrame(
+        {"text": ["Brookwood has six moons.", "x"], "messages": [None, json.dumps(chat)]},
+    )
+    new = Tokenize(tiny_model_path, "auto", 64, False)
+    old = Tokenize(tiny_model_path, "auto", 64, False)
+    old.tok = ref
+    a, b = new(rows), old(rows)
+    assert len(a) == 2
+    for col in ("input_ids", "labels"):
+        assert all(np.array_equal(x, y) for x, y in zip(a[col], b[col]))

@@ -60,15 +60,47 @@ def pack(rows: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[li
     return out
 
 
+# tokenizer classes load_tokenizer's AutoTokenizer resolves to themselves (the factory models' own)
+LIGHT_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer_light(path: str, chat_template: str | None = None):
+    """tailorlm.models.load_tokenizer, the same tokenizer, without importing AutoTokenizer where its
+    tokenizer_config names one of LIGHT_TOKENIZER_CLASSES: transformers' auto module imports torch
+    and the model and generation code (~4 s of a driver's prepare that needs none of it); the class
+    itself loads in well under a second. Any other tokenizer goes through load_tokenizer."""
+    import json
+    import os
+
+    from tailorlm.models import CHAT_TEMPLATE, load_tokenizer, local_model
+
+    folder = local_model(path)
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json")) as fh:
+            name = json.load(fh).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    if name not in LIGHT_TOKENIZER_CLASSES:
+        return load_tokenizer(path, chat_template)
+    import transformers
+
+    tok = getattr(transformers, name).from_pretrained(folder)
+    if chat_template:  # as load_tokenizer does
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 class Tokenize:
     """Ray Data callable: normalized rows -> input_ids / labels (a class: it holds the tokenizer)."""
 
     def __init__(
         self, tokenizer_path: str, fmt: str, max_len: int, packing: bool, chat_template: str | None = None
     ) -> None:
-        from tailorlm.models import load_tokenizer
-
-        self.tok = load_tokenizer(tokenizer_path, chat_template)
+        self.tok = load_tokenizer_light(tokenizer_path, chat_template)
         self.fmt, self.max_len, self.packing = fmt, max_len, packing
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

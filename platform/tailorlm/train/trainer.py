@@ -205,21 +205,24 @@ def preflight(cfg: PipelineConfig, base_path: str) -> None:
                 raise ValueError(f"train.lora does not fit {config.model_type} ({base_path}): {e}") from None
 
 
-def prepare(cfg: PipelineConfig, kept_uri: str, build_comm: bool = True) -> dict[str, Any]:
+def prepare(cfg: PipelineConfig, kept_uri: str, build_comm: bool = True, check_model: bool = True) -> dict[str, Any]:
     """Everything a training run needs before the trainer starts: base model, tokenized splits, steps.
     build_comm False leaves DeepSpeed's CPU comm op (and its import) to the process that trains
-    (a fast-path Tune trial builds it there)."""
+    (a fast-path Tune trial builds it there); check_model False leaves preflight to it too (its torch
+    and transformers model imports were ~4 s of a sweep's prepare, in a driver that needs neither)."""
     import ray
 
-    from tailorlm.models import load_tokenizer, resolve_base
+    from tailorlm.models import resolve_base
     from tailorlm.train.ds_config import steps_for
+    from tailorlm.train.formats import load_tokenizer_light
     from tailorlm.train.loop import build_shm_comm_once
 
     tc = cfg.train
     cpus = int(ray.cluster_resources().get("CPU", 1))
     base_path = resolve_base(cfg.model, cfg.run.storage)
-    preflight(cfg, base_path)
-    tok = load_tokenizer(base_path, cfg.model.chat_template)
+    if check_model:
+        preflight(cfg, base_path)
+    tok = load_tokenizer_light(base_path, cfg.model.chat_template)
     shards = rank_shards(tokenized_splits(cfg, kept_uri, base_path, cpus), tc.num_workers, cfg.run.seed)
     # what Train is given by name; the rows each rank reads come from the shards (fixed_shards)
     splits = {name: parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0] for name, parts in shards.items()}

@@ -145,7 +145,7 @@ def fast_trial(
     from ray import tune
 
     from tailorlm.train.ds_config import steps_for
-    from tailorlm.train.trainer import make_trainer, preflight, prepare
+    from tailorlm.train.trainer import make_trainer, prepare
 
     t0 = time.time()
     try:  # Ray starts workers at niceness 15; this one trains (the plain path's workers get 0 too)
@@ -158,8 +158,7 @@ def fast_trial(
     if prep is None:
         prep = prepare(cfg, kept_uri)
     else:
-        if any(k.startswith(MODEL_KEYS) for k in sampled):  # else the sweep's prepare checked this model
-            preflight(cfg, prep["base_path"])  # what prepare checks per config (on the meta device)
+        preflight_once(cfg, prep["base_path"])  # the sweep's prepare left it to the trials
         prep = {**prep, "total_steps": steps_for(cfg.train, prep["n_train"], world)[1]}
     # one process standing in for `world` ranks: each optimizer step takes every rank's micro-batches
     local = validate(
@@ -172,6 +171,29 @@ def fast_trial(
         local, prep, storage_uri=trials_uri, name=name, local_ranks=world, checkpoints=False, phases=phases
     )
     trainer.fit()
+
+
+_checked: set[str] = set()  # model configs this (reused) trial process has preflighted
+
+
+def preflight_once(cfg: PipelineConfig, base_path: str) -> None:
+    """trainer.preflight, once per process for each model config (MODEL_KEYS) a trial asks for: the
+    sweep's shared prepare skips it, so the driver never imports torch or transformers' model code
+    (~4 s, most of that prepare); a trial process imports them anyway. A model the config does not
+    fit then fails the trial with preflight's message, and the stage reports it as every trial's error."""
+    import json
+
+    from tailorlm.train.trainer import preflight
+
+    d = cfg.to_dict()
+    key = json.dumps(
+        [base_path, d["model"], *(d["train"].get(k.split(".", 1)[1]) for k in MODEL_KEYS if k.startswith("train."))],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _checked:
+        preflight(cfg, base_path)
+        _checked.add(key)
 
 
 def world_of_one(use_gpu: bool) -> None:
@@ -245,7 +267,7 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
             from tailorlm.train.trainer import prepare
 
             t0 = time.time()
-            prep = prepare(trial_config(base, {}), kept_uri, build_comm=False)
+            prep = prepare(trial_config(base, {}), kept_uri, build_comm=False, check_model=False)
             stats["prepare_s"] = time.time() - t0
         cpus = trial_cpus(cfg, int(ray.cluster_resources().get("CPU", 1)))
         stats["trial_cpus"] = cpus
