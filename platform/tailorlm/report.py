@@ -107,6 +107,9 @@ def _ppl(v: Any) -> str:
     return "n/a" if v is None else f"{v:.0f}" if 100 <= v < 1e5 else f"{v:.3g}"
 
 
+LEARNED_EM = 0.5  # the headline says the model learned the domain from this exact match on
+
+
 def headline(run: RunDir) -> str:
     """What the finetuning did, in one line: fact exact match and perplexity, base -> finetuned."""
     report = _read_json(run, "train/eval.json")
@@ -132,7 +135,12 @@ def headline(run: RunDir) -> str:
         n = n or a.get("answered")
         on = f" on {n} held-out questions" if n else ""
         taught = "After finetuning" if before is None else "Finetuning taught the model the domain"
-        claim = taught if before is None or after > before else "Finetuning did not teach the model the domain"
+        # "taught" only for a model that answers most held-out questions right, not for any gain
+        # (a LoRA run on the random-init demo base goes 0.00 -> 0.02)
+        learned = after >= LEARNED_EM and (before is None or after > before)
+        claim = taught if learned else "Finetuning did not teach the model the domain"
+        if before is None and not learned:
+            claim = "After finetuning the model still misses most held-out questions"
         text = f"{name} {_em(before)} \u2192 {_em(after)}{on}; {ppl}"
     return f'<p class="headline"><b>{html.escape(claim)}:</b> {html.escape(text)}</p>'
 
@@ -166,9 +174,13 @@ def answer_table(report: dict[str, Any]) -> str:
         return ""
 
     def reference(r: dict[str, Any]) -> str:
+        # the fact is normalized (lowercase, no punctuation): find it in the reference ignoring case
         ref, fact = str(r.get("reference") or ""), str(r.get("fact") or "")
-        head, found, tail = ref.partition(fact) if fact else (ref, "", "")
-        return html.escape(head) + (f"<b>{html.escape(found)}</b>" if found else "") + html.escape(tail)
+        at = ref.lower().find(fact.lower()) if fact else -1
+        if at < 0:
+            return html.escape(ref)
+        head, found, tail = ref[:at], ref[at : at + len(fact)], ref[at + len(fact) :]
+        return html.escape(head) + f"<b>{html.escape(found)}</b>" + html.escape(tail)
 
     def answer(text: Any, correct: bool | None) -> str:
         if text is None:

@@ -34,6 +34,28 @@ def test_template_alone_scores_nothing():
     assert fact_correct(Q, "Q?", "What is the capital?") is None  # nothing to score
 
 
+def test_fact_beyond_ascii():
+    """Unicode punctuation, possessives and CJK text (no spaces between words) score the fact too."""
+    assert fact_correct("火星有几颗卫星？", "火星有3颗卫星", "火星有3颗卫星。")
+    assert not fact_correct("火星有几颗卫星？", "火星有4颗卫星", "火星有3颗卫星。")
+    assert fact_correct(
+        "What color is Ashbury\u2019s sky?", "Ashbury\u2019s sky is blue.", "The sky on Ashbury is blue."
+    )
+    assert fact_correct("What is X's main export?", "X's main export is glass.", "The main export of X is glass.")
+
+
+def test_answer_table_fills_its_rows():
+    refs = [(f"What is the capital of P{i}?", f"The capital of P{i} is C{i}.") for i in range(12)]
+    base = {"samples": [{"prompt": q, "reference": r, "answer": ""} for q, r in refs]}
+    tuned = {
+        "samples": [{"prompt": q, "reference": r, "answer": r if i < 2 else "no"} for i, (q, r) in enumerate(refs)]
+    }
+    rows = answer_table(base, tuned, n=8)
+    assert len(rows) == 8 and sum(r["finetuned_correct"] for r in rows) == 2
+    unscorable = {"samples": [{"prompt": "Is X blue?", "reference": "X blue", "answer": "X blue"}]}
+    assert answer_table(unscorable, unscorable) == []
+
+
 def test_metrics_count_only_scorable_questions():
     m = answer_metrics([Q, Q, "x y?"], [REF, "The capital of Daleglen is Wick.", "x y"], [REF, REF, "x y."])
     assert m["fact_exact_match"] == 0.5 and m["fact_scored"] == 2 and m["answered"] == 3
@@ -64,7 +86,7 @@ def test_fact_match_property(data):
     assert fact_correct(q, ref, ref) is True
     assert fact_correct(q, wrong, ref) is False
     assert fact_correct(q, ref.upper().rstrip("."), ref) is True
-    assert answer_fact(q, ref) == answer_fact(q, ref)
+    assert len(answer_fact(q, ref)) == (2 if f[attr] == "water ice" else 1)  # the value, nothing of the template
 
 
 def test_answer_table_pairs_base_and_finetuned():

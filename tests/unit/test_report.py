@@ -32,7 +32,7 @@ NEW_EVAL = {
         {
             "question": "What is the capital of Daleglen?",
             "reference": "The capital of Daleglen is Ashfordwood.",
-            "fact": "Ashfordwood",
+            "fact": "ashfordwood",  # as evaluate.answer_fact writes it: normalized
             "base": "The sky on is blue.",
             "finetuned": "The capital of Daleglen is Ashfordwood.",
             "base_correct": False,
@@ -263,6 +263,12 @@ def test_headline_takes_fact_exact_match_from_the_marker_when_eval_json_lacks_it
             {"perplexity": 50.0, "fact_exact_match": 0.3},
             {"perplexity": 40.0, "fact_exact_match": 0.3},
             "Finetuning did not teach the model the domain: fact exact match 0.30 \u2192 0.30; perplexity 50 \u2192 40",
+        ),
+        (  # the README's LoRA run on the random-init base: a gain, not a model that learned
+            {"perplexity": 1181.0, "fact_exact_match": 0.0},
+            {"perplexity": 162.0, "fact_exact_match": 0.02},
+            "Finetuning did not teach the model the domain: "
+            "fact exact match 0.00 \u2192 0.02; perplexity 1181 \u2192 162",
         ),
         (
             {"perplexity": 5.1847e21},

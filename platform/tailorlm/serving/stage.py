@@ -145,8 +145,8 @@ def sample_question(run_dir: RunDir) -> tuple[str, str | None]:
     if not data.is_complete():
         return SAMPLE, None
     fs, path = url_to_fs(data.sub("kept"))
-    # the first eval rows in file order (a scan's order is the files', so it is deterministic);
-    # never the whole split, which may be large
+    # at most the first 1000 eval rows in file order (never the whole split, which may be large),
+    # then the first of them by text: the same question on every run of the same data
     head = pads.dataset(path, filesystem=fs, format="parquet").head(
         1000, columns=["text", "messages"], filter=pads.field("split") == "eval"
     )

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from typing import Any
 
@@ -63,12 +64,26 @@ def _stem(w: str) -> str:
     return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
 
 
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+_POSSESSIVE = re.compile(r"['\u2019]s\b")
+
+
+def fact_words(s: str) -> list[str]:
+    """Words for the fact metric: lowercased, possessives and articles dropped, any Unicode
+    punctuation removed, and CJK text split into characters (it has no spaces; MLQA-style
+    scoring does the same)."""
+    s = _POSSESSIVE.sub("", s.lower())
+    s = "".join(" " if unicodedata.category(c).startswith("P") else c for c in s)
+    return [w for w in _WORD.findall(s) if w not in ("a", "an", "the")]
+
+
 def answer_fact(question: str, answer: str) -> tuple[str, ...]:
-    """The fact an answer states: its normalized words, in order, that are neither in the
-    question nor function words. ("What is the capital of Daleglen?", "The capital of Daleglen
-    is Ashfordwood.") -> ("ashfordwood",)."""
-    asked = {_stem(w) for w in normalize_answer(question).split()}
-    return tuple(w for w in normalize_answer(answer).split() if _stem(w) not in asked and w not in _FUNCTION_WORDS)
+    """The fact an answer states: its words, in order, that are neither in the question nor
+    function words. ("What is the capital of Daleglen?", "The capital of Daleglen is
+    Ashfordwood.") -> ("ashfordwood",)."""
+    asked = {_stem(w) for w in fact_words(question)}
+    return tuple(w for w in fact_words(answer) if _stem(w) not in asked and w not in _FUNCTION_WORDS)
 
 
 def fact_correct(question: str, pred: str, ref: str) -> bool | None:
@@ -182,7 +197,10 @@ def answer_table(base: dict[str, Any], finetuned: dict[str, Any], n: int = 8) ->
                 "finetuned_correct": bool(fact_correct(q, s["answer"], ref)),
             }
         )
+    rows = [r for r in rows if r["fact"]]  # nothing to score: no mark to show
     learned = [r for r in rows if r["finetuned_correct"] and not r["base_correct"]]
     wrong = [r for r in rows if not r["finetuned_correct"]]
-    rest = [r for r in rows if r not in learned and r not in wrong]
-    return (learned[: n - min(len(wrong), n // 4)] + wrong[: n // 4] + rest)[:n]
+    rest = [r for r in rows if r["finetuned_correct"] and r["base_correct"]]
+    # up to a quarter of the table for failures when there are successes to show, then fill up
+    first = learned[: n - min(len(wrong), n // 4)] + wrong[: n // 4]
+    return (first + [r for r in learned + wrong + rest if r not in first])[:n]
