@@ -52,12 +52,17 @@ class Console:
     # -- files ----------------------------------------------------------------------------------
     def switch(self, name: str) -> None:
         """Close the current log file (uploading it) and write to <name>.log from now on: a stage
-        that runs again starts its file afresh, driver.log is appended to between stages."""
+        that runs again starts its file afresh, keeping the previous run's as <name>.prev.log (a
+        failure message pointed at it, and the rerun that resumes must not erase it); driver.log
+        is appended to between stages."""
         with self.lock:
             self.close_file()
             mode = "a" if name in self.opened else "w"
             self.opened.add(name)
-            self.fh = open(self.logs.path(name), mode, encoding="utf-8", errors="replace", buffering=1)
+            path = self.logs.path(name)
+            if mode == "w" and os.path.isfile(path) and os.path.getsize(path):
+                os.replace(path, path[: -len(".log")] + ".prev.log")
+            self.fh = open(path, mode, encoding="utf-8", errors="replace", buffering=1)
             self.name = name
             self.fh.write(f"--- {name} {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) ---\n")
 

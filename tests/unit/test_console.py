@@ -135,6 +135,11 @@ def test_a_failing_stage_names_its_log_file_which_holds_the_traceback(tmp_path, 
     assert str(log) in out.err and "Traceback" not in out.out + out.err
     assert log.exists() and "Traceback (most recent call last)" in log.read_text()
     assert "SourceError" in log.read_text()
+    # the rerun (as a user does after reading the message) keeps the failed run's log beside its own
+    first = log.read_text()
+    assert main(["data", "jobs/configs/tiny_cpu.yaml", f"run.storage={tmp_path}", "run.name=fails"]) == 0
+    assert (tmp_path / "fails" / "logs" / "data.prev.log").read_text() == first
+    assert "SourceError" not in log.read_text()
 
 
 @pytest.mark.parametrize("verbose", [False, True])
