@@ -163,7 +163,11 @@ def _run(args, cfg) -> int:
     from tailorlm.runs import RunDir
 
     adhoc = args.command == "data" and bool(args.output)
-    logs = LogFiles(None, "adhoc") if adhoc else LogFiles(RunDir.from_config(cfg).uri, cfg.run.name)
+    try:
+        logs = LogFiles(None, "adhoc") if adhoc else LogFiles(RunDir.from_config(cfg).uri, cfg.run.name)
+    except OSError as exc:  # an unwritable run.storage: say which folder, no traceback
+        print(f"error: run.storage: cannot create the run's log folder: {exc}", file=sys.stderr)
+        return 1
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a test's Ray: left running
     with session(logs, verbose=args.verbose) as con:
         upload = f", uploaded to {logs.remote}/ as each stage ends" if logs.remote else ""

@@ -188,3 +188,12 @@ def test_a_stream_handed_out_during_a_session_writes_where_it_used_to_after_it(t
         handler = logging.StreamHandler(sys.stderr)
     handler.emit(logging.LogRecord("ray", logging.ERROR, __file__, 1, "late message", None, None))
     assert capfd.readouterr().err == "late message\n"
+
+
+def test_a_run_storage_that_cannot_hold_logs_is_one_line_not_a_traceback(tmp_path, capfd):
+    from tailorlm.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["data", "jobs/configs/tiny_cpu.yaml", f"run.storage={tmp_path}/file/runs"]) == 1
+    err = capfd.readouterr().err
+    assert "run.storage" in err and "Not a directory" in err and "Traceback" not in err
