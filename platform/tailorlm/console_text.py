@@ -24,8 +24,18 @@ def is_stage_message(line: str) -> bool:
     return bool(TAG.match(ANSI.sub("", line).lstrip("\r")))
 
 
+# Modules whose print() replacement stands between a caller and sys.stdout.write: Ray's tqdm_ray
+# installs one in the driver once a Ray Data progress bar ran (then every print went to the log),
+# Ray Train and Serve in their processes. The caller is the frame above them.
+PRINT_WRAPPERS = frozenset(
+    {"ray.experimental.tqdm_ray", "ray.train.v2._internal.logging.patch_print", "ray.serve._private.logging_utils"}
+)
+
+
 def from_tailorlm(frame: Any) -> bool:
     """The frame that called print() (or write) is tailorlm's code, not a library's."""
+    while frame is not None and frame.f_globals.get("__name__") in PRINT_WRAPPERS:
+        frame = frame.f_back
     return frame is not None and (
         frame.f_globals.get("__name__", "").startswith("tailorlm") or frame.f_code.co_filename.startswith(PACKAGE_DIR)
     )

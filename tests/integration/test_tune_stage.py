@@ -198,9 +198,19 @@ def test_fast_path_trains_what_the_plain_path_trains(ray_local, tmp_path):
         assert abs(p - f) <= 0.02 * p, (plain, fast)
 
 
+def test_fast_path_with_one_worker(ray_local, tmp_path):
+    """train.num_workers=1: the local-mode loop finds its one rank's shards (review: it asked for
+    Train's unnamed shard, which local mode does not have, and every trial failed)."""
+    _write_data_stage(tmp_path)
+    space = ["train.num_workers=1", "tune.scheduler=none", "tune.search_space={train.lr: {grid: [0.003]}}"]
+    (r,) = _sweep(tmp_path, "tune-one", True, *space)
+    assert r.error is None, r.error
+    assert list(r.metrics_dataframe.sort_values("step")["step"]) == [2, 4]
+
+
 def test_fast_path_asha_stops_trials_and_the_reused_process_runs_the_next(ray_local, tmp_path):
     """ASHA stops the fast path's trials at a report (Tune's own session, not Ray Train's), and the trial
-    after a stopped one runs in the same reused process (torch.distributed was taken down)."""
+    after a stopped one runs in the same reused process (its world of one kept for the next)."""
     _write_data_stage(tmp_path)
     results = _sweep(
         tmp_path,

@@ -87,3 +87,13 @@ def test_light_tokenizer_encodes_what_load_tokenizer_encodes(tiny_model_path):
     assert len(a) == 2
     for col in ("input_ids", "labels"):
         assert all(np.array_equal(x, y) for x, y in zip(a[col], b[col]))
+
+
+def test_fast_path_is_refused_when_any_sampled_value_needs_real_ranks():
+    """The base config may fit one process while a sampled value does not (review finding)."""
+    from tailorlm.tune.stage import fast_path_reason
+
+    base = ["tune.enabled=true", "train.use_gpu=true", "train.num_workers=1"]
+    assert fast_path_reason(load_config(None, base + ["tune.search_space={train.lr: {grid: [0.001]}}"])) is None
+    cfg = load_config(None, base + ["tune.search_space={train.num_workers: {choice: [1, 4]}}"])
+    assert "num_workers" in fast_path_reason(cfg)

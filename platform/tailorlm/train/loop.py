@@ -148,6 +148,19 @@ def interleaved(shards: list, **kwargs):
         yield from batches
 
 
+def progress_line(tag: str, step: int, total: int, metrics: dict, history: list[dict]) -> str:
+    """One evaluation on the console: step, eval loss, the last train loss and tokens/s."""
+    last = next((h for h in reversed(history) if "train_loss" in h), None)
+    line = f"{tag} step {step}/{total} eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
+    if last:
+        line += f"; train_loss {last['train_loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s"
+    if "moe_experts_used" in metrics:
+        line += (
+            f"; experts used {metrics['moe_experts_used']:.0%}, max/mean load {metrics['moe_load_max_over_mean']:.2f}"
+        )
+    return line
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     t_fn = time.time()  # start-up breakdown: where a run's seconds go before its first step
     phases = dict(config.get("phases") or {})
@@ -228,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         writer = SummaryWriter(config["tensorboard_dir"])
 
-    if ranks > 1:
+    if "ranks" in config:  # local mode names every stood-in rank's shard, one rank included
         train_shard = [ray.train.get_dataset_shard(f"train_{r}") for r in range(ranks)]
         eval_shard = [ray.train.get_dataset_shard(f"eval_{r}") for r in range(ranks)]
     else:
@@ -250,6 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append({k: v for k, v in metrics.items() if k != "final"})
         metrics.update({f"phase_{k}": v for k, v in phases.items()})  # (not in the history)
         state.update(step=step, epoch=epoch, micro_in_epoch=micro, history=history, scheduler=scheduler.state_dict())
+        if rank == 0:  # before the report: a scheduler that stops the trial stops it there
+            print(progress_line(config.get("tag", "[train]"), step, total_steps, metrics, history))
         t_ckpt = time.time()
         if not checkpoints:  # a Tune trial on the fast path: nothing resumes it (see tune/stage.py)
             report(metrics)
@@ -261,16 +276,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if writer:
             for k in ("eval_loss", "eval_ppl"):
                 writer.add_scalar(k, metrics[k], step)
-        if rank == 0:
-            print(
-                f"[train] step {step}/{total_steps} eval_loss {metrics['eval_loss']:.4f} ppl {metrics['eval_ppl']:.2f}"
-                + (
-                    f"; experts used {metrics['moe_experts_used']:.0%}, max/mean load "
-                    f"{metrics['moe_load_max_over_mean']:.2f}"
-                    if "moe_experts_used" in metrics
-                    else ""
-                )
-            )
 
     def report(metrics, checkpoint=None):
         if to_tune:

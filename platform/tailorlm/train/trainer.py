@@ -277,6 +277,7 @@ def make_trainer(
     local_ranks: int = 0,
     checkpoints: bool = True,
     phases: dict | None = None,
+    tag: str = "[train]",
 ):
     """The TorchTrainer for one training run (the train stage, or one Tune trial).
 
@@ -300,6 +301,7 @@ def make_trainer(
         "checkpoints": checkpoints,
         "t_fit": time.time(),  # the loop's start-up breakdown counts from here
         "phases": phases or {},  # seconds the caller spent before (the tune benchmark's breakdown)
+        "tag": tag,  # the loop's progress lines start with it (a Tune trial names itself)
     }
     if local_ranks:
         # Ray Train's base trainer, not TorchTrainer: TorchTrainer's local mode destroys the

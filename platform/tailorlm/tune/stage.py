@@ -46,7 +46,18 @@ MODEL_KEYS = ("model.", "train.method", "train.lora", "train.moe", "train.deepsp
 
 
 def fast_path_reason(cfg: PipelineConfig) -> str | None:
-    """Why this sweep's trials cannot take the fast path (see the module docstring), or None."""
+    """Why this sweep's trials cannot take the fast path (see the module docstring), or None:
+    checked on the base config and on every value the search space lists (a sampled
+    expert_parallel or num_workers must not land in one process)."""
+    reason = _fast_path_reason(cfg)
+    base = cfg.to_dict()
+    for d in cfg.tune.dimensions():
+        for value in d.values:
+            reason = reason or _fast_path_reason(validate(apply_overrides(base, {d.key: value})))
+    return reason
+
+
+def _fast_path_reason(cfg: PipelineConfig) -> str | None:
     tc = cfg.train
     if tc.moe.expert_parallel > 1:
         return "train.moe.expert_parallel > 1 needs real ranks"
@@ -118,7 +129,13 @@ def trial_driver(sampled: dict[str, Any], base: dict[str, Any], kept_uri: str, t
     name = tune.get_context().get_trial_id()
     phases = {"prepare_s": time.time() - t0}
     trainer = make_trainer(
-        cfg, prep, storage_uri=trials_uri, name=name, callbacks=[TuneReportCallback()], phases=phases
+        cfg,
+        prep,
+        storage_uri=trials_uri,
+        name=name,
+        callbacks=[TuneReportCallback()],
+        phases=phases,
+        tag=trial_tag(sampled, base),
     )
     result = trainer.fit()
     if result.error:
@@ -168,7 +185,14 @@ def fast_trial(
     name = tune.get_context().get_trial_id()
     phases = {"trial_setup_s": time.time() - t0}
     trainer = make_trainer(
-        local, prep, storage_uri=trials_uri, name=name, local_ranks=world, checkpoints=False, phases=phases
+        local,
+        prep,
+        storage_uri=trials_uri,
+        name=name,
+        local_ranks=world,
+        checkpoints=False,
+        phases=phases,
+        tag=trial_tag(sampled, base),
     )
     trainer.fit()
 
@@ -365,6 +389,11 @@ def compact(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
+
+
+def trial_tag(sampled: dict[str, Any], base: dict[str, Any]) -> str:
+    """How a trial's progress lines start on the console: '[tune] trial lr=3.2e-04'."""
+    return f"[tune] trial {trial_label(sampled, base['tune']['search_space'])}"
 
 
 def trial_label(config: dict[str, Any], keys) -> str:
