@@ -167,18 +167,15 @@ def test_adhoc_cli_writes_to_output(ray_local, tmp_path, corpus):
 
 def test_perplexity_filter_drops_exactly_the_rows_above_the_threshold(ray_local, tmp_path, corpus, tiny_model_path):
     from tailorlm.config import FilterConfig
+    from tailorlm.data.normalize import normalize_text
     from tailorlm.data.perplexity import PerplexityFilter
 
     corpus_dir, n_rows = corpus
     scorer = PerplexityFilter(FilterConfig().model_dump(), tiny_model_path)
-    ppl = dict(
-        zip(
-            ["other", "pq1", "pii", "zh"],
-            scorer.scores(
-                [OTHER, FOURTH, THIRD.replace("hill", "hill (call 415-555-0132, mail ops@bees.example)"), ZH]
-            ),
-        )
-    )
+    # the stage scores normalized text (NFKC turns ZH's full-width commas into ASCII ones, which
+    # moved its perplexity across the cut with another tokenizer)
+    texts = [OTHER, FOURTH, THIRD.replace("hill", "hill (call 415-555-0132, mail ops@bees.example)"), ZH]
+    ppl = dict(zip(["other", "pq1", "pii", "zh"], scorer.scores([normalize_text(t) for t in texts])))
     ranked = sorted(ppl, key=ppl.get)
     cut = (ppl[ranked[1]] + ppl[ranked[2]]) / 2  # two rows below, two above
     run_stage(_cfg(tmp_path, corpus_dir, f"data.filters.max_perplexity={cut}"), "data", echo=lambda s: None)

@@ -120,3 +120,16 @@ def test_demo_eval_questions_are_held_out_phrasings(tmp_path):
     asked, ref = sample_question(RunDir(str(tmp_path), "d"))
     assert (asked, ref) in scored
     assert sample_question(RunDir(str(tmp_path), "no-such-run")) == (SAMPLE, None)
+
+
+def test_the_split_does_not_depend_on_the_run_folder(tmp_path):
+    """Rows without an id of their own are split by file name and line, not by path: the demo's
+    sources are written into each run folder, and two run names split them differently (found
+    when the tune benchmark's eval token counts changed from run to run)."""
+    splits = []
+    for name in ("one", "two"):
+        cfg = load_config("jobs/configs/tiny_cpu.yaml", [f"run.storage={tmp_path / name}", f"run.name={name}"])
+        run_stage(cfg, "data", echo=lambda s: None)
+        kept = pd.read_parquet(tmp_path / name / name / "data" / "kept")
+        splits.append(sorted(zip(kept["text"], kept["split"])))
+    assert splits[0] == splits[1]

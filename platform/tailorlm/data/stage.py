@@ -105,9 +105,8 @@ def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame
     cfg = DataConfig.model_validate(data_cfg)
     if cfg.pii.enabled:
         batch = pii_batch(batch, list(cfg.pii.kinds))
-    ids = batch["id"].astype(str)
     # deterministic split from the id alone: the same row lands in the same split on every run
-    h = pd.util.hash_array(("%d:" % seed + ids).to_numpy(dtype=object)).astype(np.float64) / 2.0**64
+    h = pd.util.hash_array(("%d:" % seed + split_key(batch)).to_numpy(dtype=object)).astype(np.float64) / 2.0**64
     batch["split"] = np.where(h < cfg.eval_fraction, "eval", "train")
     batch["priority"] = np.where((batch["split"] == "train") & cfg.decontaminate, 1, 0).astype(np.int64)
     live = batch["reason"].isna().tolist()
@@ -115,6 +114,14 @@ def finish_batch(batch: pd.DataFrame, data_cfg: dict, seed: int) -> pd.DataFrame
     batch["text_hash"] = [xxhash.xxh3_128_hexdigest(t.encode()) if ok else None for t, ok in zip(texts, live)]
     batch = dedup.add_signatures(batch, cfg.dedup.near, live, seed=seed + 1, ids=dedup_id(batch["id"], batch["row"]))
     return strings_or_none(batch)
+
+
+def split_key(batch: pd.DataFrame) -> pd.Series:
+    """What the split hashes: the record's own id, or for a record without one (its id is its
+    `row`, `<file>#<line>`) the file's name and line, not the folder: the same file in another
+    run folder or storage (the demo's sources are written into each run) splits the same way."""
+    ids, rows = batch["id"].astype(str), batch["row"].astype(str)
+    return ids.where(ids != rows, rows.str.rsplit("/", n=1).str[-1])
 
 
 STRING_COLUMNS = set(COLUMNS) | {"language", "split", "text_hash"}
