@@ -70,6 +70,8 @@ def one_paragraph(exc: BaseException, limit: int = 700) -> str:
     went wrong, the outer message's first line where."""
     outer = exc
     for _ in range(10):
+        if type(exc).__module__.startswith("tailorlm"):
+            break  # our own errors say what went wrong (StorageUnavailable names the storage, its cause does not)
         inner = getattr(exc, "cause", None)
         inner = inner if isinstance(inner, BaseException) else exc.__cause__
         if inner is None:

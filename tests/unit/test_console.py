@@ -211,3 +211,18 @@ def test_a_print_through_rays_print_wrapper_is_still_tailorlms(tmp_path, capfd, 
     with C.session(console_files.LogFiles(str(tmp_path / "run"))):
         exec("print('[data] kept 10 rows')", {"__name__": "tailorlm.data.stage"})
     assert capfd.readouterr().out.splitlines() == ["[data] kept 10 rows"]
+
+
+def test_one_paragraph_keeps_our_own_error_over_its_cause():
+    """StorageUnavailable is raised `from` the stage's own error: its message names the storage
+    (the multi-node outage test looks for it in the job's log), the cause's does not."""
+    from tailorlm.storage_watch import StorageUnavailable
+
+    try:
+        try:
+            raise ConnectionError("Could not connect to the endpoint URL")
+        except ConnectionError as exc:
+            raise StorageUnavailable("run.storage s3://b/runs/x/data has not answered for 20 s") from exc
+    except StorageUnavailable as exc:
+        text = T.one_paragraph(exc)
+    assert text == "StorageUnavailable: run.storage s3://b/runs/x/data has not answered for 20 s"
