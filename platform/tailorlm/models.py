@@ -216,7 +216,12 @@ def local_model(uri: str) -> str:
 def load_tokenizer(path: str, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(local_model(path))
+    return finish_tokenizer(AutoTokenizer.from_pretrained(local_model(path)), chat_template)
+
+
+def finish_tokenizer(tok, chat_template: str | None = None):
+    """What every loaded tokenizer gets: the configured chat template (else its own, else ChatML)
+    and a pad token (its eos when it has none)."""
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:

@@ -72,7 +72,7 @@ def load_tokenizer_light(path: str, chat_template: str | None = None):
     import json
     import os
 
-    from tailorlm.models import CHAT_TEMPLATE, load_tokenizer, local_model
+    from tailorlm.models import finish_tokenizer, load_tokenizer, local_model
 
     folder = local_model(path)
     try:
@@ -84,14 +84,7 @@ def load_tokenizer_light(path: str, chat_template: str | None = None):
         return load_tokenizer(path, chat_template)
     import transformers
 
-    tok = getattr(transformers, name).from_pretrained(folder)
-    if chat_template:  # as load_tokenizer does
-        tok.chat_template = chat_template
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return finish_tokenizer(getattr(transformers, name).from_pretrained(folder), chat_template)
 
 
 class Tokenize:
