@@ -231,6 +231,22 @@ def finish_tokenizer(tok, chat_template: str | None = None):
     return tok
 
 
+def skip_sklearn_import() -> None:
+    """Keep transformers from importing scikit-learn in a training process: its model classes
+    import generation/candidate_generator, which imports sklearn.metrics (for assisted decoding's
+    confidence threshold, which no training run uses) whenever sklearn is installed, and we
+    install it for the data stage's TF-IDF. That import was 0.9 s of every trial and Train
+    worker start (measured on the demo's sweep). Call before the first transformers model import;
+    later it changes nothing. tests/test_models checks that it still takes effect."""
+    import sys
+
+    if "transformers.generation" in sys.modules:
+        return
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+
+
 def load_model(path: str, dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM

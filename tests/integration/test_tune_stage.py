@@ -226,3 +226,27 @@ def test_fast_path_asha_stops_trials_and_the_reused_process_runs_the_next(ray_lo
     assert 0.002 in steps and steps[0.002] >= 2
     pids = {int(r.metrics_dataframe["pid"].iloc[0]) for r in results}
     assert len(pids) == 1, pids  # one Tune process ran all three trials (reuse_actors)
+
+
+def _alive_sweep_data() -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", "SweepData"), ("state", "=", "ALIVE")])
+
+
+def test_fast_path_data_prepared_beside_tune_fails_the_sweep_by_its_message(ray_local, tmp_path):
+    """The sweep's one prepare runs in a SweepData actor while Tune starts: a prepare that fails
+    (a global batch larger than the data, not a sampled key) fails run_sweep with prepare's own
+    ValueError, not an ActorDiedError, and the actor is gone after the sweep either way."""
+    _write_data_stage(tmp_path)
+    space = ["tune.scheduler=none", "tune.search_space={train.lr: {grid: [0.003]}}"]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _sweep(tmp_path, "tune-bad", True, "train.micro_batch_size=100000", *space)
+    assert not _alive_sweep_data()
+    (r,) = _sweep(tmp_path, "tune-good", True, *space)
+    assert r.error is None, r.error
+    assert not _alive_sweep_data()
+    trial_dir = tmp_path / "tune-good" / "sweep"
+    # Tune's result files are written; its TensorBoard logger (torch in the driver) is not
+    assert list(trial_dir.glob("*/progress.csv")) and list(trial_dir.glob("*/result.json"))
+    assert not list(trial_dir.glob("*/events.out.tfevents*"))

@@ -50,3 +50,21 @@ def test_local_folder_and_hub_id_resolve(tiny_model_path):
     assert resolve_base(load_config(None, ["model.base=Qwen/Qwen2.5-0.5B"]).model) == "Qwen/Qwen2.5-0.5B"
     with pytest.raises(FileNotFoundError, match="model.base"):
         resolve_base(load_config(None, ["model.base=./no/such/model"]).model)
+
+
+def test_skip_sklearn_import_keeps_sklearn_out_of_a_training_process(tiny_model_path):
+    """transformers' model classes import sklearn.metrics whenever it is installed (0.9 s of every
+    trial and Train worker start); skip_sklearn_import stops that. Fails when a transformers upgrade
+    moves the check, so the saving is not silently lost."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tailorlm.models import skip_sklearn_import, load_model\n"
+        "skip_sklearn_import()\n"
+        f"load_model({str(tiny_model_path)!r})\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

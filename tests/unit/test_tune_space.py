@@ -46,7 +46,7 @@ def test_space_maps_to_tune_domains():
 def test_trials_are_labelled_by_their_sampled_values():
     from types import SimpleNamespace
 
-    from tailorlm.tune.stage import compact, trial_label, trial_labels
+    from tailorlm.tune.results import compact, trial_label, trial_labels
 
     keys = ["train.lr", "train.warmup_steps"]
     assert trial_label({"train.lr": 0.00032, "train.warmup_steps": 4}, keys) == "lr=3.2e-04 warmup_steps=4"
@@ -91,7 +91,7 @@ def test_light_tokenizer_encodes_what_load_tokenizer_encodes(tiny_model_path):
 
 def test_fast_path_is_refused_when_any_sampled_value_needs_real_ranks():
     """The base config may fit one process while a sampled value does not (review finding)."""
-    from tailorlm.tune.stage import fast_path_reason
+    from tailorlm.tune.fast import fast_path_reason
 
     base = ["tune.enabled=true", "train.use_gpu=true", "train.num_workers=1"]
     assert fast_path_reason(load_config(None, base + ["tune.search_space={train.lr: {grid: [0.001]}}"])) is None

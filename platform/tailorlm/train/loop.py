@@ -166,6 +166,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     phases = dict(config.get("phases") or {})
     if config.get("t_fit"):
         phases["start_s"] = t_fn - config["t_fit"]  # Train controller and worker group start, dataset set-up
+    from tailorlm.models import skip_sklearn_import
+
+    skip_sklearn_import()
     import deepspeed
     import psutil
     import ray.train
