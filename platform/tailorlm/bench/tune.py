@@ -180,7 +180,12 @@ def main(argv=None) -> None:
     ap.add_argument("--eps", type=float, default=0.01, help="relative distance to the reference best eval loss")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=1, help="tune.max_concurrent_trials (not with --config)")
-    ap.add_argument("--paths", default="plain,fast", help="trial paths to run: plain (the baseline), fast")
+    ap.add_argument(
+        "--paths",
+        default="fast,plain",
+        help="trial paths to run, in this order: fast (the default path; first, so the baseline's "
+        "leftover worker processes do not share its CPUs), plain (the baseline)",
+    )
     ap.add_argument("--schedulers", default="none,asha", help="none (random search alone), asha")
     ap.add_argument("--config", help="a pipeline config: run its data stage, then its own sweep")
     ap.add_argument("--set", action="append", default=[], help="with --config: a dotted override (repeatable)")
