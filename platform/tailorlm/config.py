@@ -570,6 +570,20 @@ class AbConfig(Strict):
     sticky: bool = Field(True, description="a client (API key, else address) always gets the same model")
 
 
+class CaptureConfig(Strict):
+    """serve.capture: served traffic written to <run>/capture/ as Parquet (for `tailorlm monitor`
+    and continual training), off the request path, PII redacted before anything is written."""
+
+    enabled: bool = Field(False, description="record requests and responses, and accept POST /v1/feedback")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="share of generating requests recorded")
+    batch_rows: int = Field(256, ge=1, le=100_000, description="rows per Parquet file at most (rotation by size)")
+    flush_s: float = Field(5.0, gt=0, le=3600, description="pending rows are written at least this often (by time)")
+    queue_rows: int = Field(
+        10_000, ge=1, description="rows held in memory awaiting a write; beyond, rows are dropped and counted"
+    )
+    max_text_chars: int = Field(20_000, ge=100, description="prompt and answer text kept per row, at most")
+
+
 class EngineConfig(Strict):
     """serve.engine: how vLLM runs each hosted model."""
 
@@ -661,6 +675,7 @@ class ServeConfig(Strict):
     )
     guard: GuardConfig = Field(default_factory=GuardConfig)
     ab: AbConfig = Field(default_factory=AbConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
 

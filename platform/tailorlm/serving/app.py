@@ -65,10 +65,11 @@ def build_ray_llm_app(cfg: PipelineConfig, models: dict[str, str]):
     from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
     from ray.serve.llm import build_llm_deployment
 
-    from tailorlm.serving.security import Guard, GuardSettings
+    from tailorlm.serving.models import guard_settings
+    from tailorlm.serving.security import Guard
 
     sc = cfg.serve
-    settings = GuardSettings.from_config(sc)
+    settings = guard_settings(cfg)
     from tailorlm.models import local_model
 
     # Ray's LLM engine copies s3:// and gs:// model sources on the node it runs on; other

@@ -232,7 +232,8 @@ class EngineServer:
         from tailorlm.serving.security import Guard
 
         router = ModelRouter(self.apps, self.names)
-        return StreamCoalescer(Guard(router, self.settings, self.tokenizer), self.sc.stream_batching_ms / 1000)
+        self.guard = Guard(router, self.settings, self.tokenizer)
+        return StreamCoalescer(self.guard, self.sc.stream_batching_ms / 1000)
 
     def vllm_routes(self) -> list[tuple[str, list[str]]]:
         """(path, methods) of every route vLLM's app mounts: the tests walk them all."""
@@ -248,6 +249,9 @@ class EngineServer:
             await engine.check_health()
 
     def __del__(self):
+        capture = getattr(getattr(self, "guard", None), "capture", None)
+        if capture is not None:  # rows still queued (at most serve.capture.flush_s of traffic)
+            capture.flush_sync()
         for engine in getattr(self, "engines", []):
             engine.shutdown()
 
@@ -278,12 +282,12 @@ def build_engine_app(cfg, models: dict[str, str], direct_ingress: bool = False):
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
-    from tailorlm.serving.security import GuardSettings
+    from tailorlm.serving.models import guard_settings
 
     sc = cfg.serve
     adapters = resolve_adapters(sc, models)
     refuse_cpu_quantized_deepseek(sc, models)
-    settings = GuardSettings.from_config(sc)  # read here: keys set in this process's environment count
+    settings = guard_settings(cfg)  # read here: keys set in this process's environment count
     actor: dict[str, Any] = {"num_cpus": sc.replicas.cpus}
     if sc.engine.use_gpu:
         actor["num_gpus"] = len(models)

@@ -19,3 +19,21 @@ def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
         uri, _ = latest_variant(run_dir, variant)
         out[name] = uri
     return out
+
+
+def guard_settings(cfg: PipelineConfig):
+    """The guard's settings for this run's endpoint: serve.* plus where serve.capture writes
+    (<run>/capture), what it redacts (data.pii.kinds: always, whether or not the data stage
+    redacts), and the registry version it records with each request."""
+    from tailorlm.export.registry import read_registry
+    from tailorlm.serving.capture import CAPTURE
+    from tailorlm.serving.security import GuardSettings
+
+    run_dir = RunDir.from_config(cfg)
+    registry = read_registry(run_dir) if cfg.serve.capture.enabled else []
+    return GuardSettings.from_config(
+        cfg.serve,
+        capture_uri=f"{run_dir.uri}/{CAPTURE}",
+        pii_kinds=list(cfg.data.pii.kinds),
+        version=registry[-1]["version"] if registry else None,
+    )

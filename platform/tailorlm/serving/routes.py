@@ -1,6 +1,7 @@
 """The served surface, deny by default: the routes the endpoint answers and the request bodies
-they accept. Everything vLLM's app mounts beyond this table (/invocations, /tokenize,
-/scale_elastic_ep, /v1/responses, /metrics, /docs, ...) answers 404.
+they accept (/v1/feedback is ours: the guard answers it). Everything vLLM's app mounts beyond
+this table (/invocations, /tokenize, /scale_elastic_ep, /v1/responses, /metrics, /docs, ...)
+answers 404.
 
 The bodies are a strict subset of OpenAI's (and vLLM's) request schemas: an unknown field, a wrong
 type (`"max_tokens": true`), a value out of range, an unknown role or a non-text content part is a
@@ -97,6 +98,14 @@ class ChatBody(_Sampling):
     response_format: TextFormat | None = None
 
 
+class FeedbackBody(_Body):
+    """POST /v1/feedback: a client's rating of an answer it got (serve.capture)."""
+
+    id: Annotated[str, Field(min_length=1, max_length=200)]  # the response's id ("chatcmpl-...", "cmpl-...")
+    score: Annotated[float, Field(ge=-100, le=100)]  # e.g. 1 / 0 (thumbs), or a 1-5 rating
+    comment: Annotated[str, Field(max_length=4000)] | None = None  # a correction or remark; PII redacted
+
+
 @dataclass(frozen=True)
 class Route:
     """One allow-listed route: `name` is its metrics label (bounded, never the raw path)."""
@@ -112,7 +121,9 @@ ROUTES = (
     Route("GET", "/v1/models", "models"),
     Route("POST", "/v1/completions", "completions", CompletionBody, generates=True),
     Route("POST", "/v1/chat/completions", "chat_completions", ChatBody, generates=True),
+    Route("POST", "/v1/feedback", "feedback", FeedbackBody),  # answered by the guard itself (capture.py)
 )
+FEEDBACK = ROUTES[-1]
 HEALTH = Route("GET", "/health", "health")
 OPENAPI = Route("GET", "/openapi.json", "openapi")  # only with serve.guard.openapi_schema: true
 BY_PATH = {r.path: r for r in (*ROUTES, HEALTH, OPENAPI)}

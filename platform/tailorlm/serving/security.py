@@ -20,11 +20,13 @@ import json
 import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from tailorlm.config import AbConfig, GuardConfig, ServeConfig
+from tailorlm.config import AbConfig, CaptureConfig, GuardConfig, ServeConfig
 from tailorlm.serving import keys as api_keys
+from tailorlm.serving.capture import recording_send
 from tailorlm.serving.cost import TokenBucket, cap_problem, prompt_lengths, request_cost, retry_after
 from tailorlm.serving.filters import Blocklist, prompt_texts
 from tailorlm.serving.replies import (
@@ -37,7 +39,17 @@ from tailorlm.serving.replies import (
     reply,
     run_abortable,
 )
-from tailorlm.serving.routes import BY_PATH, HEALTH, OPENAPI, BodyError, Route, openapi_schema, validate_body
+from tailorlm.serving.routes import (
+    BY_PATH,
+    FEEDBACK,
+    HEALTH,
+    OPENAPI,
+    ROUTES,
+    BodyError,
+    Route,
+    openapi_schema,
+    validate_body,
+)
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -55,9 +67,15 @@ class GuardSettings:
     max_inflight: int  # ServeConfig.guard_capacity()
     ab: AbConfig = field(default_factory=AbConfig)
     ab_alias: str | None = None  # requests for this model name are split by ab.split
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    capture_uri: str | None = None  # <run>/capture: where serve.capture writes (None: nothing captured)
+    pii_kinds: list[str] = field(default_factory=list)  # data.pii.kinds: what capture redacts
+    version: str | None = None  # the registry version served, recorded with each captured request
 
     @classmethod
-    def from_config(cls, sc: ServeConfig) -> "GuardSettings":
+    def from_config(
+        cls, sc: ServeConfig, capture_uri: str | None = None, pii_kinds: list[str] | None = None, version=None
+    ) -> "GuardSettings":
         g = sc.guard
         keys = api_keys.read_keys(g)
         require = g.require_api_key if g.require_api_key is not None else sc.host not in LOCAL_HOSTS
@@ -75,6 +93,10 @@ class GuardSettings:
             max_inflight=sc.guard_capacity(),
             ab=sc.ab,
             ab_alias=sc.model_id if sc.ab.split else None,
+            capture=sc.capture,
+            capture_uri=capture_uri if sc.capture.enabled else None,
+            pii_kinds=list(pii_kinds or []),
+            version=version,
         )
 
 
@@ -166,6 +188,13 @@ class Guard:
         )
         self.inflight, self.reading, self._draws = 0, 0, 0
         self.metrics = _Metrics()
+        self.capture = None
+        if settings.capture_uri:
+            from tailorlm.serving.capture import CaptureWriter
+
+            self.capture = CaptureWriter(
+                settings.capture_uri, settings.capture, settings.pii_kinds, settings.key_digests
+            )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -223,8 +252,7 @@ class Guard:
         if route is None or (route is OPENAPI and not s.guard.openapi_schema):
             raise Reject(
                 404,
-                f"unknown route {scope['path'][:100]!r}; this server answers "
-                "/v1/models, /v1/completions and /v1/chat/completions",
+                f"unknown route {scope['path'][:100]!r}; this server answers " + ", ".join(r.path for r in ROUTES),
                 code="unknown_route",
             )
         if scope["method"] != route.method:
@@ -258,7 +286,32 @@ class Guard:
             body = validate_body(route, parsed)
         except BodyError as exc:
             raise Reject(400, str(exc), exc.param) from None
+        if route is FEEDBACK:
+            return await self._feedback(send, body, client)
         await self._generate(scope, receive, send, route, body, client)
+
+    async def _feedback(self, send, body: dict[str, Any], client: str):
+        if self.capture is None:
+            raise Reject(
+                404, "feedback is not recorded on this server (serve.capture.enabled is false)", code="no_capture"
+            )
+        row = {
+            "id": "fb-" + uuid.uuid4().hex,
+            "time": time.time(),
+            "response_id": body["id"],
+            "score": body["score"],
+            "comment": body.get("comment"),
+            "key_hash": client[4:] if client.startswith("key:") else None,
+        }
+        if not self.capture.offer("feedback", row):
+            raise Reject(
+                503,
+                "feedback store is full; retry shortly",
+                etype="server_error",
+                code="overloaded",
+                headers=[(b"retry-after", b"5")],
+            )
+        return await reply(send, 200, json.dumps({"object": "feedback", "id": row["id"]}).encode())
 
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
         cap = self.s.guard.max_request_bytes
@@ -343,13 +396,36 @@ class Guard:
             body["model"] = ab_arm(s.ab.split, self._draw(client))
         raw = json.dumps(body).encode()
         out = openai_errors(send)
+        record = self.capture is not None and self.capture.sampled()
+        if record:  # what the client is sent: after the response filter, before error rewriting
+            sink: dict[str, Any] = {}
+            out = recording_send(out, sink)
         if self.response_blocklist:
             out = filtered_send(out, self.response_blocklist, bool(body.get("stream")))
         self.inflight += 1
+        t0, wall0 = time.monotonic(), time.time()
         try:
             await run_abortable(self.app, forwarded_scope(scope, raw), raw, receive, out)
         finally:
             self.inflight -= 1
+            if record:  # queued as it is: parsing and redaction happen in the capture writer's thread
+                self.capture.offer(
+                    "requests",
+                    {
+                        "time": wall0,
+                        "route": route.name,
+                        "model": body.get("model"),
+                        "version": s.version,
+                        "stream": bool(body.get("stream")),
+                        "status": sink["status"],
+                        "latency_s": time.monotonic() - t0,
+                        "prompt_tokens": sum(lengths),
+                        "prompt_text": "\n".join(texts),
+                        "messages": body.get("messages"),
+                        "key_hash": client[4:] if client.startswith("key:") else None,
+                        "_response": bytes(sink["body"]),
+                    },
+                )
 
     def _overloaded(self) -> Reject:
         return Reject(

@@ -1,0 +1,237 @@
+"""Traffic capture (serve.capture): what clients asked and what they got, for `tailorlm monitor`
+and continual training, written as Parquet under `<run>/capture/`:
+
+    requests/part-<utc>-<id>.parquet   one row per sampled generating request (REQUEST_FIELDS)
+    feedback/part-<utc>-<id>.parquet   one row per POST /v1/feedback (FEEDBACK_FIELDS)
+
+Off the request path: a request only appends its body and the response bytes it was sent to an
+in-memory queue (bounded by serve.capture.queue_rows; beyond, rows are dropped and counted). A
+background task hands batches to a thread that parses the responses, redacts PII with the data
+stage's redactor (data/pii.py) and any of this server's API keys pasted into the text, then
+writes one file per batch (rotation: at most batch_rows rows per file, at least every flush_s).
+A failing store never fails a request: its rows are dropped and counted in
+`tailorlm_capture_rows{outcome="dropped_error"}`. The API key itself is never stored; a row
+carries `key_hash`, the key's short digest id (keys.key_id), as the metrics and logs do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from tailorlm.config import CaptureConfig
+from tailorlm.serving import keys as api_keys
+from tailorlm.serving.filters import response_text
+
+log = logging.getLogger(__name__)
+
+CAPTURE = "capture"  # the run folder's subfolder
+REQUESTS, FEEDBACK = "requests", "feedback"
+REQUEST_FIELDS = (
+    "id time route model version stream status latency_s prompt_tokens completion_tokens "
+    "prompt_text messages answer key_hash redacted"
+).split()
+FEEDBACK_FIELDS = "id time response_id score comment key_hash redacted".split()
+KEY_TAG = "[API_KEY]"
+# a token that could be a pasted API key: keys are URL-safe strings (letters, digits, - and _); a
+# key glued to other such characters is not found (only the keys' digests are known here)
+_KEY_LIKE = re.compile(r"[A-Za-z0-9_\-]{16,}")
+MAX_RESPONSE_BYTES = 1 << 20  # response bytes kept per request for parsing; a longer answer is cut
+
+
+class CaptureWriter:
+    """The queue and its writer. offer() is the only call on the request path."""
+
+    def __init__(self, uri: str, cc: CaptureConfig, pii_kinds: list[str], key_digests: list[str]):
+        import fsspec
+
+        self.uri, self.cc, self.pii_kinds, self.key_digests = uri.rstrip("/"), cc, pii_kinds, set(key_digests)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.pending: dict[str, deque] = {REQUESTS: deque(), FEEDBACK: deque()}
+        self.counts: dict[tuple[str, str], int] = {}  # (kind, outcome) -> rows: what the metric counts
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._lock = threading.Lock()  # one batch written at a time (the flusher thread, close())
+        self._last_error_log = 0.0
+        self._counter = _counter()
+
+    # -- the request path -----------------------------------------------------------------------
+    def sampled(self) -> bool:
+        return self.cc.sample_rate >= 1 or random.random() < self.cc.sample_rate
+
+    def offer(self, kind: str, row: dict[str, Any]) -> bool:
+        """Queue a row; False (and counted) when the queue is full."""
+        if sum(map(len, self.pending.values())) >= self.cc.queue_rows:
+            self._count(kind, "dropped_full", 1)
+            return False
+        self.pending[kind].append(row)
+        self._start()
+        if len(self.pending[kind]) >= self.cc.batch_rows and self._wake is not None:
+            self._wake.set()
+        return True
+
+    def _start(self) -> None:
+        if self._task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous caller): close()/flush_sync() writes
+                return
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._flusher())
+
+    # -- the writer -----------------------------------------------------------------------------
+    async def _flusher(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.cc.flush_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await asyncio.to_thread(self.flush_sync)
+
+    def flush_sync(self) -> int:
+        """Write every pending row (in batches of batch_rows); returns the rows written."""
+        written = 0
+        with self._lock:
+            for kind, queue in self.pending.items():
+                while queue:
+                    batch = [queue.popleft() for _ in range(min(len(queue), self.cc.batch_rows))]
+                    try:
+                        self._write(kind, [self._finish(kind, r) for r in batch])
+                        self._count(kind, "written", len(batch))
+                        written += len(batch)
+                    except Exception as exc:  # the store is down or refuses: drop, count, say so now and then
+                        self._count(kind, "dropped_error", len(batch))
+                        if time.time() - self._last_error_log > 60:
+                            self._last_error_log = time.time()
+                            log.warning("capture: %d %s rows dropped, the store failed: %s", len(batch), kind, exc)
+        return written
+
+    async def drain(self) -> int:
+        """Write what is pending now (tests; a replica shutting down)."""
+        return await asyncio.to_thread(self.flush_sync)
+
+    def _write(self, kind: str, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fields = REQUEST_FIELDS if kind == REQUESTS else FEEDBACK_FIELDS
+        table = pa.Table.from_pylist([{f: r.get(f) for f in fields} for r in rows])
+        folder = f"{self.root}/{kind}"
+        name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+        self.fs.makedirs(folder, exist_ok=True)
+        # readers skip names starting with "_" (trainer.kept_files, pyarrow datasets): a local
+        # file appears under its real name only once whole; an object store's PUT is whole anyway
+        target = f"{folder}/_{name}" if self.local else f"{folder}/{name}"
+        with self.fs.open(target, "wb") as fh:
+            pq.write_table(table, fh)
+        if self.local:
+            self.fs.mv(target, f"{folder}/{name}")
+
+    def _finish(self, kind: str, row: dict[str, Any]) -> dict[str, Any]:
+        """The row as stored: the response parsed, every text redacted."""
+        counts: dict[str, int] = {}
+        if kind == REQUESTS:
+            raw = row.pop("_response", b"")
+            rid, answer, usage = parse_response(raw, bool(row.get("stream")))
+            row.update(id=rid or row.get("id"), answer=answer)
+            if usage:
+                row["prompt_tokens"] = usage.get("prompt_tokens", row.get("prompt_tokens"))
+                row["completion_tokens"] = usage.get("completion_tokens")
+            for field in ("prompt_text", "answer"):
+                row[field] = self._clean(row.get(field), counts)
+            if row.get("messages") is not None:
+                row["messages"] = json.dumps(
+                    [self._clean_message(m, counts) for m in row["messages"]], ensure_ascii=False
+                )
+        else:
+            row["comment"] = self._clean(row.get("comment"), counts)
+        row["redacted"] = json.dumps(counts, sort_keys=True)
+        return row
+
+    def _clean(self, text: str | None, counts: dict[str, int]) -> str | None:
+        from tailorlm.data.pii import redact
+
+        if text is None:
+            return None
+        text = text[: self.cc.max_text_chars]
+        if self.key_digests:
+            text = _KEY_LIKE.sub(lambda m: self._key_or_text(m.group(0), counts), text)
+        text, found = redact(text, self.pii_kinds)
+        for k, v in found.items():
+            counts[k] = counts.get(k, 0) + v
+        return text
+
+    def _key_or_text(self, token: str, counts: dict[str, int]) -> str:
+        if api_keys.digest(token) in self.key_digests:
+            counts["api_key"] = counts.get("api_key", 0) + 1
+            return KEY_TAG
+        return token
+
+    def _clean_message(self, message: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+        content = message.get("content")
+        if isinstance(content, list):  # text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return {"role": message.get("role"), "content": self._clean(content or "", counts)}
+
+    def _count(self, kind: str, outcome: str, n: int) -> None:
+        self.counts[(kind, outcome)] = self.counts.get((kind, outcome), 0) + n
+        if self._counter is not None:
+            self._counter.inc(n, tags={"kind": kind, "outcome": outcome})
+
+
+def parse_response(raw: bytes, stream: bool) -> tuple[str | None, str | None, dict | None]:
+    """(response id, answer text, usage) of a completions/chat response or its SSE stream."""
+    if not raw:
+        return None, None, None
+    try:
+        if not stream:
+            body = json.loads(raw)
+            return body.get("id"), response_text(body), body.get("usage")
+        rid, parts, usage = None, [], None
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            rid = rid or event.get("id")
+            usage = event.get("usage") or usage
+            parts.append(response_text(event))
+        return rid, "".join(parts), usage
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None, None, None
+
+
+def recording_send(send, sink: dict[str, Any]):
+    """send, also keeping the status and up to MAX_RESPONSE_BYTES of the body in sink."""
+    sink.update(status=None, body=bytearray())
+
+    async def recording(message):
+        if message["type"] == "http.response.start":
+            sink["status"] = message["status"]
+        elif message["type"] == "http.response.body" and len(sink["body"]) < MAX_RESPONSE_BYTES:
+            sink["body"] += message.get("body", b"")[: MAX_RESPONSE_BYTES - len(sink["body"])]
+        await send(message)
+
+    return recording
+
+
+def _counter():
+    try:
+        from ray.util.metrics import Counter
+
+        return Counter(
+            "tailorlm_capture_rows",
+            "captured rows by kind (requests, feedback) and outcome (written, dropped_full, dropped_error)",
+            tag_keys=("kind", "outcome"),
+        )
+    except Exception:  # outside a Ray worker (unit tests): CaptureWriter.counts still counts
+        return None
