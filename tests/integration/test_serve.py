@@ -57,6 +57,9 @@ def served(ray_local, tiny_model_path, tmp_path_factory):
             "serve.replicas.max_queued_requests=4",
             "serve.guard.blocklist=['forbidden-word']",
             f"serve.lora_adapters={{tiny-lora: {adapter}}}",
+            "serve.capture.enabled=true",
+            "serve.capture.flush_s=0.5",
+            f"run.storage={tmp_path_factory.mktemp('runs')}",
         ],
     )
     start(cfg, {"tiny": tiny_model_path, "tiny-b": tiny_model_path})
@@ -317,3 +320,45 @@ def test_overload_sheds_with_retry_after_and_disconnects_abort(served):
         while handle.unfinished_requests.remote().result() and time.time() < deadline:
             time.sleep(0.1)
         assert handle.unfinished_requests.remote().result() == 0, f"stream={stream}: engine kept generating"
+
+
+def test_live_capture_records_requests_and_feedback_without_pii_or_key(served):
+    """serve.capture in the real replica: a chat with an e-mail address and the API key pasted in
+    lands in <run>/capture/requests with both redacted; its feedback lands in capture/feedback."""
+    import json
+    import time
+
+    import pyarrow.parquet as pq
+
+    from tailorlm.runs import RunDir
+
+    cfg, _ = served
+    secret = "ask jane.doe@example.com, my key: test-key"
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120) as c:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": secret}], "max_tokens": 4}
+        r = c.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 200
+        rid = r.json()["id"]
+        fb = c.post("/v1/feedback", json={"id": rid, "score": 0, "comment": "mail jane.doe@example.com"}, headers=AUTH)
+        assert fb.status_code == 200, fb.text
+    root = RunDir.from_config(cfg).path + "/capture"
+    found: dict = {}
+    deadline = time.time() + 60
+
+    def landed() -> bool:
+        return any(row["id"] == rid for row in found.get("requests", [])) and any(
+            row["response_id"] == rid for row in found.get("feedback", [])
+        )
+
+    while time.time() < deadline and not landed():  # written off the request path, every flush_s
+        time.sleep(1)
+        for kind in ("requests", "feedback"):
+            files = sorted(glob.glob(f"{root}/{kind}/part-*.parquet"))
+            found[kind] = [row for f in files for row in pq.read_table(f).to_pylist()]
+    mine = [row for row in found.get("requests", []) if row["id"] == rid]
+    assert len(mine) == 1, found.get("requests")
+    text = json.dumps(found)
+    assert "jane.doe@example.com" not in text and "test-key" not in text
+    assert "[EMAIL]" in mine[0]["prompt_text"] and "[API_KEY]" in mine[0]["prompt_text"]
+    assert mine[0]["answer"] is not None and mine[0]["status"] == 200 and mine[0]["model"] == "tiny"
+    assert [f for f in found["feedback"] if f["response_id"] == rid][0]["comment"] == "mail [EMAIL]"

@@ -2,6 +2,7 @@
 
     python -m tailorlm.bench.serve                          # the tiny factory model, backend vllm
     python -m tailorlm.bench.serve --backends vllm ray_llm  # both serving backends
+    python -m tailorlm.bench.serve --backends vllm vllm+capture  # what serve.capture costs (on / off)
     python -m tailorlm.bench.serve --run-dir runs/demo      # the demo's newest bf16 export; saves
                                                             # runs/demo/bench/serve.json for the report
 
@@ -30,8 +31,12 @@ MODEL_ID = "demo"
 
 
 def bench_config(args, backend: str = "vllm"):
+    """backend: a serve.backend, or vllm+capture (serve.capture on, every request recorded, into a
+    temporary run folder)."""
     from tailorlm.config import load_config
 
+    backend, _, extra = backend.partition("+")
+    capture = ["serve.capture.enabled=true", f"run.storage={tempfile.mkdtemp(prefix='capture-')}"]
     return load_config(
         None,
         [
@@ -45,6 +50,7 @@ def bench_config(args, backend: str = "vllm"):
             f"serve.guard.max_tokens_cap={args.output_len}",
             f"serve.engine.args={{stream-interval: {args.stream_interval}}}",
             *([f"serve.stream_batching_ms={args.stream_batching_ms}"] if args.stream_batching_ms is not None else []),
+            *(capture if extra == "capture" else []),
         ],
     )
 
@@ -248,7 +254,7 @@ def main(argv=None) -> None:
         "--backends",
         nargs="+",
         default=["vllm"],
-        choices=["vllm", "ray_llm"],
+        choices=["vllm", "ray_llm", "vllm+capture"],
         help="our serving backends to measure (serve.backend)",
     )
     args = ap.parse_args(argv)
@@ -273,6 +279,14 @@ def main(argv=None) -> None:
             + " ".join(f"{x:.2f}" for x in row["round_ratios"])
         )
     print("targets: ratio >= 0.95 at every concurrency, TTFT difference <= 10 ms")
+    by = {(r["backend"], r["concurrency"]): r["ours"] for r in rows}
+    for c in args.concurrency:  # serve.capture's cost: the same server with capture on against off
+        on, off = by.get(("vllm+capture", c)), by.get(("vllm", c))
+        if on and off:
+            print(
+                f"capture on / off, concurrency {c}: tok/s {on['output_throughput'] / off['output_throughput']:.3f}, "
+                f"median TTFT {on['median_ttft_ms'] - off['median_ttft_ms']:+.1f} ms (target: no measurable cost)"
+            )
     if args.run_dir:
         out = Path(args.run_dir) / "bench" / "serve.json"
         out.parent.mkdir(parents=True, exist_ok=True)

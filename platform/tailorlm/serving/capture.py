@@ -42,8 +42,8 @@ REQUEST_FIELDS = (
 FEEDBACK_FIELDS = "id time response_id score comment key_hash redacted".split()
 KEY_TAG = "[API_KEY]"
 # a token that could be a pasted API key: keys are URL-safe strings (letters, digits, - and _); a
-# key glued to other such characters is not found (only the keys' digests are known here)
-_KEY_LIKE = re.compile(r"[A-Za-z0-9_\-]{16,}")
+# key glued to other such characters, or shorter than 8, is not found (only digests are known here)
+_KEY_LIKE = re.compile(r"[A-Za-z0-9_\-]{8,}")
 MAX_RESPONSE_BYTES = 1 << 20  # response bytes kept per request for parsing; a longer answer is cut
 
 
