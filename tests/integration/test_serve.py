@@ -325,6 +325,7 @@ def test_overload_sheds_with_retry_after_and_disconnects_abort(served):
 def test_live_capture_records_requests_and_feedback_without_pii_or_key(served):
     """serve.capture in the real replica: a chat with an e-mail address and the API key pasted in
     lands in <run>/capture/requests with both redacted; its feedback lands in capture/feedback."""
+    import glob
     import json
     import time
 
