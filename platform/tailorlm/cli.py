@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 EPILOG = """\
-Config: one YAML with sections run, model, data, train, tune, export, serve
+Config: one YAML with sections run, model, data, train, tune, export, serve, monitor
 (see jobs/configs/tiny_cpu.yaml). Override any key with dotted.key=value, e.g.
   tailorlm train jobs/configs/tiny_cpu.yaml train.lr=3e-4 train.lora.r=8
 Ray: with no --address and no RAY_ADDRESS an embedded local Ray is started;
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tailorlm",
         description="Customize a language model end to end on one "
-        "Ray cluster: data -> tune -> train -> export -> serve.",
+        "Ray cluster: data -> tune -> train -> export -> serve -> monitor.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

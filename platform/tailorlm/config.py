@@ -724,6 +724,25 @@ class ServeConfig(Strict):
 EXECUTION_ONLY = {("data", "in_process_max_mb"), ("run", "storage_timeout_s")}
 
 
+# ----------------------------------------------------------------------------- monitor
+class MonitorConfig(Strict):
+    """monitor: served traffic (serve.capture) against the training data (`tailorlm monitor`)."""
+
+    enabled: bool = Field(False, description="`tailorlm run` runs the monitor after serve (`tailorlm monitor` always)")
+    window_rows: int = Field(500, ge=1, description="the newest captured requests one check compares")
+    min_rows: int = Field(20, ge=1, description="fewer captured requests than this: the check refuses to judge")
+    kl_alert: float = Field(
+        0.15,
+        gt=0,
+        description="alert when the window's unigram KL to training, above a same-size training sample's, "
+        "reaches this (nats)",
+    )
+    smoothing: float = Field(0.1, gt=0, description="additive smoothing of both word distributions")
+    baseline_samples: int = Field(
+        5, ge=1, le=100, description="same-size samples of training prompts that estimate the KL of no drift"
+    )
+
+
 class PipelineConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -732,6 +751,7 @@ class PipelineConfig(Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _moe_serving(self) -> "PipelineConfig":

@@ -62,7 +62,8 @@ def with_tuned(cfg: PipelineConfig, run_dir: RunDir, echo: Callable[[str], None]
 
 
 def stage_enabled(cfg: PipelineConfig, stage: str) -> bool:
-    return stage != "tune" or cfg.tune.enabled
+    """In `tailorlm run`: tune and monitor only when their config enables them."""
+    return {"tune": cfg.tune.enabled, "monitor": cfg.monitor.enabled}.get(stage, True)
 
 
 def check_output(stage_uri: str) -> None:
@@ -98,7 +99,7 @@ def run_stage(
         check_output(stage_uri)
     inputs = cfg.section_hash("run", *record.reads)
     marker = sdir.marker()
-    if marker and not force:
+    if marker and not force and not record.always_runs:  # serve and monitor are acts, not artifacts
         if marker.get("inputs") == inputs:
             echo(f"[{stage}] already complete, skipping (outputs: {sdir.uri}; use --force to rerun)")
             return marker
@@ -118,7 +119,8 @@ def run_stage(
 
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), echo: Callable[[str], None] = print) -> dict:
-    """data -> tune (when enabled) -> train -> export -> serve, skipping finished stages."""
+    """data -> tune (when enabled) -> train -> export -> serve -> monitor (when enabled), skipping
+    finished stages."""
     results: dict[str, Any] = {}
     for record in STAGES:
         stage = record.name

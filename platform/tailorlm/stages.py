@@ -64,6 +64,15 @@ STAGES: tuple[Stage, ...] = (
         ("export",),
         always_runs=True,
     ),
+    Stage(
+        "monitor",
+        "compare captured traffic (serve.capture) with the training data: unigram KL, lengths, "
+        "languages, domain relevance; alerts on drift, writes drift.json and the run's monitoring history",
+        "tailorlm.monitor.stage",
+        ("model", "data", "monitor"),
+        ("data",),
+        always_runs=True,
+    ),
 )
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(BY_NAME)
