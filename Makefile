@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tailorlm-installed-$(EXTRA)
 CONFIG ?= jobs/configs/tiny_cpu.yaml
 
-.PHONY: install browser demo lint test test-fast bench clean
+.PHONY: install browser prometheus demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -35,12 +35,19 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: chromium not installed; the report's browser test will skip"
 
+# The metrics test scrapes the cluster with a real Prometheus (Debian's package); installed here the
+# same way, otherwise that test skips (CI sets TAILORLM_REQUIRE_PROMETHEUS).
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  prometheus >/dev/null; } || echo "note: prometheus not installed; the Prometheus scrape test will skip"
+
 # ruff's settings are in pyproject.toml ([tool.ruff]): line length 120, rules E, F, W, I
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-test: $(STAMP) browser lint
+test: $(STAMP) browser prometheus lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

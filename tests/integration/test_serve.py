@@ -57,6 +57,9 @@ def served(ray_local, tiny_model_path, tmp_path_factory):
             "serve.replicas.max_queued_requests=4",
             "serve.guard.blocklist=['forbidden-word']",
             f"serve.lora_adapters={{tiny-lora: {adapter}}}",
+            # schemathesis sends a wrong key per case to every route: at the default allowance the
+            # address would be throttled (429) for the tests after it
+            "serve.guard.auth_failures_per_minute=1000",
             "serve.capture.enabled=true",
             "serve.capture.flush_s=0.5",
             f"run.storage={tmp_path_factory.mktemp('runs')}",
@@ -363,3 +366,72 @@ def test_live_capture_records_requests_and_feedback_without_pii_or_key(served):
     assert "[EMAIL]" in mine[0]["prompt_text"] and "[API_KEY]" in mine[0]["prompt_text"]
     assert mine[0]["answer"] is not None and mine[0]["status"] == 200 and mine[0]["model"] == "tiny"
     assert [f for f in found["feedback"] if f["response_id"] == rid][0]["comment"] == "mail [EMAIL]"
+
+
+def test_a_real_prometheus_scrapes_serving_capture_and_drift_series_with_bounded_labels(served, tmp_path):
+    """Debian's prometheus, started here, scrapes the node's metrics export port: the guard's,
+    vLLM's, capture's and the monitor's series are there, every metric the shipped Grafana
+    dashboard queries is among them, and their labels take values from fixed sets only."""
+    import shutil
+    import subprocess
+    import time
+
+    import ray
+
+    from tailorlm.metric_names import exported_names
+    from tailorlm.monitor.stage import set_gauges
+    from tailorlm.serving.routes import BY_PATH
+
+    from ..unit.test_dashboard import dashboard_metrics
+
+    prom = shutil.which("prometheus")
+    if prom is None:
+        if os.environ.get("TAILORLM_REQUIRE_PROMETHEUS"):
+            raise AssertionError("prometheus is not installed (`make prometheus` installs Debian's package)")
+        pytest.skip("prometheus not installed")
+    set_gauges({"kl": 0.5, "kl_excess": 0.4, "alert": True})  # as a monitor check in this driver sets them
+    port = ray.nodes()[0]["MetricsExportPort"]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
+    )
+    web = "127.0.0.1:9391"
+    proc = subprocess.Popen(
+        [
+            prom,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address={web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wanted = dashboard_metrics()
+        names: set[str] = set()
+        deadline = time.time() + 90
+        while time.time() < deadline and not wanted <= names:
+            time.sleep(2)
+            try:
+                names = set(httpx.get(f"http://{web}/api/v1/label/__name__/values", timeout=5).json()["data"])
+            except (httpx.HTTPError, ValueError):
+                continue
+        assert wanted <= names, sorted(wanted - names)
+        ours = sorted(n for n in names if n.startswith("ray_tailorlm_"))
+        assert set(ours) <= exported_names(), set(ours) - exported_names()
+        allowed = {
+            "route": {r.name for r in BY_PATH.values()} | {"unmatched"},
+            "kind": {"requests", "feedback"},
+            "outcome": {"written", "dropped_full", "dropped_error"},
+        }
+        for name in ours:
+            series = httpx.get(f"http://{web}/api/v1/series", params={"match[]": name}, timeout=5).json()["data"]
+            for s in series:
+                for label, values in allowed.items():
+                    assert s.get(label, next(iter(values))) in values, (name, s)
+                assert "status" not in s or s["status"].isdigit(), (name, s)
+        alert = httpx.get(f"http://{web}/api/v1/query", params={"query": "ray_tailorlm_drift_alert"}, timeout=5).json()
+        assert float(alert["data"]["result"][0]["value"][1]) == 1.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

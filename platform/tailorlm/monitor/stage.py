@@ -134,15 +134,60 @@ def read_history(run_dir: RunDir) -> list[dict[str, Any]]:
 
 
 def set_gauges(result: dict[str, Any]) -> None:
-    """The check as Prometheus gauges on Ray's metrics endpoint (no labels: one series each)."""
+    """The check as Prometheus gauges, held by a detached actor (GaugeKeeper) that sets them again
+    every second: Ray's exporter forgets a gauge value once collected (serving/engine_metrics.py),
+    and a `tailorlm monitor` driver exits long before the next scrape."""
     try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        keeper = (
+            ray.remote(GaugeKeeper)
+            .options(name=GaugeKeeper.NAME, namespace="tailorlm", lifetime="detached", get_if_exists=True, num_cpus=0)
+            .remote()
+        )
+        ray.get(keeper.set.remote(result["kl"], result["kl_excess"], 1.0 if result["alert"] else 0.0), timeout=60)
+    except Exception as exc:  # metrics are a view of the check; drift.json and the history hold it
+        print(f"[monitor] gauges not set: {exc}")
+
+
+class GaugeKeeper:
+    """The last drift check's gauges (metric_names.DRIFT_*), set again every second."""
+
+    NAME = "tailorlm_monitor_gauges"
+
+    def __init__(self):
         from ray.util.metrics import Gauge
 
-        Gauge("tailorlm_drift_kl", "unigram KL of served prompts to the training prompts (nats)").set(result["kl"])
-        Gauge("tailorlm_drift_kl_excess", "drift KL above a same-shape training sample's").set(result["kl_excess"])
-        Gauge("tailorlm_drift_alert", "1 when the last drift check alerted").set(1.0 if result["alert"] else 0.0)
-    except Exception:  # no Ray here (a bare `tailorlm monitor` before init): the files still say it
-        pass
+        from tailorlm import metric_names as m
+
+        self.gauges = (
+            Gauge(m.DRIFT_KL, "unigram KL of served prompts to the training prompts (nats)"),
+            Gauge(m.DRIFT_KL_EXCESS, "drift KL above a same-shape training sample's"),
+            Gauge(m.DRIFT_ALERT, "1 when the last drift check alerted"),
+        )
+        self.values: tuple[float, ...] | None = None
+        self.task = None
+
+    async def set(self, kl: float, excess: float, alert: float) -> None:
+        import asyncio
+
+        self.values = (kl, excess, alert)
+        self._apply()
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._refresh())
+
+    def _apply(self) -> None:
+        for gauge, value in zip(self.gauges, self.values or ()):
+            gauge.set(value)
+
+    async def _refresh(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(1)
+            self._apply()
 
 
 def recap(s: dict[str, Any]) -> str:

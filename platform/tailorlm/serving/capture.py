@@ -228,8 +228,10 @@ def _counter():
     try:
         from ray.util.metrics import Counter
 
+        from tailorlm.metric_names import CAPTURE_ROWS
+
         return Counter(
-            "tailorlm_capture_rows",
+            CAPTURE_ROWS,
             "captured rows by kind (requests, feedback) and outcome (written, dropped_full, dropped_error)",
             tag_keys=("kind", "outcome"),
         )

@@ -452,12 +452,12 @@ class _Metrics:
         try:
             from ray.util.metrics import Counter, Histogram
 
-            self.requests = Counter(
-                "tailorlm_requests", "HTTP requests by route and status", tag_keys=("route", "status")
-            )
-            self.errors = Counter("tailorlm_errors", "HTTP 4xx/5xx responses", tag_keys=("route", "status"))
+            from tailorlm import metric_names as m
+
+            self.requests = Counter(m.REQUESTS, "HTTP requests by route and status", tag_keys=("route", "status"))
+            self.errors = Counter(m.ERRORS, "HTTP 4xx/5xx responses", tag_keys=("route", "status"))
             self.latency = Histogram(
-                "tailorlm_request_latency_s",
+                m.LATENCY,
                 "request latency in seconds",
                 boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
                 tag_keys=("route",),
