@@ -283,6 +283,36 @@ def serve_section(run: RunDir) -> str:
     return "\n".join(parts)
 
 
+def monitor_section(run: RunDir) -> str:
+    """The drift checks over time (`tailorlm monitor`'s history) and the last check's detail."""
+    from tailorlm.monitor.stage import read_history
+
+    history = read_history(run)
+    if not history:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = history[-1]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(range(1, len(history) + 1), [h["kl"] for h in history], "o-", label="unigram KL to training")
+    ax.plot(range(1, len(history) + 1), [h["kl_excess"] for h in history], "s-", label="above the noise floor")
+    alerts = [i + 1 for i, h in enumerate(history) if h["alert"]]
+    ax.plot(alerts, [history[i - 1]["kl_excess"] for i in alerts], "rx", ms=10, label="alert")
+    ax.set_xlabel("check")
+    ax.set_ylabel("nats")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    word = "<b>drift alert</b>" if last["alert"] else "no drift"
+    return (
+        f"<h2>Monitoring</h2><p>{len(history)} drift check(s) of captured traffic; the last "
+        f"({html.escape(last['checked_at'])}, {last['rows']} requests): {word}, unigram KL {last['kl']:.3f}, "
+        f"{last['kl_excess']:.3f} above a same-shape training sample's.</p>" + _img_from_figure(fig)
+    )
+
+
 def render(run_uri: str) -> str:
     from fsspec.core import url_to_fs
 
@@ -294,7 +324,14 @@ def render(run_uri: str) -> str:
     fs, path = url_to_fs(run.uri)
     if not fs.exists(path):
         raise FileNotFoundError(f"report: run folder {run_uri} does not exist")
-    sections = [data_section(run), tune_section(run), train_section(run), export_section(run), serve_section(run)]
+    sections = [
+        data_section(run),
+        tune_section(run),
+        train_section(run),
+        export_section(run),
+        serve_section(run),
+        monitor_section(run),
+    ]
     body = "\n".join(s for s in [headline(run), *sections] if s) or "<p>No finished stage in this run yet.</p>"
     style = (
         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"

@@ -64,3 +64,7 @@ def test_monitor_alerts_on_drift_only_and_keeps_history(tmp_path):
     assert all(0 <= report["relevance"][k] <= 1 for k in ("traffic", "held_out"))
     history = read_history(RunDir.from_config(cfg))
     assert [h["alert"] for h in history] == [False, True]
+    from tailorlm.report import render
+
+    page = render(str(tmp_path / "demo"))
+    assert "<h2>Monitoring</h2>" in page and "2 drift check(s)" in page and "drift alert" in page
