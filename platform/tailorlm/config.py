@@ -741,6 +741,15 @@ class MonitorConfig(Strict):
     baseline_samples: int = Field(
         5, ge=1, le=100, description="same-size samples of training prompts that estimate the KL of no drift"
     )
+    quality: bool = Field(
+        False, description="also ask the live endpoint the held-out eval questions and track fact exact match"
+    )
+    endpoint: str | None = Field(None, description="the endpoint's /v1 URL for quality; null: serve.host:serve.port")
+    eval_rows: int = Field(64, ge=1, description="held-out questions one quality check asks")
+    quality_drop: float = Field(
+        0.02, ge=0, lt=1, description="relative drop below the promoted model's score that counts"
+    )
+    quality_checks: int = Field(3, ge=1, description="consecutive low checks before a quality alert")
 
 
 class PipelineConfig(Strict):

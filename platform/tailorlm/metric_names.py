@@ -10,6 +10,8 @@ CAPTURE_ROWS = "tailorlm_capture_rows"  # counter {kind: requests|feedback, outc
 DRIFT_KL = "tailorlm_drift_kl"  # gauge: the last monitor check's unigram KL (nats)
 DRIFT_KL_EXCESS = "tailorlm_drift_kl_excess"  # gauge: that KL above the no-drift noise floor
 DRIFT_ALERT = "tailorlm_drift_alert"  # gauge: 1 when the last check alerted
+QUALITY = "tailorlm_quality_fact_em"  # gauge: the live endpoint's fact exact match (monitor.quality)
+QUALITY_ALERT = "tailorlm_quality_alert"  # gauge: 1 when quality decayed for monitor.quality_checks checks
 
 KINDS = {
     REQUESTS: "counter",
@@ -19,6 +21,8 @@ KINDS = {
     DRIFT_KL: "gauge",
     DRIFT_KL_EXCESS: "gauge",
     DRIFT_ALERT: "gauge",
+    QUALITY: "gauge",
+    QUALITY_ALERT: "gauge",
 }
 PREFIX = "ray_"  # Ray's Prometheus namespace (ray._private.metrics_agent)
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -389,7 +389,8 @@ def test_a_real_prometheus_scrapes_serving_capture_and_drift_series_with_bounded
         if os.environ.get("TAILORLM_REQUIRE_PROMETHEUS"):
             raise AssertionError("prometheus is not installed (`make prometheus` installs Debian's package)")
         pytest.skip("prometheus not installed")
-    set_gauges({"kl": 0.5, "kl_excess": 0.4, "alert": True})  # as a monitor check in this driver sets them
+    # as a monitor check in this driver sets them (test_live_quality_decay_alerts... runs real ones)
+    set_gauges({"kl": 0.5, "kl_excess": 0.4, "alert": True, "quality": 0.5, "quality_alert": False})
     port = ray.nodes()[0]["MetricsExportPort"]
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
@@ -435,3 +436,30 @@ def test_a_real_prometheus_scrapes_serving_capture_and_drift_series_with_bounded
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_monitor_tracks_live_quality_and_alerts_only_after_three_low_checks(served):
+    """`tailorlm monitor` with monitor.quality asks the live endpoint the run's held-out questions:
+    the random tiny model scores far below the promoted model's recorded 0.9, and the alert comes
+    on the third consecutive low check, not before."""
+    import json
+
+    from tailorlm.config import apply_overrides, validate
+    from tailorlm.pipeline import run_stage
+    from tailorlm.runs import RunDir
+
+    from ..unit.test_monitor import write_data_stage
+
+    cfg, _ = served
+    root = RunDir.from_config(cfg)
+    write_data_stage(__import__("pathlib").Path(root.storage))
+    train = __import__("pathlib").Path(root.path) / "train"
+    train.mkdir(exist_ok=True)
+    (train / "eval.json").write_text(json.dumps({"finetuned": {"fact_exact_match": 0.9}}))
+    cfg = validate(apply_overrides(cfg.to_dict(), {"monitor.quality": True, "monitor.eval_rows": 4}))
+    alerts = []
+    for _ in range(3):
+        s = run_stage(cfg, "monitor", echo=lambda s: None)["summary"]
+        assert s["quality_promoted"] == 0.9 and s["quality"] < 0.9 * 0.98 and s["quality_low"]
+        alerts.append(s["quality_alert"])
+    assert alerts == [False, False, True]

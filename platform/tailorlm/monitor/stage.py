@@ -25,6 +25,8 @@ from tailorlm.config import PipelineConfig
 from tailorlm.monitor import drift
 from tailorlm.runs import RunDir, StageDir
 
+SUMMARY = ("checked_at", "rows", "kl", "kl_baseline", "kl_excess", "alert")
+QUALITY = ("quality", "quality_promoted", "quality_low", "quality_alert")
 HISTORY = "monitoring.jsonl"  # in the run folder: a stage folder is emptied by every rerun
 
 
@@ -107,6 +109,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **check(cfg, traffic, train, held_out),
     }
+    if mc.quality:  # the live endpoint asked the held-out questions
+        from tailorlm.monitor.quality import quality_check
+
+        result.update(quality_check(cfg, run_dir, read_history(run_dir)))
     sdir.write_json("drift.json", result)
     append_history(run_dir, result)
     set_gauges(result)
@@ -115,14 +121,21 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         f"[monitor] {word}: unigram KL {result['kl']:.3f} over {result['rows']} requests, "
         f"{result['kl_excess']:.3f} above a same-shape training sample's (alert at {mc.kl_alert})"
     )
-    return {k: result[k] for k in ("rows", "kl", "kl_baseline", "kl_excess", "alert", "checked_at")}
+    if "quality" in result:
+        promoted = result["quality_promoted"]
+        print(
+            f"[monitor] live fact exact match {result['quality']:.2f} (promoted model: "
+            f"{'unknown' if promoted is None else f'{promoted:.2f}'})"
+            + ("; ALERT: quality decayed" if result["quality_alert"] else "")
+        )
+    return {k: result[k] for k in (*SUMMARY, *QUALITY) if k in result}
 
 
 def append_history(run_dir: RunDir, result: dict[str, Any]) -> None:
     """One line per check; rewritten whole (object stores cannot append)."""
     path = f"{run_dir.path}/{HISTORY}"
     old = run_dir.fs.cat_file(path).decode() if run_dir.fs.exists(path) else ""
-    line = json.dumps({k: result[k] for k in ("checked_at", "rows", "kl", "kl_baseline", "kl_excess", "alert")})
+    line = json.dumps({k: result[k] for k in (*SUMMARY, *QUALITY) if k in result})
     run_dir.write_text(HISTORY, old + line + "\n")
 
 
@@ -147,13 +160,16 @@ def set_gauges(result: dict[str, Any]) -> None:
             .options(name=GaugeKeeper.NAME, namespace="tailorlm", lifetime="detached", get_if_exists=True, num_cpus=0)
             .remote()
         )
-        ray.get(keeper.set.remote(result["kl"], result["kl_excess"], 1.0 if result["alert"] else 0.0), timeout=60)
+        values = [result["kl"], result["kl_excess"], float(result["alert"])]
+        if "quality" in result:
+            values += [result["quality"], float(result["quality_alert"])]
+        ray.get(keeper.set.remote(values), timeout=60)
     except Exception as exc:  # metrics are a view of the check; drift.json and the history hold it
         print(f"[monitor] gauges not set: {exc}")
 
 
 class GaugeKeeper:
-    """The last drift check's gauges (metric_names.DRIFT_*), set again every second."""
+    """The last check's gauges (metric_names.DRIFT_*, QUALITY*), set again every second."""
 
     NAME = "tailorlm_monitor_gauges"
 
@@ -166,14 +182,17 @@ class GaugeKeeper:
             Gauge(m.DRIFT_KL, "unigram KL of served prompts to the training prompts (nats)"),
             Gauge(m.DRIFT_KL_EXCESS, "drift KL above a same-shape training sample's"),
             Gauge(m.DRIFT_ALERT, "1 when the last drift check alerted"),
+            Gauge(m.QUALITY, "the live endpoint's fact exact match on the held-out questions"),
+            Gauge(m.QUALITY_ALERT, "1 when quality stayed below the promoted model's for monitor.quality_checks"),
         )
         self.values: tuple[float, ...] | None = None
         self.task = None
 
-    async def set(self, kl: float, excess: float, alert: float) -> None:
+    async def set(self, values: list[float]) -> None:
+        """The drift gauges' values, then (with monitor.quality) the quality gauges'."""
         import asyncio
 
-        self.values = (kl, excess, alert)
+        self.values = tuple(values)
         self._apply()
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._refresh())
