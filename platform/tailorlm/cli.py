@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     p = sub.add_parser(
+        "promote",
+        help="serve a registered version (a running endpoint on --address switches to it)",
+        description="Make VERSION the one the endpoint serves; where this command reaches the Ray "
+        "cluster the endpoint runs on (--address), it switches in place, requests in flight kept.",
+    )
+    _common(p)
+    p.add_argument("--to", required=True, metavar="VERSION", help="a registered version, e.g. 1.1.0")
+    p = sub.add_parser(
+        "rollback",
+        help="serve again the version promoted before the current one",
+        description="Undo the last promotion (see promote).",
+    )
+    _common(p)
+
+    p = sub.add_parser(
         "config",
         help="validate a config (with overrides) and print the resolved YAML",
         description="Validate a config with overrides and print every key with its value.",
@@ -151,7 +166,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logging_only(args.verbose)
         print(dump_yaml(cfg), end="")
         return 0
+    if args.command in ("promote", "rollback"):
+        return _promotion(args, cfg)
     return _run(args, cfg)
+
+
+def _promotion(args, cfg) -> int:
+    """promote / rollback: the registry's choice, and a switch of the endpoint where one runs on the
+    cluster given (no cluster given: no embedded Ray is started, nothing runs there to switch)."""
+    _logging_only(args.verbose)
+    from tailorlm.serving.promotion import promote_version, rollback_version
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            from tailorlm.cluster import init_ray
+
+            os.environ["RAY_ADDRESS"] = address
+            init_ray()
+        print(promote_version(cfg, args.to) if args.command == "promote" else rollback_version(cfg))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args, cfg) -> int:

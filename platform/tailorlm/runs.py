@@ -10,6 +10,7 @@ same code runs on a laptop and against object storage.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import time
 import traceback
@@ -128,7 +129,7 @@ class StageDir:
             self.fs.rm(join(self.path, COMPLETE))
         for entry in self.fs.ls(self.path, detail=False):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name not in keep:
+            if not any(fnmatch.fnmatchcase(name, k) for k in keep):  # names or patterns ("[0-9]*")
                 self.fs.rm(entry, recursive=True)
 
     @contextlib.contextmanager

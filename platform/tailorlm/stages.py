@@ -19,7 +19,7 @@ class Stage:
     module: str  # exports run() and recap()
     reads: tuple[str, ...]  # config sections whose hash decides whether a finished stage reruns
     needs: tuple[str, ...] = ()  # stages whose outputs it reads: they must have finished first
-    keeps: tuple[str, ...] = ()  # subfolders kept when it fails (a rerun resumes from them)
+    keeps: tuple[str, ...] = ()  # subfolders (fnmatch patterns) a rerun or a failure keeps
     always_runs: bool = False  # not an artifact: `tailorlm run` runs it even when finished
 
 
@@ -55,6 +55,7 @@ STAGES: tuple[Stage, ...] = (
         "tailorlm.export.stage",
         ("model", "data", "train", "tune", "export"),
         ("data", "train"),
+        ("[0-9]*",),  # every registered version's folder: a rerun adds one, rollback needs the old
     ),
     Stage(
         "serve",

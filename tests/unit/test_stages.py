@@ -32,7 +32,13 @@ def test_the_cli_offers_the_stages_of_the_table():
     from tailorlm.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(NAMES) <= set(sub.choices) and set(sub.choices) - set(NAMES) == {"run", "report", "config"}
+    assert set(NAMES) <= set(sub.choices) and set(sub.choices) - set(NAMES) == {
+        "run",
+        "report",
+        "config",
+        "promote",
+        "rollback",
+    }
 
 
 def test_a_missing_upstream_stage_is_one_clear_error(tmp_path):

@@ -150,13 +150,25 @@ def compare_task(bf16_uri: str, variants: dict[str, str], rows: list[dict], max_
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
+    trained = run_dir.stage("train").marker() or {}  # finished: the pipeline checks needs
+    training = f"{trained.get('inputs')}@{trained.get('finished')}"  # which training run this exports
+    version = next_version(run_dir, training)
+    try:
+        return export_version(cfg, run_dir, sdir, version, training)
+    except BaseException:  # the stage keeps version folders on a rerun (stages.py): not a half-written one
+        if sdir.fs.exists(f"{sdir.path}/{version}"):
+            sdir.fs.rm(f"{sdir.path}/{version}", recursive=True)
+        raise
+
+
+def export_version(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir, version: str, training: str) -> dict:
+    """Write <version>/ (every variant, its metrics, the manifest) and register it."""
     import ray
 
     from tailorlm.data.splits import splits_rows
 
     ec = cfg.export
-    train, data = run_dir.stage("train"), run_dir.stage("data")  # finished: the pipeline checks needs
-    version = next_version(run_dir)
+    train, data = run_dir.stage("train"), run_dir.stage("data")
     rows = splits_rows(data.sub("kept"))
     # Each step is a task on whichever node has a CPU free; they hand models to each other through
     # the stage folder (storage every node reaches), never through this driver's disk. Every
@@ -202,7 +214,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
     register(
         run_dir,
         {k: manifest[k] for k in ("version", "created", "variants")}
-        | {"manifest": sdir.sub(f"{version}/manifest.json")},
+        | {"manifest": sdir.sub(f"{version}/manifest.json"), "training": training},
     )
     print(summary(variants, version))
     return {

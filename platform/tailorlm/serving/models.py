@@ -24,16 +24,17 @@ def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
 def guard_settings(cfg: PipelineConfig):
     """The guard's settings for this run's endpoint: serve.* plus where serve.capture writes
     (<run>/capture), what it redacts (data.pii.kinds: always, whether or not the data stage
-    redacts), and the registry version it records with each request."""
-    from tailorlm.export.registry import read_registry
+    redacts), and the registry version served (the promoted one, else the newest), which every
+    response names in its x-tailorlm-version header and capture records."""
+    from tailorlm.export.registry import served_entry
     from tailorlm.serving.capture import CAPTURE
     from tailorlm.serving.security import GuardSettings
 
     run_dir = RunDir.from_config(cfg)
-    registry = read_registry(run_dir) if cfg.serve.capture.enabled else []
+    try:
+        version = served_entry(run_dir)["version"]
+    except FileNotFoundError:  # models given by hand (tests, the serving benchmark): no registry
+        version = None
     return GuardSettings.from_config(
-        cfg.serve,
-        capture_uri=f"{run_dir.uri}/{CAPTURE}",
-        pii_kinds=list(cfg.data.pii.kinds),
-        version=registry[-1]["version"] if registry else None,
+        cfg.serve, capture_uri=f"{run_dir.uri}/{CAPTURE}", pii_kinds=list(cfg.data.pii.kinds), version=version
     )

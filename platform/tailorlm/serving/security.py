@@ -204,9 +204,13 @@ class Guard:
         route = BY_PATH.get(scope["path"])
         start, status = time.monotonic(), {"code": 500, "started": False}
 
+        version = [(b"x-tailorlm-version", self.s.version.encode())] if self.s.version else []
+
         async def tracked(message):
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
+                if version:  # which registered version answered (a promotion switches it)
+                    message = {**message, "headers": [*message.get("headers", []), *version]}
             await send(message)
 
         try:
