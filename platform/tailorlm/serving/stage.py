@@ -174,9 +174,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             answer["reference"] = reference
             answer["fact"] = " ".join(answer_fact(question, reference))
             answer["fact_correct"] = bool(answer["answer"] and fact_correct(question, answer["answer"], reference))
-        info = {"url": url, "models": models, "sample": answer}
+        version = served_version(run_dir)
+        info = {"url": url, "models": models, "sample": answer, "version": version}
         sdir.write_json("endpoint.json", info)
-        print(f"[serve] {url}  models: {', '.join(models)}")
+        print(f"[serve] {url}  models: {', '.join(models)}  version {version}")
         shown = answer["answer"] if answer["answer"] is not None else "(withheld by the content filter)"
         verdict = ""
         if reference is not None:
@@ -197,6 +198,16 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         "answer": answer["answer"],
         "fact_correct": answer.get("fact_correct"),
     }
+
+
+def served_version(run_dir: RunDir) -> str:
+    """The version served, saying so when a newer export awaits promotion."""
+    from tailorlm.export.registry import read_registry, served_entry
+
+    served, newest = served_entry(run_dir)["version"], read_registry(run_dir)[-1]["version"]
+    if newest != served:
+        print(f"[serve] serving the promoted {served}; {newest} is newer (`tailorlm promote --to {newest}`)")
+    return served
 
 
 def recap(s: dict[str, Any]) -> str:
