@@ -584,6 +584,15 @@ class CaptureConfig(Strict):
     max_text_chars: int = Field(20_000, ge=100, description="prompt and answer text kept per row, at most")
 
 
+class ShadowConfig(Strict):
+    """serve.shadow: a candidate version answering a copy of live requests, never returned."""
+
+    version: str | None = Field(
+        None, description="a registered version (e.g. 1.1.0) hosted beside the served one as <model_id>-shadow"
+    )
+    share: float = Field(0.1, ge=0, le=1, description="share of requests for model_id mirrored to it")
+
+
 class EngineConfig(Strict):
     """serve.engine: how vLLM runs each hosted model."""
 
@@ -676,6 +685,7 @@ class ServeConfig(Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     ab: AbConfig = Field(default_factory=AbConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replicas: ReplicasConfig = Field(default_factory=ReplicasConfig)
 
@@ -694,8 +704,16 @@ class ServeConfig(Strict):
         """Model names the endpoint serves: model_id for the first variant, model_id-<variant> after."""
         return [self.model_id] + [f"{self.model_id}-{v}" for v in self.variants[1:]]
 
+    def shadow_id(self) -> str | None:
+        """The model name the shadow candidate is hosted under (clients may also ask it directly)."""
+        return f"{self.model_id}-shadow" if self.shadow.version else None
+
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
+        if self.shadow.version and not self.capture.enabled:
+            raise ValueError(
+                "shadow.version: the shadow's answers are recorded by serve.capture; set serve.capture.enabled=true"
+            )
         for model, weight in self.ab.split.items():
             if model not in self.hosted_ids():
                 raise ValueError(

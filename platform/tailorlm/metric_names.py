@@ -6,7 +6,7 @@ _count for histograms): `tailorlm_requests` is scraped as `ray_tailorlm_requests
 REQUESTS = "tailorlm_requests"  # counter {route, status}: route is an allow-listed route's name
 ERRORS = "tailorlm_errors"  # counter {route, status}, 4xx/5xx only
 LATENCY = "tailorlm_request_latency_s"  # histogram {route}
-CAPTURE_ROWS = "tailorlm_capture_rows"  # counter {kind: requests|feedback, outcome: written|dropped_*}
+CAPTURE_ROWS = "tailorlm_capture_rows"  # counter {kind: requests|feedback|shadow, outcome: written|dropped_*}
 DRIFT_KL = "tailorlm_drift_kl"  # gauge: the last monitor check's unigram KL (nats)
 DRIFT_KL_EXCESS = "tailorlm_drift_kl_excess"  # gauge: that KL above the no-drift noise floor
 DRIFT_ALERT = "tailorlm_drift_alert"  # gauge: 1 when the last check alerted

@@ -422,7 +422,7 @@ def test_a_real_prometheus_scrapes_serving_capture_and_drift_series_with_bounded
         assert set(ours) <= exported_names(), set(ours) - exported_names()
         allowed = {
             "route": {r.name for r in BY_PATH.values()} | {"unmatched"},
-            "kind": {"requests", "feedback"},
+            "kind": {"requests", "feedback", "shadow"},
             "outcome": {"written", "dropped_full", "dropped_error"},
         }
         for name in ours:

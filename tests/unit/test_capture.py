@@ -181,3 +181,53 @@ def test_property_every_offered_row_is_written_once_and_clean(tmp_path_factory, 
     for r in got:
         for secret in (EMAIL, KEY, CARD, PHONE):
             assert secret not in r["prompt_text"]
+
+
+async def model_app(scope, receive, send):
+    """Answers with the model it was asked for, after a pause (so shadows overlap live requests)."""
+    import asyncio
+
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            break
+    req = json.loads(body)
+    await asyncio.sleep(0.01)
+    out = {
+        "id": f"chatcmpl-{req['model']}-{req['messages'][0]['content']}",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"from {req['model']}"}}],
+    }
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(out).encode()})
+
+
+@pytest.mark.anyio
+async def test_shadow_gets_a_share_of_requests_and_its_answers_are_recorded_never_returned(tmp_path):
+    import asyncio
+
+    sc = load_config(
+        None,
+        ["serve.host=0.0.0.0", "serve.capture.enabled=true", "serve.shadow.version=1.1.0", "serve.shadow.share=0.5"],
+    ).serve
+    g = Guard(model_app, GuardSettings.from_config(sc, capture_uri=str(tmp_path / "capture"), version="1.0.0"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=g), base_url="http://t") as c:
+        answers = [
+            (await c.post("/v1/chat/completions", json=chat(str(i)), headers=AUTH)).json()["choices"][0]["message"][
+                "content"
+            ]
+            for i in range(20)
+        ]
+        other = await c.post("/v1/chat/completions", json={**chat("x"), "model": "demo-w4a16"}, headers=AUTH)
+    assert set(answers) == {"from demo"} and other.status_code == 200  # the client only ever gets the live model
+    while g.shadows:
+        await asyncio.sleep(0.01)
+    await g.capture.drain()
+    shadows = rows(tmp_path, "shadow")
+    live = {r["id"] for r in rows(tmp_path, REQUESTS)}
+    assert len(shadows) == 10 and all(r["answer"] == "from demo-shadow" and r["live_id"] in live for r in shadows)
+    assert {r["version"] for r in shadows} == {"1.1.0"} and all(r["status"] == 200 for r in shadows)
+    # only requests for model_id are mirrored, and a shadow needs capture on
+    with pytest.raises(ValueError, match="serve.capture.enabled"):
+        load_config(None, ["serve.shadow.version=1.1.0"])

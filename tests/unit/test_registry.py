@@ -1,7 +1,6 @@
 """The registry's versions and promotions: minor bumps for a new training, patch for a re-export,
 and promote / rollback behaving as a stack, checked against a model of it on generated sequences."""
 
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

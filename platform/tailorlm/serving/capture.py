@@ -3,6 +3,7 @@ and continual training, written as Parquet under `<run>/capture/`:
 
     requests/part-<utc>-<id>.parquet   one row per sampled generating request (REQUEST_FIELDS)
     feedback/part-<utc>-<id>.parquet   one row per POST /v1/feedback (FEEDBACK_FIELDS)
+    shadow/part-<utc>-<id>.parquet     one row per request mirrored to serve.shadow (SHADOW_FIELDS)
 
 Off the request path: a request only appends its body and the response bytes it was sent to an
 in-memory queue (bounded by serve.capture.queue_rows; beyond, rows are dropped and counted). A
@@ -34,12 +35,14 @@ from tailorlm.serving.filters import response_text
 log = logging.getLogger(__name__)
 
 CAPTURE = "capture"  # the run folder's subfolder
-REQUESTS, FEEDBACK = "requests", "feedback"
+REQUESTS, FEEDBACK, SHADOW = "requests", "feedback", "shadow"
 REQUEST_FIELDS = (
     "id time route model version stream status latency_s prompt_tokens completion_tokens "
     "prompt_text messages answer key_hash redacted"
 ).split()
 FEEDBACK_FIELDS = "id time response_id score comment key_hash redacted".split()
+SHADOW_FIELDS = "id time live_id model version status latency_s completion_tokens answer redacted".split()
+FIELDS = {REQUESTS: REQUEST_FIELDS, FEEDBACK: FEEDBACK_FIELDS, SHADOW: SHADOW_FIELDS}
 KEY_TAG = "[API_KEY]"
 # a token that could be a pasted API key: keys are URL-safe strings (letters, digits, - and _); a
 # key glued to other such characters, or shorter than 8, is not found (only digests are known here)
@@ -56,7 +59,7 @@ class CaptureWriter:
         self.uri, self.cc, self.pii_kinds, self.key_digests = uri.rstrip("/"), cc, pii_kinds, set(key_digests)
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        self.pending: dict[str, deque] = {REQUESTS: deque(), FEEDBACK: deque()}
+        self.pending: dict[str, deque] = {kind: deque() for kind in FIELDS}
         self.counts: dict[tuple[str, str], int] = {}  # (kind, outcome) -> rows: what the metric counts
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -124,7 +127,7 @@ class CaptureWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        fields = REQUEST_FIELDS if kind == REQUESTS else FEEDBACK_FIELDS
+        fields = FIELDS[kind]
         table = pa.Table.from_pylist([{f: r.get(f) for f in fields} for r in rows])
         folder = f"{self.root}/{kind}"
         name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
@@ -140,7 +143,7 @@ class CaptureWriter:
     def _finish(self, kind: str, row: dict[str, Any]) -> dict[str, Any]:
         """The row as stored: the response parsed, every text redacted."""
         counts: dict[str, int] = {}
-        if kind == REQUESTS:
+        if kind in (REQUESTS, SHADOW):
             raw = row.pop("_response", b"")
             rid, answer, usage = parse_response(raw, bool(row.get("stream")))
             row.update(id=rid or row.get("id"), answer=answer)

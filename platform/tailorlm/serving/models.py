@@ -11,13 +11,20 @@ from tailorlm.runs import RunDir
 
 
 def resolve_models(cfg: PipelineConfig) -> dict[str, str]:
-    from tailorlm.export.registry import latest_variant
+    from tailorlm.export.registry import entry_of, latest_variant
 
     run_dir = RunDir.from_config(cfg)
     out = {}
     for name, variant in zip(cfg.serve.hosted_ids(), cfg.serve.variants):
         uri, _ = latest_variant(run_dir, variant)
         out[name] = uri
+    if cfg.serve.shadow.version:  # the candidate, in its first listed variant
+        v = entry_of(run_dir, cfg.serve.shadow.version)["variants"].get(cfg.serve.variants[0])
+        if not v or v["status"] == "refused":
+            raise ValueError(
+                f"serve.shadow.version: {cfg.serve.variants[0]} of {cfg.serve.shadow.version} is not published"
+            )
+        out[cfg.serve.shadow_id()] = v["uri"]
     return out
 
 
@@ -35,6 +42,15 @@ def guard_settings(cfg: PipelineConfig):
         version = served_entry(run_dir)["version"]
     except FileNotFoundError:  # models given by hand (tests, the serving benchmark): no registry
         version = None
+    shadow = cfg.serve.shadow.version
+    if shadow:
+        from tailorlm.export.registry import entry_of
+
+        shadow = entry_of(run_dir, shadow)["version"]
     return GuardSettings.from_config(
-        cfg.serve, capture_uri=f"{run_dir.uri}/{CAPTURE}", pii_kinds=list(cfg.data.pii.kinds), version=version
+        cfg.serve,
+        capture_uri=f"{run_dir.uri}/{CAPTURE}",
+        pii_kinds=list(cfg.data.pii.kinds),
+        version=version,
+        shadow_version=shadow,
     )

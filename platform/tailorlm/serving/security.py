@@ -71,10 +71,19 @@ class GuardSettings:
     capture_uri: str | None = None  # <run>/capture: where serve.capture writes (None: nothing captured)
     pii_kinds: list[str] = field(default_factory=list)  # data.pii.kinds: what capture redacts
     version: str | None = None  # the registry version served, recorded with each captured request
+    shadow_version: str | None = None  # serve.shadow.version as registered: hosted as shadow_id
+    shadow_id: str | None = None
+    shadow_share: float = 0.0
+    model_id: str = "demo"
 
     @classmethod
     def from_config(
-        cls, sc: ServeConfig, capture_uri: str | None = None, pii_kinds: list[str] | None = None, version=None
+        cls,
+        sc: ServeConfig,
+        capture_uri: str | None = None,
+        pii_kinds: list[str] | None = None,
+        version=None,
+        shadow_version=None,
     ) -> "GuardSettings":
         g = sc.guard
         keys = api_keys.read_keys(g)
@@ -97,6 +106,10 @@ class GuardSettings:
             capture_uri=capture_uri if sc.capture.enabled else None,
             pii_kinds=list(pii_kinds or []),
             version=version,
+            shadow_version=shadow_version or sc.shadow.version,
+            shadow_id=sc.shadow_id(),
+            shadow_share=sc.shadow.share,
+            model_id=sc.model_id,
         )
 
 
@@ -186,7 +199,8 @@ class Guard:
             Blocklist(settings.guard.blocklist),
             Blocklist(settings.guard.response_blocklist),
         )
-        self.inflight, self.reading, self._draws = 0, 0, 0
+        self.inflight, self.reading, self._draws, self._shadow_draws = 0, 0, 0, 0
+        self.shadows: set[asyncio.Task] = set()  # mirrored requests running (a reference keeps each alive)
         self.metrics = _Metrics()
         self.capture = None
         if settings.capture_uri:
@@ -396,11 +410,12 @@ class Guard:
             raise self._overloaded()
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = default_output  # an uncapped request would run to the context end
+        mirror = self._mirrors(body)  # decided on what the client asked, before the A/B split renames it
         if s.ab.split and body.get("model") == s.ab_alias:
             body["model"] = ab_arm(s.ab.split, self._draw(client))
         raw = json.dumps(body).encode()
         out = openai_errors(send)
-        record = self.capture is not None and self.capture.sampled()
+        record = mirror or (self.capture is not None and self.capture.sampled())  # a mirror needs the live id
         if record:  # what the client is sent: after the response filter, before error rewriting
             sink: dict[str, Any] = {}
             out = recording_send(out, sink)
@@ -430,6 +445,58 @@ class Guard:
                         "_response": bytes(sink["body"]),
                     },
                 )
+            if mirror and sink["status"] == 200:
+                task = asyncio.get_running_loop().create_task(self._shadow(scope, body, bytes(sink["body"])))
+                self.shadows.add(task)
+                task.add_done_callback(self.shadows.discard)
+
+    def _mirrors(self, body: dict[str, Any]) -> bool:
+        """Whether this request is copied to the shadow: serve.shadow.share of those for model_id,
+        by a low-discrepancy sequence, and only while the engines have room (a shadow never
+        takes capacity live requests need)."""
+        s = self.s
+        if not s.shadow_id or self.capture is None or body.get("model") != s.model_id:
+            return False
+        if self.inflight + len(self.shadows) >= s.max_inflight // 2:
+            return False
+        self._shadow_draws += 1
+        return (self._shadow_draws * 0.6180339887498949) % 1.0 < s.shadow_share
+
+    async def _shadow(self, scope, body: dict[str, Any], live_response: bytes) -> None:
+        """The request again, to the shadow model, after the live answer went out; its answer is
+        recorded (capture kind "shadow", joined to the live one by live_id), never sent."""
+        from tailorlm.serving.capture import SHADOW, parse_response
+
+        mirrored = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        mirrored["model"] = self.s.shadow_id
+        raw = json.dumps(mirrored).encode()
+        sink: dict[str, Any] = {}
+
+        async def nowhere(message):  # the shadow's answer goes to the record only
+            pass
+
+        async def no_disconnect():  # nobody hangs up on a shadow: wait until the app stops listening
+            await asyncio.Event().wait()
+
+        t0, wall0 = time.monotonic(), time.time()
+        try:
+            await self.app(forwarded_scope(scope, raw), replay(raw, no_disconnect), recording_send(nowhere, sink))
+        except Exception as exc:  # a shadow failure is the candidate's record, never the client's problem
+            sink.update(status=599, body=bytearray(str(exc)[:200].encode()))
+        live_id, _, _ = parse_response(live_response, bool(body.get("stream")))
+        self.capture.offer(
+            SHADOW,
+            {
+                "time": wall0,
+                "live_id": live_id,
+                "model": self.s.shadow_id,
+                "version": self.s.shadow_version,
+                "status": sink.get("status"),
+                "latency_s": time.monotonic() - t0,
+                "stream": False,
+                "_response": bytes(sink.get("body") or b""),
+            },
+        )
 
     def _overloaded(self) -> Reject:
         return Reject(
