@@ -768,6 +768,10 @@ class MonitorConfig(Strict):
         0.02, ge=0, lt=1, description="relative drop below the promoted model's score that counts"
     )
     quality_checks: int = Field(3, ge=1, description="consecutive low checks before a quality alert")
+    max_p95_ratio: float = Field(
+        1.1, gt=0, description="promotion rule: the shadow's p95 latency at most this times the live model's"
+    )
+    auto_promote: bool = Field(False, description="promote the shadow version when it passes the promotion rule")
 
 
 class PipelineConfig(Strict):

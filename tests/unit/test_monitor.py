@@ -68,3 +68,34 @@ def test_monitor_alerts_on_drift_only_and_keeps_history(tmp_path):
 
     page = render(str(tmp_path / "demo"))
     assert "<h2>Monitoring</h2>" in page and "2 drift check(s)" in page and "drift alert" in page
+
+
+def test_shadow_comparison_and_the_promotion_rule(tmp_path):
+    """Mirrored pairs as the guard records them: agreement and p95 latency against the live model;
+    a slow candidate fails the rule by name, and without monitor.quality nothing passes unseen."""
+    from tailorlm.monitor.shadow import compare
+
+    write_data_stage(tmp_path)
+    cfg = load_config(None, [f"run.storage={tmp_path}", "serve.capture.enabled=true", "serve.shadow.version=1.1.0"])
+    w = CaptureWriter(f"{RunDir.from_config(cfg).uri}/capture", cfg.serve.capture, [], [])
+    assert compare(cfg, RunDir.from_config(cfg), None) is None  # nothing mirrored yet
+    for i in range(20):
+        live = json.dumps({"id": f"c{i}", "choices": [{"message": {"content": f"answer {i % 4}"}}]}).encode()
+        w.offer(REQUESTS, {"time": i, "status": 200, "latency_s": 1.0, "prompt_text": "q", "_response": live})
+        shadow = json.dumps({"id": f"s{i}", "choices": [{"message": {"content": f"answer {i % 2}"}}]}).encode()
+        w.offer(
+            "shadow",
+            {
+                "time": i,
+                "live_id": f"c{i}",
+                "version": "1.1.0+20261203",
+                "status": 200,
+                "latency_s": 1.5,
+                "_response": shadow,
+            },
+        )
+    w.flush_sync()
+    out = compare(cfg, RunDir.from_config(cfg), None)
+    assert out["mirrored"] == 20 and out["agreement"] == 0.5 and abs(out["p95_ratio"] - 1.5) < 1e-9
+    assert not out["passes"] and any("p95 latency 1.50x" in r for r in out["why_not"])
+    assert any("monitor.quality is off" in r for r in out["why_not"])

@@ -35,7 +35,7 @@ def promoted_score(run_dir: RunDir) -> float | None:
         return (json.load(fh).get("finetuned") or {}).get("fact_exact_match")
 
 
-def ask_endpoint(cfg: PipelineConfig, questions: list[str]) -> list[str]:
+def ask_endpoint(cfg: PipelineConfig, questions: list[str], model: str | None = None) -> list[str]:
     import openai
 
     from tailorlm.serving.keys import read_keys
@@ -50,23 +50,28 @@ def ask_endpoint(cfg: PipelineConfig, questions: list[str]) -> list[str]:
     out = []
     for q in questions:
         resp = client.chat.completions.create(
-            model=sc.model_id, messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0
+            model=model or sc.model_id, messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0
         )
         out.append(resp.choices[0].message.content or "")
     return out
 
 
-def quality_check(cfg: PipelineConfig, run_dir: RunDir, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """This check's live fact exact match, the promoted score, and whether decay is alerted (this
-    check and the quality_checks - 1 before it all below the promoted score by more than quality_drop)."""
+def live_score(cfg: PipelineConfig, run_dir: RunDir, model: str | None = None) -> float:
+    """Fact exact match of `model` (default: serve.model_id) on the held-out questions, live."""
     from tailorlm.train.evaluate import answer_metrics
 
-    mc = cfg.monitor
-    pairs = eval_pairs(run_dir, mc.eval_rows)
+    pairs = eval_pairs(run_dir, cfg.monitor.eval_rows)
     if not pairs:
         raise ValueError("monitor.quality: the data stage kept no held-out chat question to ask the endpoint")
     questions, refs = [q for q, _ in pairs], [r for _, r in pairs]
-    score = answer_metrics(questions, ask_endpoint(cfg, questions), refs)["fact_exact_match"]
+    return answer_metrics(questions, ask_endpoint(cfg, questions, model), refs)["fact_exact_match"]
+
+
+def quality_check(cfg: PipelineConfig, run_dir: RunDir, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """This check's live fact exact match, the promoted score, and whether decay is alerted (this
+    check and the quality_checks - 1 before it all below the promoted score by more than quality_drop)."""
+    mc = cfg.monitor
+    score = live_score(cfg, run_dir)
     promoted = promoted_score(run_dir)
     low = promoted is not None and score < promoted * (1 - mc.quality_drop)
     earlier = [h.get("quality_low") for h in history[-(mc.quality_checks - 1) :]] if mc.quality_checks > 1 else []

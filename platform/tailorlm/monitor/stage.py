@@ -113,6 +113,17 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         from tailorlm.monitor.quality import quality_check
 
         result.update(quality_check(cfg, run_dir, read_history(run_dir)))
+    from tailorlm.monitor.shadow import compare
+
+    shadow = compare(cfg, run_dir, result.get("quality"))
+    if shadow is not None:
+        result["shadow"] = shadow
+        verdict = "passes the promotion rule" if shadow["passes"] else "; ".join(shadow["why_not"])
+        print(
+            f"[monitor] shadow {shadow['version']}: {shadow['mirrored']} mirrored requests, agreement "
+            f"{shadow['agreement']:.2f}, p95 {shadow['p95_ratio'] or 0:.2f}x live; {verdict}"
+            + (f"; {shadow['promoted']}" if "promoted" in shadow else "")
+        )
     sdir.write_json("drift.json", result)
     append_history(run_dir, result)
     set_gauges(result)
@@ -128,7 +139,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             f"{'unknown' if promoted is None else f'{promoted:.2f}'})"
             + ("; ALERT: quality decayed" if result["quality_alert"] else "")
         )
-    return {k: result[k] for k in (*SUMMARY, *QUALITY) if k in result}
+    summary = {k: result[k] for k in (*SUMMARY, *QUALITY) if k in result}
+    if shadow is not None:
+        summary["shadow"] = {k: shadow[k] for k in ("version", "mirrored", "agreement", "p95_ratio", "passes")}
+    return summary
 
 
 def append_history(run_dir: RunDir, result: dict[str, Any]) -> None:
