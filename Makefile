@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tailorlm-installed-$(EXTRA)
 CONFIG ?= jobs/configs/tiny_cpu.yaml
 
-.PHONY: install browser prometheus demo lint test test-fast bench clean
+.PHONY: install browser prometheus demo demo-loop lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tailorlm run $(CONFIG)
+
+# after `make demo`: serve it with capture, send in-domain then drifted traffic, monitor each window
+demo-loop: $(STAMP)
+	$(BIN)/python -m tailorlm.demo_loop $(CONFIG)
 
 # The report test renders in headless Chromium (Debian's package); installed here when missing and
 # we may (root with apt-get), otherwise that one test skips (CI sets TAILORLM_REQUIRE_CHROMIUM).

@@ -13,6 +13,8 @@ from typing import Any
 from tailorlm.config import PipelineConfig
 from tailorlm.runs import RunDir
 
+PROBE_USER = "tailorlm-monitor"  # the OpenAI `user` of the monitor's own requests
+
 
 def eval_pairs(run_dir: RunDir, n: int) -> list[tuple[str, str]]:
     """The first n held-out (question, reference) chat pairs by text: the same questions every check."""
@@ -50,7 +52,11 @@ def ask_endpoint(cfg: PipelineConfig, questions: list[str], model: str | None = 
     out = []
     for q in questions:
         resp = client.chat.completions.create(
-            model=model or sc.model_id, messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0
+            model=model or sc.model_id,
+            messages=[{"role": "user", "content": q}],
+            max_tokens=48,
+            temperature=0,
+            user=PROBE_USER,  # captured like any request; the drift check leaves these out
         )
         out.append(resp.choices[0].message.content or "")
     return out

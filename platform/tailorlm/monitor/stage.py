@@ -41,10 +41,15 @@ def captured_prompts(run_dir: RunDir, window: int) -> tuple[list[str], int]:
     rows: list[dict] = []
     for f in reversed(files):
         with run_dir.fs.open(f, "rb") as fh:
-            rows = pq.read_table(fh, columns=["time", "status", "prompt_text"]).to_pylist() + rows
+            table = pq.read_table(fh)  # files written before a column existed lack it
+            keep = [c for c in ("time", "status", "prompt_text", "user") if c in table.column_names]
+            rows = table.select(keep).to_pylist() + rows
         if len(rows) >= 4 * window:  # enough even if many failed
             break
-    ok = sorted((r for r in rows if r["status"] == 200 and r["prompt_text"]), key=lambda r: r["time"])
+    from tailorlm.monitor.quality import PROBE_USER
+
+    served = (r for r in rows if r["status"] == 200 and r["prompt_text"] and r.get("user") != PROBE_USER)
+    ok = sorted(served, key=lambda r: r["time"])  # the monitor's own probes are not traffic
     return [r["prompt_text"] for r in ok[-window:]], len(files)
 
 

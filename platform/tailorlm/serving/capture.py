@@ -38,7 +38,7 @@ CAPTURE = "capture"  # the run folder's subfolder
 REQUESTS, FEEDBACK, SHADOW = "requests", "feedback", "shadow"
 REQUEST_FIELDS = (
     "id time route model version stream status latency_s prompt_tokens completion_tokens "
-    "prompt_text messages answer key_hash redacted"
+    "prompt_text messages answer key_hash user redacted"
 ).split()
 FEEDBACK_FIELDS = "id time response_id score comment key_hash redacted".split()
 SHADOW_FIELDS = "id time live_id model version status latency_s completion_tokens answer redacted".split()

@@ -442,6 +442,7 @@ class Guard:
                         "prompt_text": "\n".join(texts),
                         "messages": body.get("messages"),
                         "key_hash": client[4:] if client.startswith("key:") else None,
+                        "user": body.get("user"),  # the client's own label (the monitor marks its probes)
                         "_response": bytes(sink["body"]),
                     },
                 )
