@@ -31,7 +31,7 @@ LOOP_OVERRIDES = [
 def ask(cfg, questions: list[str]) -> None:
     from tailorlm.monitor.quality import ask_endpoint
 
-    ask_endpoint(cfg, questions)
+    ask_endpoint(cfg, questions, user="demo-client")  # traffic, not the monitor's own probes
 
 
 def main(argv=None) -> None:

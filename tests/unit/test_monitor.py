@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tailorlm.config import load_config
-from tailorlm.demo_data import planets, qa_pairs
+from tailorlm.demo_data import document, planets, qa_pairs
 from tailorlm.monitor.stage import read_history
 from tailorlm.pipeline import run_stage
 from tailorlm.runs import COMPLETE, RunDir
@@ -27,6 +27,11 @@ def write_data_stage(root):
         rows["split"].append("eval" if i in evals else "train")
         rows["text"].append(f"{q}\n{a}")
         rows["messages"].append(json.dumps([{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+    for j, f in enumerate(planets(40)):  # documents too, as the demo has: nobody's prompts (drift.prompts)
+        rows["id"].append(f"doc{j}")
+        rows["split"].append("train")
+        rows["text"].append(document(f))
+        rows["messages"].append(None)
     d = root / "demo" / "data"
     (d / "kept").mkdir(parents=True)
     pq.write_table(pa.table(rows), d / "kept" / "part-0.parquet")

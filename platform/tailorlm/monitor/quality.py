@@ -37,7 +37,10 @@ def promoted_score(run_dir: RunDir) -> float | None:
         return (json.load(fh).get("finetuned") or {}).get("fact_exact_match")
 
 
-def ask_endpoint(cfg: PipelineConfig, questions: list[str], model: str | None = None) -> list[str]:
+def ask_endpoint(
+    cfg: PipelineConfig, questions: list[str], model: str | None = None, user: str = PROBE_USER
+) -> list[str]:
+    """Greedy answers of the endpoint (serve.model_id, or `model`), asked as `user`."""
     import openai
 
     from tailorlm.serving.keys import read_keys
@@ -56,7 +59,7 @@ def ask_endpoint(cfg: PipelineConfig, questions: list[str], model: str | None = 
             messages=[{"role": "user", "content": q}],
             max_tokens=48,
             temperature=0,
-            user=PROBE_USER,  # captured like any request; the drift check leaves these out
+            user=user,  # captured like any request; the drift check leaves the monitor's own out
         )
         out.append(resp.choices[0].message.content or "")
     return out

@@ -106,8 +106,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             f"than monitor.min_rows={mc.min_rows}; serve with serve.capture.enabled=true and send traffic first"
         )
     kept = run_dir.stage("data").sub("kept")
-    train = [p for p in map(drift.prompt_of, splits_rows(kept, "train")) if p]
-    held_out = [p for p in map(drift.prompt_of, splits_rows(kept, "eval")) if p]
+    train, held_out = drift.prompts(splits_rows(kept, "train")), drift.prompts(splits_rows(kept, "eval"))
     if not train:
         raise ValueError(f"monitor: the data stage at {kept} kept no training rows to compare with")
     result = {
