@@ -742,6 +742,21 @@ class ServeConfig(Strict):
 EXECUTION_ONLY = {("data", "in_process_max_mb"), ("run", "storage_timeout_s")}
 
 
+# ----------------------------------------------------------------------------- continual
+class ContinualConfig(Strict):
+    """continual: the next training slice from a served run (continual.py), read by the data stage
+    where data.sources names `continual`."""
+
+    from_run: str | None = Field(None, description="the served run (in run.storage) whose traffic and data to use")
+    min_score: float = Field(1.0, description="captured answers with a feedback score at least this are kept")
+    corrections: str | None = Field(
+        None, description="JSONL of corrected rows ({messages} or {prompt, answer}) to learn as well"
+    )
+    replay_share: float = Field(
+        0.5, ge=0, lt=1, description="share of the slice made of the previous run's training rows (against forgetting)"
+    )
+
+
 # ----------------------------------------------------------------------------- monitor
 class MonitorConfig(Strict):
     """monitor: served traffic (serve.capture) against the training data (`tailorlm monitor`)."""
@@ -783,6 +798,7 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     @model_validator(mode="after")
     def _moe_serving(self) -> "PipelineConfig":

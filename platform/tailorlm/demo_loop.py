@@ -24,7 +24,7 @@ LOOP_OVERRIDES = [
     "serve.direct_ingress=false",  # so that `tailorlm promote` can switch it in place
     "monitor.quality=true",
     "monitor.eval_rows=32",
-    "monitor.window_rows=64",
+    "monitor.window_rows=128",
 ]
 
 
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--requests", type=int, default=64, help="requests per traffic window")
+    ap.add_argument("--requests", type=int, default=128, help="requests per traffic window")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, *LOOP_OVERRIDES])
 

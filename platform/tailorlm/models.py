@@ -155,6 +155,10 @@ def resolve_base(model: ModelConfig, storage: str | None = None) -> str:
         if storage is not None and is_remote(storage):
             return publish_model(base, storage)
         return str(ensure_tiny_model(base))
+    if base.startswith("promoted:"):  # a served run's promoted export (continual.py)
+        from tailorlm.continual import promoted_base
+
+        return promoted_base(base, storage)
     if Path(base).expanduser().is_dir():
         return str(Path(base).expanduser().resolve())
     if base.startswith((".", "/", "~")):

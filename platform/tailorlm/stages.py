@@ -29,14 +29,14 @@ STAGES: tuple[Stage, ...] = (
         "clean, filter, PII-redact and deduplicate (exact + MinHash) the data sources on Ray Data; "
         "writes kept/ and dropped/ Parquet (every drop with its reason), train/eval splits and stats.json",
         "tailorlm.data.stage",
-        ("model", "data"),
+        ("model", "data", "continual"),
     ),
     Stage(
         "tune",
         "sweep hyperparameters of the train stage with Ray Tune (ASHA early stopping); writes a "
         "leaderboard and best.yaml",
         "tailorlm.tune.stage",
-        ("model", "data", "train", "tune"),
+        ("model", "data", "train", "tune", "continual"),
         ("data",),
         ("sweep", "trials"),
     ),
@@ -45,7 +45,7 @@ STAGES: tuple[Stage, ...] = (
         "finetune the model (LoRA or full) with DeepSpeed on Ray Train; checkpoints, resume, eval; "
         "writes the final model in HF format",
         "tailorlm.train.stage",
-        ("model", "data", "train", "tune"),
+        ("model", "data", "train", "tune", "continual"),
         ("data",),
         ("ray", "ray_inputs.json"),
     ),
@@ -53,7 +53,7 @@ STAGES: tuple[Stage, ...] = (
         "export",
         "merge LoRA, quantize (W8A8, W4A16, FP8), evaluate each variant and register it",
         "tailorlm.export.stage",
-        ("model", "data", "train", "tune", "export"),
+        ("model", "data", "train", "tune", "export", "continual"),
         ("data", "train"),
         ("[0-9]*",),  # every registered version's folder: a rerun adds one, rollback needs the old
     ),
@@ -61,7 +61,7 @@ STAGES: tuple[Stage, ...] = (
         "serve",
         "host the exported model on vLLM behind Ray Serve as an OpenAI-compatible HTTP API",
         "tailorlm.serving.stage",
-        ("model", "data", "train", "tune", "export", "serve"),
+        ("model", "data", "train", "tune", "export", "serve", "continual"),
         ("export",),
         always_runs=True,
     ),
@@ -70,7 +70,7 @@ STAGES: tuple[Stage, ...] = (
         "compare captured traffic (serve.capture) with the training data: unigram KL, lengths, "
         "languages, domain relevance; alerts on drift, writes drift.json and the run's monitoring history",
         "tailorlm.monitor.stage",
-        ("model", "data", "monitor"),
+        ("model", "data", "monitor", "continual"),
         ("data",),
         always_runs=True,
     ),

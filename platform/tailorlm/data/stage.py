@@ -271,6 +271,10 @@ def resolve_sources(cfg: PipelineConfig, run_dir: RunDir) -> list[SourceConfig]:
     for src in cfg.data.sources:
         if src.path == "demo":
             src = src.model_copy(update={"path": write_demo(run_dir.uri + "/_demo_sources")})
+        elif src.path == "continual":  # the next slice from a served run (continual.py)
+            from tailorlm.continual import build_slice
+
+            src = src.model_copy(update={"path": build_slice(cfg, run_dir)[0]})
         out.append(src)
     return out
 
