@@ -231,3 +231,23 @@ async def test_shadow_gets_a_share_of_requests_and_its_answers_are_recorded_neve
     # only requests for model_id are mirrored, and a shadow needs capture on
     with pytest.raises(ValueError, match="serve.capture.enabled"):
         load_config(None, ["serve.shadow.version=1.1.0"])
+
+
+def test_review_regressions_surrogates_cut_secrets_client_fields_null_columns_cut_streams(tmp_path):
+    """Found by review: a lone surrogate dropped its whole batch; a key across the max_text_chars
+    cut kept its prefix; `user` was stored unredacted; an all-null column made the folder
+    unreadable as one dataset; a stream cut at MAX_RESPONSE_BYTES lost its whole answer."""
+    import pyarrow.dataset as pads
+
+    cc = load_config(None, ["serve.capture.max_text_chars=100"]).serve.capture
+    w = CaptureWriter(str(tmp_path), cc, ["email"], [keys.digest(KEY)])
+    w.offer(REQUESTS, {"time": 0.0, "prompt_text": "bad \ud800 text", "_response": b""})
+    w.offer(REQUESTS, {"time": 1.0, "prompt_text": "x" * 90 + " " + KEY, "user": EMAIL, "_response": b""})
+    assert w.flush_sync() == 2
+    w.offer(REQUESTS, {"time": 2.0, "prompt_text": "ok", "user": None, "_response": b""})  # user all null here
+    assert w.flush_sync() == 1
+    got = pads.dataset(str(tmp_path / REQUESTS), format="parquet").to_table().to_pylist()
+    assert len(got) == 3 and "sk-test" not in json.dumps(got) and EMAIL not in json.dumps(got)
+    event = json.dumps({"id": "c1", "choices": [{"delta": {"content": "hello"}}]})
+    cut = f"data: {event}\n\ndata: {event[:20]}".encode()
+    assert parse_response(cut, True)[:2] == ("c1", "hello")

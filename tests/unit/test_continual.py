@@ -114,3 +114,21 @@ def test_corrections_promoted_base_and_the_data_stage_reads_the_slice(tmp_path):
         {"version": "1.0.0+1", "variants": {"bf16": {"status": "published", "uri": "/m/bf16"}}},
     )
     assert resolve_base(ModelConfig(base="promoted:demo"), str(tmp_path)) == "/m/bf16"
+
+
+def test_forgetting_is_the_relative_drop_and_never_negative():
+    from tailorlm.train.stage import forgetting, recap
+
+    assert forgetting(1.0, 0.97) == pytest.approx(0.03) and forgetting(0.5, 0.9) == 0.0
+    assert forgetting(None, 0.5) is None and forgetting(0.0, 0.0) == 0.0
+    line = recap(
+        {
+            "method": "full",
+            "steps": 2,
+            "base_perplexity": 2.0,
+            "perplexity": 1.0,
+            "forgetting": 0.03,
+            "old_fact_em": 0.97,
+        }
+    )
+    assert "previous eval set 0.97, forgetting 3.0%" in line

@@ -7,8 +7,9 @@ Reads the newest monitor.window_rows requests that serve.capture wrote to <run>/
 and compares their prompts with the training prompts of the data stage (monitor/drift.py):
 unigram KL, length histogram, language mix, TF-IDF domain relevance. Unigram KL on a small window
 is large even with no drift at all (a window of 50 in-domain demo questions: 0.19 nats), so the
-alert compares `kl_excess`, the window's KL minus the mean KL of monitor.baseline_samples random
-training samples of the same shape (same_shape_sample: the noise floor), with monitor.kl_alert. Writes
+alert compares `kl_excess`, the window's KL minus the mean KL of monitor.baseline_samples
+samples of the same shape (same_shape_sample) of the held-out prompts (the noise floor), with
+monitor.kl_alert. Writes
 monitor/drift.json, appends the check to <run>/monitoring.jsonl (the history the report plots),
 and sets the tailorlm_drift_kl / tailorlm_drift_alert gauges. Too little traffic is an error that
 says so, never a check that passes.
@@ -42,7 +43,7 @@ def captured_prompts(run_dir: RunDir, window: int) -> tuple[list[str], int]:
     for f in reversed(files):
         with run_dir.fs.open(f, "rb") as fh:
             table = pq.read_table(fh)  # files written before a column existed lack it
-            keep = [c for c in ("time", "status", "prompt_text", "user") if c in table.column_names]
+            keep = [c for c in ("time", "status", "prompt_text", "messages", "user") if c in table.column_names]
             rows = table.select(keep).to_pylist() + rows
         if len(rows) >= 4 * window:  # enough even if many failed
             break
@@ -50,7 +51,8 @@ def captured_prompts(run_dir: RunDir, window: int) -> tuple[list[str], int]:
 
     served = (r for r in rows if r["status"] == 200 and r["prompt_text"] and r.get("user") != PROBE_USER)
     ok = sorted(served, key=lambda r: r["time"])  # the monitor's own probes are not traffic
-    return [r["prompt_text"] for r in ok[-window:]], len(files)
+    # a chat's user turns, as the reference holds them (prompt_text has system turns and replies too)
+    return [drift.prompt_of(r) if r.get("messages") else r["prompt_text"] for r in ok[-window:]], len(files)
 
 
 def same_shape_sample(traffic: list[str], train: list[str], rng: random.Random) -> list[str]:
@@ -60,8 +62,8 @@ def same_shape_sample(traffic: list[str], train: list[str], rng: random.Random) 
     that concentration alone; a same-shape sample has the same, so what remains is new words."""
     from collections import Counter
 
-    repeats = sorted(Counter(traffic).values(), reverse=True)[: len(train)]
-    picks = rng.sample(train, len(repeats))
+    repeats = sorted(Counter(traffic).values(), reverse=True)
+    picks = rng.sample(train, len(repeats)) if len(repeats) <= len(train) else rng.choices(train, k=len(repeats))
     return [p for p, k in zip(picks, repeats) for _ in range(k)]
 
 
@@ -72,8 +74,11 @@ def check(cfg: PipelineConfig, traffic: list[str], train: list[str], held_out: l
     q = drift.unigrams(train)
     kl = drift.kl_divergence(drift.unigrams(traffic), q, mc.smoothing)
     rng = random.Random(cfg.run.seed)
+    # the floor from held-out prompts where there are any: a sample of the reference's own rows
+    # measures nothing once the window has as many distinct prompts as the reference (review)
+    pool = held_out or train
     floor = [
-        drift.kl_divergence(drift.unigrams(same_shape_sample(traffic, train, rng)), q, mc.smoothing)
+        drift.kl_divergence(drift.unigrams(same_shape_sample(traffic, pool, rng)), q, mc.smoothing)
         for _ in range(mc.baseline_samples)
     ]
     baseline = sum(floor) / len(floor)
@@ -161,7 +166,13 @@ def read_history(run_dir: RunDir) -> list[dict[str, Any]]:
     path = f"{run_dir.path}/{HISTORY}"
     if not run_dir.fs.exists(path):
         return []
-    return [json.loads(line) for line in run_dir.fs.cat_file(path).decode().splitlines() if line.strip()]
+    out = []
+    for line in run_dir.fs.cat_file(path).decode().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short (two monitors at once, a crash): skipped, not fatal
+            continue
+    return out
 
 
 def set_gauges(result: dict[str, Any]) -> None:

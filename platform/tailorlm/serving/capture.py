@@ -43,6 +43,10 @@ REQUEST_FIELDS = (
 FEEDBACK_FIELDS = "id time response_id score comment key_hash redacted".split()
 SHADOW_FIELDS = "id time live_id model version status latency_s completion_tokens answer redacted".split()
 FIELDS = {REQUESTS: REQUEST_FIELDS, FEEDBACK: FEEDBACK_FIELDS, SHADOW: SHADOW_FIELDS}
+# column types, so that a batch whose column is all null still writes it as its type (a null-typed
+# column in one file made the folder unreadable as one dataset)
+TYPES = {"time": "float64", "latency_s": "float64", "score": "float64", "stream": "bool", "status": "int64",
+         "prompt_tokens": "int64", "completion_tokens": "int64"}  # fmt: skip
 KEY_TAG = "[API_KEY]"
 # a token that could be a pasted API key: keys are URL-safe strings (letters, digits, - and _); a
 # key glued to other such characters, or shorter than 8, is not found (only digests are known here)
@@ -90,6 +94,14 @@ class CaptureWriter:
                 return
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._flusher())
+            self._task.add_done_callback(self._flusher_ended)
+
+    def _flusher_ended(self, task: asyncio.Task) -> None:
+        """The flusher stopped (an error, the loop closing): say so, and let the next offer start
+        another, so rows are not left to pile up unwritten."""
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("capture: the writer task died (%r); starting another", task.exception())
+        self._task = None
 
     # -- the writer -----------------------------------------------------------------------------
     async def _flusher(self) -> None:
@@ -108,15 +120,24 @@ class CaptureWriter:
             for kind, queue in self.pending.items():
                 while queue:
                     batch = [queue.popleft() for _ in range(min(len(queue), self.cc.batch_rows))]
+                    finished, bad = [], 0
+                    for r in batch:  # one row that cannot be made fit drops itself, not its batch
+                        try:
+                            finished.append(self._finish(kind, r))
+                        except Exception:  # noqa: BLE001
+                            bad += 1
+                    if bad:
+                        self._count(kind, "dropped_error", bad)
                     try:
-                        self._write(kind, [self._finish(kind, r) for r in batch])
-                        self._count(kind, "written", len(batch))
-                        written += len(batch)
+                        if finished:
+                            self._write(kind, finished)
+                        self._count(kind, "written", len(finished))
+                        written += len(finished)
                     except Exception as exc:  # the store is down or refuses: drop, count, say so now and then
-                        self._count(kind, "dropped_error", len(batch))
+                        self._count(kind, "dropped_error", len(finished))
                         if time.time() - self._last_error_log > 60:
                             self._last_error_log = time.time()
-                            log.warning("capture: %d %s rows dropped, the store failed: %s", len(batch), kind, exc)
+                            log.warning("capture: %d %s rows dropped, the store failed: %s", len(finished), kind, exc)
         return written
 
     async def drain(self) -> int:
@@ -128,7 +149,8 @@ class CaptureWriter:
         import pyarrow.parquet as pq
 
         fields = FIELDS[kind]
-        table = pa.Table.from_pylist([{f: r.get(f) for f in fields} for r in rows])
+        schema = pa.schema([(f, pa.type_for_alias(TYPES.get(f, "string"))) for f in fields])
+        table = pa.Table.from_pylist([{f: r.get(f) for f in fields} for r in rows], schema=schema)
         folder = f"{self.root}/{kind}"
         name = f"part-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
         self.fs.makedirs(folder, exist_ok=True)
@@ -156,8 +178,11 @@ class CaptureWriter:
                 row["messages"] = json.dumps(
                     [self._clean_message(m, counts) for m in row["messages"]], ensure_ascii=False
                 )
+            for field in ("user", "model"):  # client-chosen strings too
+                row[field] = self._clean(row.get(field), counts)
         else:
-            row["comment"] = self._clean(row.get("comment"), counts)
+            for field in ("comment", "response_id"):
+                row[field] = self._clean(row.get(field), counts)
         row["redacted"] = json.dumps(counts, sort_keys=True)
         return row
 
@@ -166,13 +191,16 @@ class CaptureWriter:
 
         if text is None:
             return None
-        text = text[: self.cc.max_text_chars]
+        if not isinstance(text, str):
+            text = str(text)
+        # a lone surrogate ("\ud800" is valid JSON) cannot be written as UTF-8: replaced, not fatal
+        text = text.encode("utf-8", "replace").decode("utf-8")
         if self.key_digests:
             text = _KEY_LIKE.sub(lambda m: self._key_or_text(m.group(0), counts), text)
         text, found = redact(text, self.pii_kinds)
         for k, v in found.items():
             counts[k] = counts.get(k, 0) + v
-        return text
+        return text[: self.cc.max_text_chars]  # cut after redacting: a secret across the cut is gone whole
 
     def _key_or_text(self, token: str, counts: dict[str, int]) -> str:
         if api_keys.digest(token) in self.key_digests:
@@ -204,11 +232,16 @@ def parse_response(raw: bytes, stream: bool) -> tuple[str | None, str | None, di
         for line in raw.decode("utf-8", "replace").splitlines():
             if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
-            event = json.loads(line[5:])
+            try:  # event by event: a cut last line (MAX_RESPONSE_BYTES) or one bad event loses only itself
+                event = json.loads(line[5:])
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):
+                continue
             rid = rid or event.get("id")
             usage = event.get("usage") or usage
             parts.append(response_text(event))
-        return rid, "".join(parts), usage
+        return rid, "".join(parts) if rid or parts else None, usage
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None, None, None
 

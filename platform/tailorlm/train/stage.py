@@ -162,6 +162,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
             ),
         ]
     )
+    previous = previous_eval(cfg, remote_eval, base_path, finetuned_path, adapter)  # continual: forgetting
     answers = answer_table(before, after)
     for m in (before, after):  # eval.json keeps a few samples per model; `answers` pairs them up
         m["samples"] = m["samples"][:5]
@@ -173,6 +174,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         "best_eval_loss": best_metrics["eval_loss"],
         "total_steps": total_steps,
     }
+    if previous:
+        report["previous_eval"] = previous
     sdir.write_json("eval.json", report)
     print(summary(report))
     print(f"model:   {sdir.sub('model')}\nmetrics: {sdir.sub('metrics.jsonl')}\nplot:    {sdir.sub('loss.png')}")
@@ -187,7 +190,44 @@ def run(cfg: PipelineConfig, run_dir: RunDir, sdir: StageDir) -> dict[str, Any]:
         "base_fact_em": before.get("fact_exact_match"),
         "fact_em": after.get("fact_exact_match"),
         "fact_scored": after.get("fact_scored"),
+        **({"forgetting": previous["forgetting"], "old_fact_em": previous["finetuned"]} if previous else {}),
     }
+
+
+def previous_eval(cfg: PipelineConfig, remote_eval, base_path: str, finetuned_path: str, adapter) -> dict | None:
+    """With continual.from_run: the served run's own eval set, before (the promoted model this run
+    starts from) and after finetuning, and the forgetting, the relative drop of its fact exact
+    match (the issue's limit: 2%)."""
+    if not cfg.continual.from_run:
+        return None
+    import ray
+
+    from tailorlm.data.splits import splits_rows
+
+    prev = RunDir(cfg.run.storage, cfg.continual.from_run).stage("data")
+    rows, tc = splits_rows(prev.sub("kept")), cfg.train
+    kw = {"chat_template": cfg.model.chat_template}
+    b, a = ray.get(
+        [
+            remote_eval.remote(base_path, base_path, rows, tc.max_seq_len, **kw),
+            remote_eval.remote(finetuned_path, base_path, rows, tc.max_seq_len, adapter_path=adapter, **kw),
+        ]
+    )
+    before, after = b.get("fact_exact_match"), a.get("fact_exact_match")
+    out = {"run": cfg.continual.from_run, "base": before, "finetuned": after, "rows": len(rows)}
+    out["forgetting"] = forgetting(before, after)
+    print(
+        f"[train] the previous run's eval set ({cfg.continual.from_run}): fact exact match {before} -> {after}, "
+        f"forgetting {out['forgetting']}"
+    )
+    return out
+
+
+def forgetting(before: float | None, after: float | None) -> float | None:
+    """Relative drop of a metric (0 when it held or rose); None without both."""
+    if before is None or after is None:
+        return None
+    return max(0.0, (before - after) / before) if before > 0 else 0.0
 
 
 def summary(report: dict) -> str:
@@ -217,4 +257,6 @@ def recap(s: dict[str, Any]) -> str:
         head += f", fact exact match {s.get('base_fact_em') or 0:.2f} -> {s['fact_em']:.2f}{n}"
     if s.get("f1") is not None:
         head += f", answer F1 {s['base_f1']:.2f} -> {s['f1']:.2f}"
+    if s.get("forgetting") is not None:
+        head += f"; previous eval set {s['old_fact_em']:.2f}, forgetting {s['forgetting']:.1%}"
     return head

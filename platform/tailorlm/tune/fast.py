@@ -103,7 +103,7 @@ def fast_trial(
     if data is None:
         prep = prepare(cfg, kept_uri)
     else:
-        prep, _, error = ray.get(data.prepared.remote())
+        prep, _, error = ray.get(data.prepared.remote(), timeout=900)
         if error:
             raise error
         preflight_once(cfg, prep["base_path"])  # the sweep's prepare left it to the trials

@@ -131,7 +131,6 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
     import ray
     from ray import tune
 
-    t = cfg.tune
     check_space(cfg)
     reason = fast_path_reason(cfg)
     if fast and reason:
@@ -140,6 +139,7 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
     stats = {} if stats is None else stats
     stats.update(fast=fast, prepare_s=0.0)
     base = cfg.to_dict()
+    scheduler, searcher = make_scheduler(cfg), make_searcher(cfg)  # before the actor: their errors leak nothing
     data = None  # the fast path's SweepData actor
     if fast:
         if shares_prepare(cfg):  # once for the sweep, beside Tune's start; every trial reads the same shards
@@ -162,27 +162,12 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
         )  # a zero bundle is rejected; memory makes it non-empty
         callbacks = [cleanup_callback()]
     sweep_uri = sdir.sub(SWEEP)
-    if tune.Tuner.can_restore(sweep_uri):
-        print(f"[tune] resuming the interrupted sweep at {sweep_uri}")
-        tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg),
-            # grid: every point once (Tune would repeat the whole grid num_samples times)
-            tune_config=tune.TuneConfig(
-                metric=t.metric,
-                mode=t.mode,
-                num_samples=1 if t.searcher == "grid" else t.num_samples,
-                scheduler=make_scheduler(cfg),
-                search_alg=make_searcher(cfg),
-                max_concurrent_trials=t.max_concurrent_trials,
-                reuse_actors=fast,  # fast: the next trial runs in the process (imports, gloo) the last one left
-            ),
-            run_config=tune.RunConfig(
-                name=SWEEP, storage_path=sdir.uri, verbose=1, callbacks=[*callbacks, *result_loggers()]
-            ),
-        )
+    try:
+        tuner = _tuner(cfg, trainable, sweep_uri, sdir, fast, callbacks, scheduler, searcher)
+    except BaseException:  # the actor must not outlive a sweep that never started
+        if data is not None:
+            ray.kill(data)
+        raise
     # On SIGINT Tune saves its state and returns normally, so a sweep stopped that way must not
     # pass for a finished one. Tune's handler, when it fires, puts back the handler it found: we
     # give it a sentinel to find (main thread only; elsewhere Tune installs no handler).
@@ -195,8 +180,12 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
     os.environ[NO_AUTO_LOGGERS] = "1"  # result_loggers says why
     try:
         results = tuner.fit()
-        if data is not None:  # a failed prepare failed every trial; say it by its own error
-            _, stats["prepare_beside_s"], error = ray.get(data.prepared.remote())
+        stopped = main and signal.getsignal(signal.SIGINT) is _sentinel
+        if data is not None and not stopped:  # a failed prepare failed every trial; say it by its own error
+            try:
+                _, stats["prepare_beside_s"], error = ray.get(data.prepared.remote(), timeout=600)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                error = None  # the actor itself died or hung: the trials' errors say what happened
             if error:
                 raise error
     finally:
@@ -217,6 +206,35 @@ def run_sweep(cfg: PipelineConfig, kept_uri: str, sdir: StageDir, fast: bool | N
             f"finished; rerun the same command to resume it from {sweep_uri}"
         )
     return results
+
+
+def _tuner(cfg: PipelineConfig, trainable, sweep_uri: str, sdir: StageDir, fast: bool, callbacks, scheduler, searcher):
+    """A new Tuner for the sweep, or the interrupted one at sweep_uri restored."""
+    from ray import tune
+
+    t = cfg.tune
+    if tune.Tuner.can_restore(sweep_uri):
+        print(f"[tune] resuming the interrupted sweep at {sweep_uri}")
+        tuner = tune.Tuner.restore(sweep_uri, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            # grid: every point once (Tune would repeat the whole grid num_samples times)
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=1 if t.searcher == "grid" else t.num_samples,
+                scheduler=scheduler,
+                search_alg=searcher,
+                max_concurrent_trials=t.max_concurrent_trials,
+                reuse_actors=fast,  # fast: the next trial runs in the process (imports, gloo) the last one left
+            ),
+            run_config=tune.RunConfig(
+                name=SWEEP, storage_path=sdir.uri, verbose=1, callbacks=[*callbacks, *result_loggers()]
+            ),
+        )
+    return tuner
 
 
 NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
